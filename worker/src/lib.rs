@@ -1,0 +1,25 @@
+//! # r4b-worker
+//!
+//! One tensor-parallel rank of R-4B (SigLIP vision tower + projector + Qwen3 decoder).
+//!
+//! Design decisions:
+//! - One model code path over `candle-core` tensors; the CPU backend (f32) is the reference and
+//!   what CI runs. Parallelism lives in the layer types of [`parallel`] (column-, row- and
+//!   vocab-parallel), never in `if rank == 0` branches in the model.
+//! - A rank memory-maps the checkpoint and reads only the byte ranges of its own slices
+//!   ([`checkpoint`]).
+//! - The vision side (`encode_images`) and the LLM side (`forward_embeds`) are separate: the
+//!   decoder does not know images exist; image features are rows handed to a step.
+//! - The KV cache is paged ([`kv`]); a step mixes prefill chunks and single-token decodes of
+//!   sequences of different lengths.
+
+pub mod checkpoint;
+pub mod collective;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod kv;
+pub mod model;
+pub mod parallel;
+
+pub use error::{Error, Result};
