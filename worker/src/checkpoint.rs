@@ -68,9 +68,13 @@ impl NameLayout {
     fn detect(names: &BTreeMap<String, TensorEntry>) -> Result<Self> {
         let any = |prefix: &str| names.keys().any(|k| k.starts_with(prefix));
         if any("model.language_model.") {
-            Ok(NameLayout::Current { vision_model_segment: any("model.vision_tower.vision_model.") })
+            Ok(NameLayout::Current {
+                vision_model_segment: any("model.vision_tower.vision_model."),
+            })
         } else if any("language_model.model.") {
-            Ok(NameLayout::Legacy { vision_model_segment: any("vision_tower.vision_model.") })
+            Ok(NameLayout::Legacy {
+                vision_model_segment: any("vision_tower.vision_model."),
+            })
         } else {
             Err(Error::MissingTensor {
                 name: "model.language_model.* (or language_model.model.*): no decoder tensors in the checkpoint"
@@ -83,11 +87,19 @@ impl NameLayout {
     pub fn stored_name(&self, canonical: &str) -> String {
         const VT: &str = "model.vision_tower.vision_model.";
         let (legacy, segment) = match *self {
-            NameLayout::Current { vision_model_segment } => (false, vision_model_segment),
-            NameLayout::Legacy { vision_model_segment } => (true, vision_model_segment),
+            NameLayout::Current {
+                vision_model_segment,
+            } => (false, vision_model_segment),
+            NameLayout::Legacy {
+                vision_model_segment,
+            } => (true, vision_model_segment),
         };
         if let Some(rest) = canonical.strip_prefix(VT) {
-            let tower = if legacy { "vision_tower." } else { "model.vision_tower." };
+            let tower = if legacy {
+                "vision_tower."
+            } else {
+                "model.vision_tower."
+            };
             let seg = if segment { "vision_model." } else { "" };
             return format!("{tower}{seg}{rest}");
         }
@@ -133,7 +145,10 @@ impl std::fmt::Debug for Checkpoint {
 }
 
 fn file_err(path: &Path, reason: impl Into<String>) -> Error {
-    Error::CheckpointFile { path: path.to_path_buf(), reason: reason.into() }
+    Error::CheckpointFile {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 impl Checkpoint {
@@ -145,20 +160,24 @@ impl Checkpoint {
         let mut files: Vec<MappedFile> = Vec::new();
         let mut tensors = BTreeMap::new();
         if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| file_err(&index, e.to_string()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| file_err(&index, format!("not valid JSON: {e}")))?;
+            let text =
+                std::fs::read_to_string(&index).map_err(|e| file_err(&index, e.to_string()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| file_err(&index, format!("not valid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| file_err(&index, "no `weight_map` object"))?;
             let mut shard_names: Vec<&str> = Vec::new();
             for (name, file) in map {
-                let file = file
-                    .as_str()
-                    .ok_or_else(|| file_err(&index, format!("weight_map[{name}] is not a file name")))?;
+                let file = file.as_str().ok_or_else(|| {
+                    file_err(&index, format!("weight_map[{name}] is not a file name"))
+                })?;
                 if file.contains('/') || file.contains("..") {
-                    return Err(file_err(&index, format!("weight_map[{name}] = {file} leaves the directory")));
+                    return Err(file_err(
+                        &index,
+                        format!("weight_map[{name}] = {file} leaves the directory"),
+                    ));
                 }
                 if !shard_names.contains(&file) {
                     shard_names.push(file);
@@ -174,18 +193,26 @@ impl Checkpoint {
                 let Some(entry) = tensors.get(name) else {
                     return Err(file_err(
                         &index,
-                        format!("weight_map lists `{name}` in {file}, but that file does not hold it"),
+                        format!(
+                            "weight_map lists `{name}` in {file}, but that file does not hold it"
+                        ),
                     ));
                 };
                 if files[entry.file].path.file_name().and_then(|s| s.to_str()) != file.as_str() {
-                    return Err(file_err(&index, format!("`{name}` is not in {file} as the index says")));
+                    return Err(file_err(
+                        &index,
+                        format!("`{name}` is not in {file} as the index says"),
+                    ));
                 }
             }
         } else if single.exists() {
             files.push(Self::map_file(&single)?);
             Self::read_header(0, &files[0], &mut tensors)?;
         } else {
-            return Err(file_err(dir, "neither model.safetensors nor model.safetensors.index.json exists"));
+            return Err(file_err(
+                dir,
+                "neither model.safetensors nor model.safetensors.index.json exists",
+            ));
         }
         let layout = NameLayout::detect(&tensors)?;
         Ok(Checkpoint {
@@ -203,10 +230,17 @@ impl Checkpoint {
         // SAFETY: the mapping is read-only and the checkpoint is not modified while serving;
         // a concurrent truncation by another process could fault, as with any mmap-based loader.
         let map = unsafe { Mmap::map(&f) }.map_err(|e| file_err(path, format!("mmap: {e}")))?;
-        Ok(MappedFile { path: path.to_path_buf(), map })
+        Ok(MappedFile {
+            path: path.to_path_buf(),
+            map,
+        })
     }
 
-    fn read_header(idx: usize, file: &MappedFile, out: &mut BTreeMap<String, TensorEntry>) -> Result<()> {
+    fn read_header(
+        idx: usize,
+        file: &MappedFile,
+        out: &mut BTreeMap<String, TensorEntry>,
+    ) -> Result<()> {
         let (header_len, meta) = SafeTensors::read_metadata(&file.map)
             .map_err(|e| file_err(&file.path, format!("bad safetensors header: {e}")))?;
         let data_start = 8 + header_len;
@@ -221,7 +255,10 @@ impl Checkpoint {
             }
             let elems: usize = info.shape.iter().product();
             if (e - s) * 8 != elems * info.dtype.bitsize() {
-                return Err(file_err(&file.path, format!("tensor `{name}`: byte length does not match its shape")));
+                return Err(file_err(
+                    &file.path,
+                    format!("tensor `{name}`: byte length does not match its shape"),
+                ));
             }
             let entry = TensorEntry {
                 file: idx,
@@ -231,7 +268,10 @@ impl Checkpoint {
                 end: data_start + e,
             };
             if out.insert(name.clone(), entry).is_some() {
-                return Err(file_err(&file.path, format!("tensor `{name}` appears in two files")));
+                return Err(file_err(
+                    &file.path,
+                    format!("tensor `{name}` appears in two files"),
+                ));
             }
         }
         Ok(())
@@ -276,7 +316,12 @@ impl Checkpoint {
 
     /// The ranges read since [`Checkpoint::record_reads`], sorted.
     pub fn recorded_reads(&self) -> Vec<ByteRange> {
-        let mut v = self.ranges.lock().ok().and_then(|g| g.clone()).unwrap_or_default();
+        let mut v = self
+            .ranges
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .unwrap_or_default();
         v.sort();
         v
     }
@@ -295,7 +340,9 @@ impl Checkpoint {
     }
 
     fn lookup(&self, canonical: &str, expected: &[usize]) -> Result<&TensorEntry> {
-        let e = self.entry(canonical).ok_or_else(|| Error::MissingTensor { name: canonical.to_string() })?;
+        let e = self.entry(canonical).ok_or_else(|| Error::MissingTensor {
+            name: canonical.to_string(),
+        })?;
         if e.shape != expected {
             return Err(Error::TensorShape {
                 name: canonical.to_string(),
@@ -305,7 +352,10 @@ impl Checkpoint {
         }
         match e.dtype {
             Dtype::F32 | Dtype::F16 | Dtype::BF16 => Ok(e),
-            other => Err(Error::TensorDtype { name: canonical.to_string(), dtype: format!("{other:?}") }),
+            other => Err(Error::TensorDtype {
+                name: canonical.to_string(),
+                dtype: format!("{other:?}"),
+            }),
         }
     }
 
@@ -318,13 +368,23 @@ impl Checkpoint {
     }
 
     /// Loads this rank's slice of `dim` 0 (`shape[0] / world` rows), a contiguous byte range.
-    pub fn load_rows(&self, canonical: &str, shape: &[usize], shard: Shard, device: &Device) -> Result<Tensor> {
+    pub fn load_rows(
+        &self,
+        canonical: &str,
+        shape: &[usize],
+        shard: Shard,
+        device: &Device,
+    ) -> Result<Tensor> {
         let e = self.lookup(canonical, shape)?;
         let rows = split_len(canonical, shape[0], shard)?;
         let row_bytes = shape[1..].iter().product::<usize>() * elem_size(e.dtype);
         let start = e.start + shard.rank * rows * row_bytes;
         let mut out = Vec::with_capacity(rows * row_bytes / elem_size(e.dtype));
-        decode_into(e.dtype, self.read(e.file, start, start + rows * row_bytes), &mut out);
+        decode_into(
+            e.dtype,
+            self.read(e.file, start, start + rows * row_bytes),
+            &mut out,
+        );
         let mut local = shape.to_vec();
         local[0] = rows;
         Ok(Tensor::from_vec(out, local, device)?)
@@ -332,7 +392,13 @@ impl Checkpoint {
 
     /// Loads this rank's slice of `dim` 1 of a 2-D tensor (`shape[1] / world` columns): one
     /// byte range per row.
-    pub fn load_cols(&self, canonical: &str, shape: &[usize], shard: Shard, device: &Device) -> Result<Tensor> {
+    pub fn load_cols(
+        &self,
+        canonical: &str,
+        shape: &[usize],
+        shard: Shard,
+        device: &Device,
+    ) -> Result<Tensor> {
         let e = self.lookup(canonical, shape)?;
         if shape.len() != 2 {
             return Err(Error::TensorShape {
@@ -347,7 +413,11 @@ impl Checkpoint {
         let mut out = Vec::with_capacity(rows * local);
         for r in 0..rows {
             let start = e.start + (r * cols + shard.rank * local) * es;
-            decode_into(e.dtype, self.read(e.file, start, start + local * es), &mut out);
+            decode_into(
+                e.dtype,
+                self.read(e.file, start, start + local * es),
+                &mut out,
+            );
         }
         Ok(Tensor::from_vec(out, (rows, local), device)?)
     }
@@ -369,10 +439,13 @@ fn elem_size(dtype: Dtype) -> usize {
 }
 
 fn split_len(name: &str, len: usize, shard: Shard) -> Result<usize> {
-    if shard.world == 0 || len % shard.world != 0 || shard.rank >= shard.world {
+    if shard.world == 0 || !len.is_multiple_of(shard.world) || shard.rank >= shard.world {
         return Err(Error::TensorParallel {
             tp: shard.world,
-            reason: format!("`{name}`: dimension {len} does not split into {} equal parts", shard.world),
+            reason: format!(
+                "`{name}`: dimension {len} does not split into {} equal parts",
+                shard.world
+            ),
         });
     }
     Ok(len / shard.world)
@@ -381,9 +454,21 @@ fn split_len(name: &str, len: usize, shard: Shard) -> Result<usize> {
 /// Appends the little-endian elements of `bytes` as f32.
 fn decode_into(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
     match dtype {
-        Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        Dtype::F16 => out.extend(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
-        Dtype::BF16 => out.extend(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        Dtype::F32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        Dtype::F16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        Dtype::BF16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
         // `lookup` refuses other dtypes before any read.
         _ => {}
     }
@@ -402,13 +487,25 @@ pub struct Weights<'a> {
 impl<'a> Weights<'a> {
     /// The root scope.
     pub fn new(ckpt: &'a Checkpoint, device: &Device, dtype: DType) -> Self {
-        Weights { ckpt, prefix: String::new(), device: device.clone(), dtype }
+        Weights {
+            ckpt,
+            prefix: String::new(),
+            device: device.clone(),
+            dtype,
+        }
     }
 
     /// A child scope `prefix.segment`.
     pub fn pp(&self, segment: impl std::fmt::Display) -> Self {
-        let prefix = if self.prefix.is_empty() { segment.to_string() } else { format!("{}.{segment}", self.prefix) };
-        Weights { prefix, ..self.clone() }
+        let prefix = if self.prefix.is_empty() {
+            segment.to_string()
+        } else {
+            format!("{}.{segment}", self.prefix)
+        };
+        Weights {
+            prefix,
+            ..self.clone()
+        }
     }
 
     /// The full canonical name of `name` in this scope.
@@ -436,7 +533,11 @@ impl<'a> Weights<'a> {
     }
 
     fn cast(&self, t: Tensor) -> Result<Tensor> {
-        Ok(if t.dtype() == self.dtype { t } else { t.to_dtype(self.dtype)? })
+        Ok(if t.dtype() == self.dtype {
+            t
+        } else {
+            t.to_dtype(self.dtype)?
+        })
     }
 
     /// A replicated tensor.
@@ -446,11 +547,17 @@ impl<'a> Weights<'a> {
 
     /// This rank's rows (dim 0 split).
     pub fn rows(&self, name: &str, shape: &[usize], shard: Shard) -> Result<Tensor> {
-        self.cast(self.ckpt.load_rows(&self.name(name), shape, shard, &self.device)?)
+        self.cast(
+            self.ckpt
+                .load_rows(&self.name(name), shape, shard, &self.device)?,
+        )
     }
 
     /// This rank's columns (dim 1 split).
     pub fn cols(&self, name: &str, shape: &[usize], shard: Shard) -> Result<Tensor> {
-        self.cast(self.ckpt.load_cols(&self.name(name), shape, shard, &self.device)?)
+        self.cast(
+            self.ckpt
+                .load_cols(&self.name(name), shape, shard, &self.device)?,
+        )
     }
 }

@@ -154,13 +154,18 @@ impl RConfig {
             Some(_) => tc.f64("rope_theta")?,
             None => match tc.opt("rope_parameters") {
                 Some(_) => tc.object("rope_parameters")?.f64("rope_theta")?,
-                None => return Err(tc.err("rope_theta", "missing (nor rope_parameters.rope_theta)")),
+                None => {
+                    return Err(tc.err("rope_theta", "missing (nor rope_parameters.rope_theta)"))
+                }
             },
         };
         if let Some(Value::Object(rp)) = tc.opt("rope_parameters") {
             if let Some(Value::String(t)) = rp.get("rope_type") {
                 if t != "default" {
-                    return Err(tc.err("rope_parameters.rope_type", &format!("`{t}` is not supported (only default)")));
+                    return Err(tc.err(
+                        "rope_parameters.rope_type",
+                        &format!("`{t}` is not supported (only default)"),
+                    ));
                 }
             }
         }
@@ -189,7 +194,10 @@ impl RConfig {
 
         let vact = vc.string_or("hidden_act", "gelu_pytorch_tanh")?;
         if vact != "gelu_pytorch_tanh" {
-            return Err(vc.err("hidden_act", &format!("`{vact}` is not supported (gelu_pytorch_tanh)")));
+            return Err(vc.err(
+                "hidden_act",
+                &format!("`{vact}` is not supported (gelu_pytorch_tanh)"),
+            ));
         }
         let vision = VisionConfig {
             hidden_size: vc.usize("hidden_size")?,
@@ -233,14 +241,25 @@ impl RConfig {
             .strip_prefix("anyres_max_")
             .and_then(|n| n.parse::<usize>().ok())
             .filter(|n| *n > 0)
-            .ok_or_else(|| root.err("vision_aspect_ratio", &format!("`{aspect}` (expected anyres_max_N)")))?;
+            .ok_or_else(|| {
+                root.err(
+                    "vision_aspect_ratio",
+                    &format!("`{aspect}` (expected anyres_max_N)"),
+                )
+            })?;
         let image_grid_pinpoints = root.pinpoints("image_grid_pinpoints", vision.image_size)?;
         let proj_act = root.string_or("projector_hidden_act", "gelu")?;
         if proj_act != "gelu" {
-            return Err(root.err("projector_hidden_act", &format!("`{proj_act}` is not supported (gelu)")));
+            return Err(root.err(
+                "projector_hidden_act",
+                &format!("`{proj_act}` is not supported (gelu)"),
+            ));
         }
         if !root.bool_or("multimodal_projector_bias", true)? {
-            return Err(root.err("multimodal_projector_bias", "a projector without biases is not supported"));
+            return Err(root.err(
+                "multimodal_projector_bias",
+                "a projector without biases is not supported",
+            ));
         }
         let tie_word_embeddings = match root.opt("tie_word_embeddings") {
             Some(_) => root.bool_or("tie_word_embeddings", false)?,
@@ -252,7 +271,9 @@ impl RConfig {
                 "float32" => DiskDtype::F32,
                 "float16" => DiskDtype::F16,
                 "bfloat16" => DiskDtype::Bf16,
-                other => return Err(root.err("torch_dtype", &format!("`{other}` is not supported"))),
+                other => {
+                    return Err(root.err("torch_dtype", &format!("`{other}` is not supported")))
+                }
             }),
             Some(_) => return Err(root.err("torch_dtype", "not a string")),
         };
@@ -274,7 +295,10 @@ impl RConfig {
     fn check_consistency(&self) -> Result<()> {
         let t = &self.text;
         let v = &self.vision;
-        let bad = |field: &str, reason: String| Error::Config { field: field.into(), reason };
+        let bad = |field: &str, reason: String| Error::Config {
+            field: field.into(),
+            reason,
+        };
         for (field, value) in [
             ("text_config.hidden_size", t.hidden_size),
             ("text_config.intermediate_size", t.intermediate_size),
@@ -292,31 +316,49 @@ impl RConfig {
                 return Err(bad(field, "must be > 0".into()));
             }
         }
-        if t.num_attention_heads % t.num_key_value_heads != 0 {
+        if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
             return Err(bad(
                 "text_config.num_key_value_heads",
-                format!("{} does not divide num_attention_heads {}", t.num_key_value_heads, t.num_attention_heads),
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    t.num_key_value_heads, t.num_attention_heads
+                ),
             ));
         }
-        if t.head_dim % 2 != 0 {
-            return Err(bad("text_config.head_dim", format!("{} is odd (RoPE rotates halves)", t.head_dim)));
+        if !t.head_dim.is_multiple_of(2) {
+            return Err(bad(
+                "text_config.head_dim",
+                format!("{} is odd (RoPE rotates halves)", t.head_dim),
+            ));
         }
-        if v.hidden_size % v.num_attention_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(bad(
                 "vision_config.num_attention_heads",
-                format!("{} does not divide hidden_size {}", v.num_attention_heads, v.hidden_size),
+                format!(
+                    "{} does not divide hidden_size {}",
+                    v.num_attention_heads, v.hidden_size
+                ),
             ));
         }
         if v.image_size < v.patch_size {
-            return Err(bad("vision_config.image_size", format!("{} is smaller than patch_size", v.image_size)));
+            return Err(bad(
+                "vision_config.image_size",
+                format!("{} is smaller than patch_size", v.image_size),
+            ));
         }
         if v.num_channels != 3 {
-            return Err(bad("vision_config.num_channels", format!("{} (only RGB, 3)", v.num_channels)));
+            return Err(bad(
+                "vision_config.num_channels",
+                format!("{} (only RGB, 3)", v.num_channels),
+            ));
         }
         if self.image_token_index as usize >= t.vocab_size {
             return Err(bad(
                 "image_token_index",
-                format!("{} is outside the vocabulary ({})", self.image_token_index, t.vocab_size),
+                format!(
+                    "{} is outside the vocabulary ({})",
+                    self.image_token_index, t.vocab_size
+                ),
             ));
         }
         let n = v.num_hidden_layers as i64;
@@ -363,7 +405,7 @@ impl RConfig {
             ("text_config.intermediate_size", t.intermediate_size),
             ("text_config.vocab_size", t.vocab_size),
         ] {
-            if value % tp != 0 {
+            if !value.is_multiple_of(tp) {
                 return Err(Error::Config {
                     field: field.into(),
                     reason: format!("{value} is not divisible by tensor parallel size {tp}"),
@@ -388,7 +430,11 @@ pub struct ImagePreprocessing {
 impl Default for ImagePreprocessing {
     fn default() -> Self {
         ImagePreprocessing {
-            norm: Normalize { mean: [0.5; 3], std: [0.5; 3], rescale: 1.0 / 255.0 },
+            norm: Normalize {
+                mean: [0.5; 3],
+                std: [0.5; 3],
+                rescale: 1.0 / 255.0,
+            },
             resample: Resample::Bicubic,
         }
     }
@@ -401,8 +447,10 @@ impl ImagePreprocessing {
         if !path.exists() {
             return Ok(Self::default());
         }
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::CheckpointFile { path: path.clone(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::CheckpointFile {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         Self::from_json_str(&text)
     }
 
@@ -412,7 +460,8 @@ impl ImagePreprocessing {
             field: format!("preprocessor_config.{field}"),
             reason: reason.into(),
         };
-        let v: Value = serde_json::from_str(text).map_err(|e| bad("<root>", &format!("not valid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| bad("<root>", &format!("not valid JSON: {e}")))?;
         let mut out = Self::default();
         let triple = |field: &str| -> Result<Option<[f32; 3]>> {
             match v.get(field) {
@@ -420,7 +469,10 @@ impl ImagePreprocessing {
                 Some(Value::Array(a)) if a.len() == 3 => {
                     let mut t = [0f32; 3];
                     for (i, x) in a.iter().enumerate() {
-                        t[i] = x.as_f64().ok_or_else(|| bad(field, "not a list of 3 numbers"))? as f32;
+                        t[i] = x
+                            .as_f64()
+                            .ok_or_else(|| bad(field, "not a list of 3 numbers"))?
+                            as f32;
                     }
                     Ok(Some(t))
                 }
@@ -431,19 +483,26 @@ impl ImagePreprocessing {
             out.norm.mean = m;
         }
         if let Some(s) = triple("image_std")? {
-            if s.iter().any(|x| *x == 0.0) {
+            if s.contains(&0.0) {
                 return Err(bad("image_std", "contains 0"));
             }
             out.norm.std = s;
         }
         if let Some(r) = v.get("rescale_factor").filter(|r| !r.is_null()) {
-            out.norm.rescale = r.as_f64().ok_or_else(|| bad("rescale_factor", "not a number"))? as f32;
+            out.norm.rescale =
+                r.as_f64()
+                    .ok_or_else(|| bad("rescale_factor", "not a number"))? as f32;
         }
         out.resample = match v.get("resample").and_then(|r| r.as_u64()) {
             None => Resample::Bicubic,
             Some(2) => Resample::Bilinear,
             Some(3) => Resample::Bicubic,
-            Some(other) => return Err(bad("resample", &format!("{other} (supported: 2 bilinear, 3 bicubic)"))),
+            Some(other) => {
+                return Err(bad(
+                    "resample",
+                    &format!("{other} (supported: 2 bilinear, 3 bicubic)"),
+                ))
+            }
         };
         Ok(out)
     }
@@ -458,9 +517,16 @@ struct Obj<'a> {
 impl<'a> Obj<'a> {
     fn new(v: &'a Value, path: &str) -> Result<Self> {
         match v {
-            Value::Object(map) => Ok(Obj { map, path: path.to_string() }),
+            Value::Object(map) => Ok(Obj {
+                map,
+                path: path.to_string(),
+            }),
             _ => Err(Error::Config {
-                field: if path.is_empty() { "<root>".into() } else { path.into() },
+                field: if path.is_empty() {
+                    "<root>".into()
+                } else {
+                    path.into()
+                },
                 reason: "not an object".into(),
             }),
         }
@@ -473,7 +539,10 @@ impl<'a> Obj<'a> {
         }
     }
     fn err(&self, key: &str, reason: &str) -> Error {
-        Error::Config { field: self.name(key), reason: reason.into() }
+        Error::Config {
+            field: self.name(key),
+            reason: reason.into(),
+        }
     }
     fn opt(&self, key: &str) -> Option<&'a Value> {
         self.map.get(key)
@@ -497,7 +566,9 @@ impl<'a> Obj<'a> {
         }
     }
     fn f64(&self, key: &str) -> Result<f64> {
-        self.get(key)?.as_f64().ok_or_else(|| self.err(key, "not a number"))
+        self.get(key)?
+            .as_f64()
+            .ok_or_else(|| self.err(key, "not a number"))
     }
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.opt(key) {
@@ -521,7 +592,10 @@ impl<'a> Obj<'a> {
     }
     /// `image_grid_pinpoints`: a list of `[height, width]`, each a multiple of the tile side.
     fn pinpoints(&self, key: &str, tile: usize) -> Result<Vec<(usize, usize)>> {
-        let list = self.get(key)?.as_array().ok_or_else(|| self.err(key, "not a list"))?;
+        let list = self
+            .get(key)?
+            .as_array()
+            .ok_or_else(|| self.err(key, "not a list"))?;
         if list.is_empty() {
             return Err(self.err(key, "empty"));
         }
@@ -531,8 +605,17 @@ impl<'a> Obj<'a> {
                 .as_array()
                 .filter(|a| a.len() == 2)
                 .and_then(|a| Some((a[0].as_u64()? as usize, a[1].as_u64()? as usize)))
-                .ok_or_else(|| self.err(&format!("{key}[{i}]"), "not a [height, width] pair of integers"))?;
-            if pair.0 == 0 || pair.1 == 0 || pair.0 % tile != 0 || pair.1 % tile != 0 {
+                .ok_or_else(|| {
+                    self.err(
+                        &format!("{key}[{i}]"),
+                        "not a [height, width] pair of integers",
+                    )
+                })?;
+            if pair.0 == 0
+                || pair.1 == 0
+                || !pair.0.is_multiple_of(tile)
+                || !pair.1.is_multiple_of(tile)
+            {
                 return Err(self.err(
                     &format!("{key}[{i}]"),
                     &format!("{pair:?} is not a positive multiple of the tile size {tile}"),
@@ -599,8 +682,14 @@ mod tests {
     #[test]
     fn missing_and_wrong_fields_are_named() {
         let mut v = base();
-        v["text_config"].as_object_mut().unwrap().remove("num_key_value_heads");
-        assert_eq!(field_of(parse(&v).unwrap_err()), "text_config.num_key_value_heads");
+        v["text_config"]
+            .as_object_mut()
+            .unwrap()
+            .remove("num_key_value_heads");
+        assert_eq!(
+            field_of(parse(&v).unwrap_err()),
+            "text_config.num_key_value_heads"
+        );
 
         let mut v = base();
         v["vision_config"]["patch_size"] = serde_json::json!("14");
@@ -616,7 +705,10 @@ mod tests {
 
         let mut v = base();
         v["text_config"]["num_key_value_heads"] = serde_json::json!(5);
-        assert_eq!(field_of(parse(&v).unwrap_err()), "text_config.num_key_value_heads");
+        assert_eq!(
+            field_of(parse(&v).unwrap_err()),
+            "text_config.num_key_value_heads"
+        );
 
         let mut v = base();
         v["image_token_index"] = serde_json::json!(200000);
@@ -632,8 +724,12 @@ mod tests {
     #[test]
     fn rope_theta_from_rope_parameters_and_image_token_id_alias() {
         let mut v = base();
-        v["text_config"].as_object_mut().unwrap().remove("rope_theta");
-        v["text_config"]["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 5e5});
+        v["text_config"]
+            .as_object_mut()
+            .unwrap()
+            .remove("rope_theta");
+        v["text_config"]["rope_parameters"] =
+            serde_json::json!({"rope_type": "default", "rope_theta": 5e5});
         let o = v.as_object_mut().unwrap();
         o.remove("image_token_index");
         o.insert("image_token_id".into(), serde_json::json!(7));
@@ -645,13 +741,22 @@ mod tests {
     #[test]
     fn tensor_parallel_sizes_are_checked() {
         let c = parse(&base()).unwrap();
-        assert!(matches!(c.validate_tp(3), Err(Error::TensorParallel { tp: 3, .. })));
-        assert!(matches!(c.validate_tp(16), Err(Error::TensorParallel { tp: 16, .. })));
+        assert!(matches!(
+            c.validate_tp(3),
+            Err(Error::TensorParallel { tp: 3, .. })
+        ));
+        assert!(matches!(
+            c.validate_tp(16),
+            Err(Error::TensorParallel { tp: 16, .. })
+        ));
         let mut v = base();
         v["text_config"]["num_key_value_heads"] = serde_json::json!(2);
         v["text_config"]["num_attention_heads"] = serde_json::json!(8);
         let c = parse(&v).unwrap();
         c.validate_tp(2).unwrap();
-        assert_eq!(field_of(c.validate_tp(4).unwrap_err()), "text_config.num_key_value_heads");
+        assert_eq!(
+            field_of(c.validate_tp(4).unwrap_err()),
+            "text_config.num_key_value_heads"
+        );
     }
 }

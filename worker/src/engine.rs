@@ -75,9 +75,15 @@ impl SeqState<'_> {
 }
 
 /// Runs every prompt to `opts.steps` greedy tokens.
-pub fn run_greedy(model: &R4bModel, prompts: &[Prompt], opts: &GreedyOptions) -> Result<Vec<GreedyRun>> {
+pub fn run_greedy(
+    model: &R4bModel,
+    prompts: &[Prompt],
+    opts: &GreedyOptions,
+) -> Result<Vec<GreedyRun>> {
     if opts.block_size == 0 || opts.prefill_chunk == Some(0) {
-        return Err(Error::Step("block_size and prefill_chunk must be positive".into()));
+        return Err(Error::Step(
+            "block_size and prefill_chunk must be positive".into(),
+        ));
     }
     let image_id = model.config().image_token_index;
     let mut next_block = 0u32;
@@ -89,13 +95,30 @@ pub fn run_greedy(model: &R4bModel, prompts: &[Prompt], opts: &GreedyOptions) ->
         let n_blocks = (p.input_ids.len() + opts.steps).div_ceil(opts.block_size);
         let blocks = (next_block..next_block + n_blocks as u32).collect();
         next_block += n_blocks as u32;
-        let image_rows = if p.images.is_empty() { None } else { Some(Tensor::cat(&p.images, 0)?) };
+        let image_rows = if p.images.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&p.images, 0)?)
+        };
         let expected = p.input_ids.iter().filter(|&&t| t == image_id).count();
-        let have = image_rows.as_ref().map(|r| r.dim(0)).transpose()?.unwrap_or(0);
+        let have = image_rows
+            .as_ref()
+            .map(|r| r.dim(0))
+            .transpose()?
+            .unwrap_or(0);
         if expected != have {
-            return Err(Error::Step(format!("prompt has {expected} `<image>` tokens but its images give {have} rows")));
+            return Err(Error::Step(format!(
+                "prompt has {expected} `<image>` tokens but its images give {have} rows"
+            )));
         }
-        seqs.push(SeqState { prompt: p, image_rows, blocks, pos: 0, image_used: 0, run: GreedyRun::default() });
+        seqs.push(SeqState {
+            prompt: p,
+            image_rows,
+            blocks,
+            pos: 0,
+            image_used: 0,
+            run: GreedyRun::default(),
+        });
     }
     let mut kv = model.new_kv_cache(next_block.max(1) as usize, opts.block_size)?;
     let mut step = 0usize;
@@ -103,7 +126,13 @@ pub fn run_greedy(model: &R4bModel, prompts: &[Prompt], opts: &GreedyOptions) ->
         // Which sequences take part in this step.
         let active: Vec<usize> = (0..seqs.len())
             .filter(|&i| !seqs[i].done(opts.steps))
-            .filter(|&i| if opts.batched { i <= step } else { (0..i).all(|j| seqs[j].done(opts.steps)) })
+            .filter(|&i| {
+                if opts.batched {
+                    i <= step
+                } else {
+                    (0..i).all(|j| seqs[j].done(opts.steps))
+                }
+            })
             .collect();
         if active.is_empty() {
             if seqs.iter().all(|s| s.done(opts.steps)) {
@@ -112,7 +141,10 @@ pub fn run_greedy(model: &R4bModel, prompts: &[Prompt], opts: &GreedyOptions) ->
             step += 1;
             continue;
         }
-        let tokens: Vec<Vec<u32>> = active.iter().map(|&i| seqs[i].next_tokens(opts.prefill_chunk)).collect();
+        let tokens: Vec<Vec<u32>> = active
+            .iter()
+            .map(|&i| seqs[i].next_tokens(opts.prefill_chunk))
+            .collect();
         let mut chunks = Vec::with_capacity(active.len());
         for (&i, toks) in active.iter().zip(&tokens) {
             let s = &seqs[i];
@@ -121,11 +153,20 @@ pub fn run_greedy(model: &R4bModel, prompts: &[Prompt], opts: &GreedyOptions) ->
                 (Some(r), n) if n > 0 => Some(r.narrow(0, s.image_used, n)?),
                 _ => None,
             };
-            chunks.push(SeqChunk { tokens: toks, start_pos: s.pos, block_table: &s.blocks, image_rows });
+            chunks.push(SeqChunk {
+                tokens: toks,
+                start_pos: s.pos,
+                block_table: &s.blocks,
+                image_rows,
+            });
         }
         let hidden = model.forward_step(&chunks, &mut kv, OutputRows::Last)?;
         let cands = model.candidates(&hidden, 1)?;
-        let logits = if opts.record_logits { Some(model.full_logits(&hidden)?.to_vec2::<f32>()?) } else { None };
+        let logits = if opts.record_logits {
+            Some(model.full_logits(&hidden)?.to_vec2::<f32>()?)
+        } else {
+            None
+        };
         for (row, (&i, toks)) in active.iter().zip(&tokens).enumerate() {
             let s = &mut seqs[i];
             s.pos += toks.len();
@@ -133,7 +174,9 @@ pub fn run_greedy(model: &R4bModel, prompts: &[Prompt], opts: &GreedyOptions) ->
             if s.pos < s.prompt.input_ids.len() {
                 continue; // mid-prompt chunk: no token yet
             }
-            let tok = cands[row].greedy().ok_or_else(|| Error::Step("no candidate".into()))?;
+            let tok = cands[row]
+                .greedy()
+                .ok_or_else(|| Error::Step("no candidate".into()))?;
             s.run.tokens.push(tok);
             if let Some(l) = &logits {
                 s.run.logits.push(l[row].clone());

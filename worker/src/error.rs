@@ -17,7 +17,11 @@ pub enum Error {
     MissingTensor { name: String },
     /// A tensor has another shape than the config implies.
     #[error("checkpoint: tensor `{name}` has shape {found:?}, expected {expected:?}")]
-    TensorShape { name: String, found: Vec<usize>, expected: Vec<usize> },
+    TensorShape {
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
     /// A tensor is stored in a dtype the loader does not read.
     #[error("checkpoint: tensor `{name}` has unsupported dtype {dtype}")]
     TensorDtype { name: String, dtype: String },

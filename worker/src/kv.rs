@@ -24,6 +24,11 @@ pub struct KvShape {
 }
 
 impl KvShape {
+    /// Bytes one token takes in this rank's cache (K and V, all layers, f32).
+    pub fn bytes_per_token(&self) -> usize {
+        2 * self.layers * self.slot_len() * std::mem::size_of::<f32>()
+    }
+
     /// f32 values of one token slot (one of K or V).
     fn slot_len(&self) -> usize {
         self.kv_heads * self.head_dim
@@ -65,20 +70,38 @@ impl PagedKvCache {
     pub fn slot(&self, block_table: &[u32], pos: usize) -> Result<usize> {
         let bs = self.shape.block_size;
         let block = *block_table.get(pos / bs).ok_or_else(|| {
-            Error::Kv(format!("position {pos} needs block {} but the table has {}", pos / bs, block_table.len()))
+            Error::Kv(format!(
+                "position {pos} needs block {} but the table has {}",
+                pos / bs,
+                block_table.len()
+            ))
         })? as usize;
         if block >= self.shape.num_blocks {
-            return Err(Error::Kv(format!("block {block} is outside the cache ({} blocks)", self.shape.num_blocks)));
+            return Err(Error::Kv(format!(
+                "block {block} is outside the cache ({} blocks)",
+                self.shape.num_blocks
+            )));
         }
         Ok(block * bs + pos % bs)
     }
 
     /// Writes K and V rows (`[n, kv_heads * head_dim]` each, row-major) for positions
     /// `start .. start + n` of one sequence in `layer`.
-    pub fn write(&mut self, layer: usize, block_table: &[u32], start: usize, k: &[f32], v: &[f32]) -> Result<()> {
+    pub fn write(
+        &mut self,
+        layer: usize,
+        block_table: &[u32],
+        start: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
         let sl = self.shape.slot_len();
-        if k.len() != v.len() || k.len() % sl != 0 {
-            return Err(Error::Kv(format!("write of {} / {} values is not whole slots of {sl}", k.len(), v.len())));
+        if k.len() != v.len() || !k.len().is_multiple_of(sl) {
+            return Err(Error::Kv(format!(
+                "write of {} / {} values is not whole slots of {sl}",
+                k.len(),
+                v.len()
+            )));
         }
         for i in 0..k.len() / sl {
             let s = self.slot(block_table, start + i)? * sl;
@@ -89,7 +112,13 @@ impl PagedKvCache {
     }
 
     /// K and V of positions `0 .. len` of one sequence in `layer`, each `[len, kv_heads, head_dim]`.
-    pub fn gather(&self, layer: usize, block_table: &[u32], len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn gather(
+        &self,
+        layer: usize,
+        block_table: &[u32],
+        len: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let sl = self.shape.slot_len();
         let mut k = Vec::with_capacity(len * sl);
         let mut v = Vec::with_capacity(len * sl);
@@ -99,7 +128,10 @@ impl PagedKvCache {
             v.extend_from_slice(&self.v[layer][s..s + sl]);
         }
         let dims = (len, self.shape.kv_heads, self.shape.head_dim);
-        Ok((Tensor::from_vec(k, dims, device)?, Tensor::from_vec(v, dims, device)?))
+        Ok((
+            Tensor::from_vec(k, dims, device)?,
+            Tensor::from_vec(v, dims, device)?,
+        ))
     }
 }
 
@@ -109,7 +141,13 @@ mod tests {
 
     #[test]
     fn write_then_gather_follows_the_block_table() {
-        let shape = KvShape { layers: 1, num_blocks: 4, block_size: 2, kv_heads: 1, head_dim: 2 };
+        let shape = KvShape {
+            layers: 1,
+            num_blocks: 4,
+            block_size: 2,
+            kv_heads: 1,
+            head_dim: 2,
+        };
         let mut kv = PagedKvCache::new(shape).unwrap();
         // Positions 0..3 of a sequence whose blocks are [3, 1]: slots 6, 7, 2.
         let k = [0., 1., 10., 11., 20., 21.];
@@ -119,13 +157,25 @@ mod tests {
         assert_eq!(&kv.k[0][12..16], &[0., 1., 10., 11.]);
         assert_eq!(&kv.k[0][4..6], &[20., 21.]);
         let (gk, gv) = kv.gather(0, &[3, 1], 3, &Device::Cpu).unwrap();
-        assert_eq!(gk.flatten_all().unwrap().to_vec1::<f32>().unwrap(), k.to_vec());
-        assert_eq!(gv.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v.to_vec());
+        assert_eq!(
+            gk.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            k.to_vec()
+        );
+        assert_eq!(
+            gv.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            v.to_vec()
+        );
     }
 
     #[test]
     fn short_tables_and_foreign_blocks_are_errors() {
-        let shape = KvShape { layers: 1, num_blocks: 2, block_size: 2, kv_heads: 1, head_dim: 1 };
+        let shape = KvShape {
+            layers: 1,
+            num_blocks: 2,
+            block_size: 2,
+            kv_heads: 1,
+            head_dim: 1,
+        };
         let mut kv = PagedKvCache::new(shape).unwrap();
         assert!(kv.write(0, &[0], 1, &[1., 2.], &[1., 2.]).is_err());
         assert!(kv.write(0, &[5], 0, &[1.], &[1.]).is_err());

@@ -16,10 +16,13 @@
 pub mod checkpoint;
 pub mod collective;
 pub mod config;
+pub mod embedded;
 pub mod engine;
 pub mod error;
 pub mod kv;
 pub mod model;
 pub mod parallel;
+pub mod sampling;
+pub mod service;
 
 pub use error::{Error, Result};

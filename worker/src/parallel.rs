@@ -37,7 +37,7 @@ impl Shard {
 
     /// `len / world`, checked.
     pub fn part(&self, len: usize, what: &str) -> Result<usize> {
-        if self.world == 0 || len % self.world != 0 {
+        if self.world == 0 || !len.is_multiple_of(self.world) {
             return Err(Error::TensorParallel {
                 tp: self.world,
                 reason: format!("{what} = {len} is not divisible by {}", self.world),
@@ -67,7 +67,11 @@ impl Linear {
     /// Loads `{w}.weight [out, in]` and, if `bias`, `{w}.bias [out]`.
     pub fn load(w: &Weights, out: usize, inp: usize, bias: bool) -> Result<Self> {
         let weight = w.get("weight", &[out, inp])?;
-        let bias = if bias { Some(w.get("bias", &[out])?) } else { None };
+        let bias = if bias {
+            Some(w.get("bias", &[out])?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
@@ -86,7 +90,9 @@ pub struct ColumnParallelLinear {
 impl ColumnParallelLinear {
     /// Loads this rank's rows of `{w}.weight [out, in]` (no bias: Qwen3 has none).
     pub fn load(w: &Weights, out: usize, inp: usize, shard: Shard) -> Result<Self> {
-        Ok(ColumnParallelLinear { weight: w.rows("weight", &[out, inp], shard)? })
+        Ok(ColumnParallelLinear {
+            weight: w.rows("weight", &[out, inp], shard)?,
+        })
     }
 
     /// `[T, in] -> [T, out / world]`.
@@ -104,8 +110,17 @@ pub struct RowParallelLinear {
 
 impl RowParallelLinear {
     /// Loads this rank's columns of `{w}.weight [out, in]`.
-    pub fn load(w: &Weights, out: usize, inp: usize, shard: Shard, comm: Arc<dyn Collective>) -> Result<Self> {
-        Ok(RowParallelLinear { weight: w.cols("weight", &[out, inp], shard)?, comm })
+    pub fn load(
+        w: &Weights,
+        out: usize,
+        inp: usize,
+        shard: Shard,
+        comm: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        Ok(RowParallelLinear {
+            weight: w.cols("weight", &[out, inp], shard)?,
+            comm,
+        })
     }
 
     /// `[T, in / world] -> [T, out]` (all-reduced).
@@ -130,7 +145,13 @@ pub struct VocabParallelEmbedding {
 
 impl VocabParallelEmbedding {
     /// Loads this rank's rows of `{w}.weight [vocab, hidden]`.
-    pub fn load(w: &Weights, vocab: usize, hidden: usize, shard: Shard, comm: Arc<dyn Collective>) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        vocab: usize,
+        hidden: usize,
+        shard: Shard,
+        comm: Arc<dyn Collective>,
+    ) -> Result<Self> {
         let local = shard.part(vocab, "vocab_size")?;
         Ok(VocabParallelEmbedding {
             weight: w.rows("weight", &[vocab, hidden], shard)?,
@@ -182,7 +203,11 @@ impl Candidates {
 
 /// Sorts (logit, id) pairs: logit descending, then id ascending; NaN last.
 fn sort_pairs(pairs: &mut [(f32, u32)]) {
-    pairs.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1)));
+    pairs.sort_by(|a, b| {
+        b.0.partial_cmp(&a.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.1.cmp(&b.1))
+    });
 }
 
 /// Top `k` of each row of `logits [B, V_local]`, with ids offset by `vocab_start`.
@@ -191,12 +216,22 @@ fn local_top_k(logits: &Tensor, k: usize, vocab_start: u32) -> Result<Vec<Vec<(f
     Ok(rows
         .into_iter()
         .map(|row| {
-            let mut pairs: Vec<(f32, u32)> =
-                row.into_iter().enumerate().map(|(i, v)| (if v.is_nan() { f32::NEG_INFINITY } else { v }, vocab_start + i as u32)).collect();
+            let mut pairs: Vec<(f32, u32)> = row
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    (
+                        if v.is_nan() { f32::NEG_INFINITY } else { v },
+                        vocab_start + i as u32,
+                    )
+                })
+                .collect();
             let k = k.min(pairs.len());
             if k < pairs.len() {
                 pairs.select_nth_unstable_by(k, |a, b| {
-                    b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1))
+                    b.0.partial_cmp(&a.0)
+                        .unwrap_or(std::cmp::Ordering::Equal)
+                        .then(a.1.cmp(&b.1))
                 });
                 pairs.truncate(k);
             }
@@ -217,7 +252,13 @@ pub struct VocabParallelHead {
 
 impl VocabParallelHead {
     /// Loads this rank's rows of `{w}.weight [vocab, hidden]` (`lm_head` or the tied embedding).
-    pub fn load(w: &Weights, vocab: usize, hidden: usize, shard: Shard, comm: Arc<dyn Collective>) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        vocab: usize,
+        hidden: usize,
+        shard: Shard,
+        comm: Arc<dyn Collective>,
+    ) -> Result<Self> {
         let local = shard.part(vocab, "vocab_size")?;
         Ok(VocabParallelHead {
             weight: w.rows("weight", &[vocab, hidden], shard)?,
@@ -244,8 +285,12 @@ impl VocabParallelHead {
             let logits: Vec<f32> = local.iter().flat_map(|r| r.iter().map(|p| p.0)).collect();
             let ids: Vec<u32> = local.iter().flat_map(|r| r.iter().map(|p| p.1)).collect();
             let device = x.device();
-            let all_l = self.comm.all_gather(&Tensor::from_vec(logits, (rows, kk), device)?)?;
-            let all_i = self.comm.all_gather(&Tensor::from_vec(ids, (rows, kk), device)?)?;
+            let all_l = self
+                .comm
+                .all_gather(&Tensor::from_vec(logits, (rows, kk), device)?)?;
+            let all_i = self
+                .comm
+                .all_gather(&Tensor::from_vec(ids, (rows, kk), device)?)?;
             let mut merged = vec![Vec::with_capacity(kk * all_l.len()); rows];
             for (l, i) in all_l.iter().zip(&all_i) {
                 let (l, i) = (l.to_vec2::<f32>()?, i.to_vec2::<u32>()?);
@@ -260,7 +305,10 @@ impl VocabParallelHead {
             .map(|mut pairs| {
                 sort_pairs(&mut pairs);
                 pairs.truncate(k);
-                Candidates { logits: pairs.iter().map(|p| p.0).collect(), ids: pairs.iter().map(|p| p.1).collect() }
+                Candidates {
+                    logits: pairs.iter().map(|p| p.0).collect(),
+                    ids: pairs.iter().map(|p| p.1).collect(),
+                }
             })
             .collect())
     }

@@ -30,14 +30,28 @@ fn read_raw(path: &Path) -> BTreeMap<String, Raw> {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
         .into_iter()
-        .map(|(n, v)| (n, Raw { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() }))
+        .map(|(n, v)| {
+            (
+                n,
+                Raw {
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    data: v.data().to_vec(),
+                },
+            )
+        })
         .collect()
 }
 
 fn write_raw(path: &Path, tensors: &BTreeMap<String, Raw>) {
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
-        .map(|(n, r)| (n.clone(), safetensors::tensor::TensorView::new(r.dtype, r.shape.clone(), &r.data).unwrap()))
+        .map(|(n, r)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(r.dtype, r.shape.clone(), &r.data).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
@@ -47,7 +61,8 @@ fn fixture_tensors() -> BTreeMap<String, Raw> {
 }
 
 fn fixture_config() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(checkpoint_dir().join("config.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(checkpoint_dir().join("config.json")).unwrap())
+        .unwrap()
 }
 
 /// Writes a checkpoint directory with these tensors and config.
@@ -67,8 +82,15 @@ fn load_model(dir: &Path) -> Result<R4bModel, Error> {
 fn text_logits(model: &R4bModel) -> Vec<Vec<f32>> {
     let ids = ids(&reference(), "text");
     let mut kv = model.new_kv_cache(4, 16).unwrap();
-    let chunk = SeqChunk { tokens: &ids, start_pos: 0, block_table: &[0, 1, 2, 3], image_rows: None };
-    let h = model.forward_step(&[chunk], &mut kv, OutputRows::All).unwrap();
+    let chunk = SeqChunk {
+        tokens: &ids,
+        start_pos: 0,
+        block_table: &[0, 1, 2, 3],
+        image_rows: None,
+    };
+    let h = model
+        .forward_step(&[chunk], &mut kv, OutputRows::All)
+        .unwrap();
     model.full_logits(&h).unwrap().to_vec2::<f32>().unwrap()
 }
 
@@ -114,10 +136,20 @@ fn legacy_layout_in_two_shards_gives_the_reference_logits() {
     std::fs::write(dir.join("config.json"), fixture_config().to_string()).unwrap();
 
     let ckpt = Checkpoint::open(dir).unwrap();
-    assert_eq!(ckpt.layout(), NameLayout::Legacy { vision_model_segment: true });
+    assert_eq!(
+        ckpt.layout(),
+        NameLayout::Legacy {
+            vision_model_segment: true
+        }
+    );
     assert_eq!(ckpt.files().len(), 2);
     let model = load_model(dir).unwrap();
-    assert_logits(&text_logits(&model), &reference_tensors()["text.prompt_logits"], TOL, "legacy+shards");
+    assert_logits(
+        &text_logits(&model),
+        &reference_tensors()["text.prompt_logits"],
+        TOL,
+        "legacy+shards",
+    );
 }
 
 #[test]
@@ -129,7 +161,12 @@ fn without_lm_head_the_head_is_tied_to_the_embedding() {
     cfg["tie_word_embeddings"] = serde_json::json!(true);
     write_checkpoint(tmp.path(), &t, &cfg);
     let model = load_model(tmp.path()).unwrap();
-    assert_logits(&text_logits(&model), &reference_tensors()["tied.text.prompt_logits"], TOL, "tied");
+    assert_logits(
+        &text_logits(&model),
+        &reference_tensors()["tied.text.prompt_logits"],
+        TOL,
+        "tied",
+    );
 }
 
 #[test]
@@ -139,7 +176,12 @@ fn a_stored_lm_head_wins_over_tie_word_embeddings() {
     cfg["tie_word_embeddings"] = serde_json::json!(true);
     write_checkpoint(tmp.path(), &fixture_tensors(), &cfg);
     let model = load_model(tmp.path()).unwrap();
-    assert_logits(&text_logits(&model), &reference_tensors()["text.prompt_logits"], TOL, "stored head");
+    assert_logits(
+        &text_logits(&model),
+        &reference_tensors()["text.prompt_logits"],
+        TOL,
+        "stored head",
+    );
 }
 
 /// bf16 and f16 on disk load as the same numbers `half` rounds the f32 weights to.
@@ -147,8 +189,11 @@ fn a_stored_lm_head_wins_over_tie_word_embeddings() {
 fn bf16_and_f16_checkpoints_load_as_rounded_f32() {
     let f32_tensors = fixture_tensors();
     let name = "model.language_model.layers.0.mlp.gate_proj.weight";
-    let src: Vec<f32> =
-        f32_tensors[name].data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let src: Vec<f32> = f32_tensors[name]
+        .data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     for dtype in [Dtype::BF16, Dtype::F16] {
         let tmp = tempfile::tempdir().unwrap();
         let converted: BTreeMap<String, Raw> = f32_tensors
@@ -165,12 +210,25 @@ fn bf16_and_f16_checkpoints_load_as_rounded_f32() {
                         }
                     })
                     .collect();
-                (n.clone(), Raw { dtype, shape: r.shape.clone(), data })
+                (
+                    n.clone(),
+                    Raw {
+                        dtype,
+                        shape: r.shape.clone(),
+                        data,
+                    },
+                )
             })
             .collect();
         write_checkpoint(tmp.path(), &converted, &fixture_config());
         let ckpt = Checkpoint::open(tmp.path()).unwrap();
-        let got = ckpt.load(name, &[160, 64], &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = ckpt
+            .load(name, &[160, 64], &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let want: Vec<f32> = src
             .iter()
             .map(|&x| match dtype {
@@ -182,7 +240,12 @@ fn bf16_and_f16_checkpoints_load_as_rounded_f32() {
         // The whole model loads and still tracks the f32 reference closely.
         let model = load_model(tmp.path()).unwrap();
         let tol = if dtype == Dtype::BF16 { 0.5 } else { 0.05 };
-        assert_logits(&text_logits(&model), &reference_tensors()["text.prompt_logits"], tol, "half");
+        assert_logits(
+            &text_logits(&model),
+            &reference_tensors()["text.prompt_logits"],
+            tol,
+            "half",
+        );
     }
 }
 
@@ -224,17 +287,35 @@ fn each_rank_reads_only_its_own_slices() {
         for rank in 0..world {
             let ckpt = Checkpoint::open(&dir).unwrap();
             ckpt.record_reads();
-            R4bModel::load(&ckpt, &cfg, Arc::new(Place(Shard { rank, world })), &Device::Cpu).unwrap();
+            R4bModel::load(
+                &ckpt,
+                &cfg,
+                Arc::new(Place(Shard { rank, world })),
+                &Device::Cpu,
+            )
+            .unwrap();
             per_rank.push((ckpt.recorded_reads(), ckpt.bytes_read(), ckpt));
         }
         let entries = per_rank[0].2.entries().clone();
-        let file_len = std::fs::metadata(dir.join("model.safetensors")).unwrap().len();
+        let file_len = std::fs::metadata(dir.join("model.safetensors"))
+            .unwrap()
+            .len();
         for (rank, (reads, bytes, _)) in per_rank.iter().enumerate() {
-            assert!(*bytes < file_len, "rank {rank} read {bytes} of {file_len} bytes");
+            assert!(
+                *bytes < file_len,
+                "rank {rank} read {bytes} of {file_len} bytes"
+            );
             for (name, e) in &entries {
-                let whole = ByteRange { file: e.file, start: e.start, end: e.end };
-                let touched: usize =
-                    reads.iter().filter(|r| overlaps(r, &whole)).map(|r| r.end.min(e.end) - r.start.max(e.start)).sum();
+                let whole = ByteRange {
+                    file: e.file,
+                    start: e.start,
+                    end: e.end,
+                };
+                let touched: usize = reads
+                    .iter()
+                    .filter(|r| overlaps(r, &whole))
+                    .map(|r| r.end.min(e.end) - r.start.max(e.start))
+                    .sum();
                 let never = name.contains("encoder.layers.2.")
                     || name.contains("vision_tower.head.")
                     || name.contains("post_layernorm");
@@ -254,10 +335,25 @@ fn each_rank_reads_only_its_own_slices() {
         // Split tensors: no byte is read by two ranks.
         for a in 0..world {
             for b in a + 1..world {
-                for (name, e) in entries.iter().filter(|(n, _)| n.contains("proj.weight") && n.contains("language_model")) {
-                    let whole = ByteRange { file: e.file, start: e.start, end: e.end };
-                    let ra: Vec<_> = per_rank[a].0.iter().filter(|r| overlaps(r, &whole)).collect();
-                    let rb: Vec<_> = per_rank[b].0.iter().filter(|r| overlaps(r, &whole)).collect();
+                for (name, e) in entries
+                    .iter()
+                    .filter(|(n, _)| n.contains("proj.weight") && n.contains("language_model"))
+                {
+                    let whole = ByteRange {
+                        file: e.file,
+                        start: e.start,
+                        end: e.end,
+                    };
+                    let ra: Vec<_> = per_rank[a]
+                        .0
+                        .iter()
+                        .filter(|r| overlaps(r, &whole))
+                        .collect();
+                    let rb: Vec<_> = per_rank[b]
+                        .0
+                        .iter()
+                        .filter(|r| overlaps(r, &whole))
+                        .collect();
                     assert!(
                         !ra.iter().any(|x| rb.iter().any(|y| overlaps(x, y))),
                         "ranks {a} and {b} both read bytes of {name}"
@@ -290,16 +386,30 @@ fn rank_slices_ignore_poisoned_bytes_of_other_ranks() {
     let ckpt = Checkpoint::open(tmp.path()).unwrap();
     let r0 = Shard { rank: 0, world: 2 };
     for (name, shape, rows) in [(q, [256usize, 64], true), (o, [64, 256], false)] {
-        let x = if rows { ckpt.load_rows(name, &shape, r0, &Device::Cpu) } else { ckpt.load_cols(name, &shape, r0, &Device::Cpu) };
+        let x = if rows {
+            ckpt.load_rows(name, &shape, r0, &Device::Cpu)
+        } else {
+            ckpt.load_cols(name, &shape, r0, &Device::Cpu)
+        };
         let v = x.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(v.len(), 256 * 64 / 2);
-        assert!(v.iter().all(|x| x.is_finite()), "{name}: rank 0 saw rank 1's bytes");
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{name}: rank 0 saw rank 1's bytes"
+        );
         let y = if rows {
             ckpt.load_rows(name, &shape, Shard { rank: 1, world: 2 }, &Device::Cpu)
         } else {
             ckpt.load_cols(name, &shape, Shard { rank: 1, world: 2 }, &Device::Cpu)
         };
-        assert!(y.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_nan()));
+        assert!(y
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|x| x.is_nan()));
     }
 }
 
@@ -310,7 +420,9 @@ fn a_missing_tensor_is_named() {
     t.remove("model.language_model.layers.1.mlp.up_proj.weight");
     write_checkpoint(tmp.path(), &t, &fixture_config());
     match load_model(tmp.path()) {
-        Err(Error::MissingTensor { name }) => assert_eq!(name, "model.language_model.layers.1.mlp.up_proj.weight"),
+        Err(Error::MissingTensor { name }) => {
+            assert_eq!(name, "model.language_model.layers.1.mlp.up_proj.weight")
+        }
         other => panic!("expected MissingTensor, got {other:?}"),
     }
 }
@@ -319,11 +431,17 @@ fn a_missing_tensor_is_named() {
 fn a_wrong_shape_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let mut t = fixture_tensors();
-    let r = t.get_mut("model.multi_modal_projector.linear_1.weight").unwrap();
+    let r = t
+        .get_mut("model.multi_modal_projector.linear_1.weight")
+        .unwrap();
     r.shape = vec![32, 64]; // stored transposed
     write_checkpoint(tmp.path(), &t, &fixture_config());
     match load_model(tmp.path()) {
-        Err(Error::TensorShape { name, found, expected }) => {
+        Err(Error::TensorShape {
+            name,
+            found,
+            expected,
+        }) => {
             assert_eq!(name, "model.multi_modal_projector.linear_1.weight");
             assert_eq!(found, vec![32, 64]);
             assert_eq!(expected, vec![64, 32]);
@@ -352,7 +470,10 @@ fn a_truncated_file_is_an_error_not_a_panic() {
 #[test]
 fn no_safetensors_at_all_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
-    assert!(matches!(Checkpoint::open(tmp.path()), Err(Error::CheckpointFile { .. })));
+    assert!(matches!(
+        Checkpoint::open(tmp.path()),
+        Err(Error::CheckpointFile { .. })
+    ));
 }
 
 #[test]
@@ -364,15 +485,27 @@ fn kv_heads_not_divisible_by_tp_are_refused_by_name() {
     match c.validate_tp(8) {
         Err(Error::Config { field, reason }) => {
             assert_eq!(field, "text_config.num_key_value_heads");
-            assert!(reason.contains("not divisible by tensor parallel size 8"), "{reason}");
+            assert!(
+                reason.contains("not divisible by tensor parallel size 8"),
+                "{reason}"
+            );
         }
         other => panic!("expected Config error, got {other:?}"),
     }
     let ckpt = Checkpoint::open(&checkpoint_dir()).unwrap();
-    let err = R4bModel::load(&ckpt, &c, Arc::new(Place(Shard { rank: 0, world: 8 })), &Device::Cpu).unwrap_err();
+    let err = R4bModel::load(
+        &ckpt,
+        &c,
+        Arc::new(Place(Shard { rank: 0, world: 8 })),
+        &Device::Cpu,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("num_key_value_heads"), "{err}");
     for tp in [3usize, 5, 6, 16] {
-        assert!(matches!(c.validate_tp(tp), Err(Error::TensorParallel { .. })), "tp {tp}");
+        assert!(
+            matches!(c.validate_tp(tp), Err(Error::TensorParallel { .. })),
+            "tp {tp}"
+        );
     }
 }
 
@@ -390,14 +523,39 @@ fn current_layout_with_vision_model_segment_loads_the_same_tower() {
         .collect();
     write_checkpoint(tmp.path(), &t, &fixture_config());
     let ckpt = Checkpoint::open(tmp.path()).unwrap();
-    assert_eq!(ckpt.layout(), NameLayout::Current { vision_model_segment: true });
+    assert_eq!(
+        ckpt.layout(),
+        NameLayout::Current {
+            vision_model_segment: true
+        }
+    );
     let a = load_model(tmp.path()).unwrap();
     let b = load_model(&checkpoint_dir()).unwrap();
     let cfg = a.config().clone();
-    let img = image::RgbImage::from_fn(200, 120, |x, y| image::Rgb([(x % 251) as u8, (y * 2 % 253) as u8, ((x + y) % 7 * 30) as u8]));
+    let img = image::RgbImage::from_fn(200, 120, |x, y| {
+        image::Rgb([
+            (x % 251) as u8,
+            (y * 2 % 253) as u8,
+            ((x + y) % 7 * 30) as u8,
+        ])
+    });
     let pre = r4b_worker::config::ImagePreprocessing::default();
-    let views = r4b_worker::model::anyres::preprocess(&img, &cfg.image_geometry(), pre.resample, &pre.norm).unwrap();
-    let ra = a.encode_image(&views).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let rb = b.encode_image(&views).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let views =
+        r4b_worker::model::anyres::preprocess(&img, &cfg.image_geometry(), pre.resample, &pre.norm)
+            .unwrap();
+    let ra = a
+        .encode_image(&views)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let rb = b
+        .encode_image(&views)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(ra, rb);
 }

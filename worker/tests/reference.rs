@@ -28,11 +28,15 @@ fn prompt(model: &R4bModel, r: &serde_json::Value, name: &str) -> Prompt {
         .iter()
         .map(|f| {
             let img = image::open(fixtures().join(f)).unwrap().to_rgb8();
-            let views = anyres::preprocess(&img, &cfg.image_geometry(), pre.resample, &pre.norm).unwrap();
+            let views =
+                anyres::preprocess(&img, &cfg.image_geometry(), pre.resample, &pre.norm).unwrap();
             model.encode_image(&views).unwrap()
         })
         .collect();
-    Prompt { input_ids: ids(r, name), images }
+    Prompt {
+        input_ids: ids(r, name),
+        images,
+    }
 }
 
 /// Teacher-forced logits of every prompt position, one chunk.
@@ -40,14 +44,35 @@ fn prompt_logits(model: &R4bModel, p: &Prompt) -> Vec<Vec<f32>> {
     let n = p.input_ids.len();
     let mut kv = model.new_kv_cache(n.div_ceil(16), 16).unwrap();
     let table: Vec<u32> = (0..n.div_ceil(16) as u32).collect();
-    let image_rows = if p.images.is_empty() { None } else { Some(Tensor::cat(&p.images, 0).unwrap()) };
-    let chunk = SeqChunk { tokens: &p.input_ids, start_pos: 0, block_table: &table, image_rows };
-    let hidden = model.forward_step(&[chunk], &mut kv, OutputRows::All).unwrap();
-    model.full_logits(&hidden).unwrap().to_vec2::<f32>().unwrap()
+    let image_rows = if p.images.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&p.images, 0).unwrap())
+    };
+    let chunk = SeqChunk {
+        tokens: &p.input_ids,
+        start_pos: 0,
+        block_table: &table,
+        image_rows,
+    };
+    let hidden = model
+        .forward_step(&[chunk], &mut kv, OutputRows::All)
+        .unwrap();
+    model
+        .full_logits(&hidden)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
 }
 
 fn greedy_opts() -> GreedyOptions {
-    GreedyOptions { steps: 32, block_size: 16, prefill_chunk: None, batched: false, record_logits: true }
+    GreedyOptions {
+        steps: 32,
+        block_size: 16,
+        prefill_chunk: None,
+        batched: false,
+        record_logits: true,
+    }
 }
 
 fn check_prompt(name: &str, tail_key: &str, all_positions: bool) {
@@ -59,7 +84,11 @@ fn check_prompt(name: &str, tail_key: &str, all_positions: bool) {
     // Teacher-forced prompt logits.
     let got = prompt_logits(&model, &p);
     let want = rows(&t[tail_key]);
-    let got = if all_positions { &got[..] } else { &got[got.len() - want.len()..] };
+    let got = if all_positions {
+        &got[..]
+    } else {
+        &got[got.len() - want.len()..]
+    };
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         let d = max_abs_diff(g, w);
         assert!(d <= TOL, "{name}: prompt logits row {i}: max abs diff {d}");
@@ -95,9 +124,14 @@ fn image_rows_have_the_hf_processor_token_count() {
     let r = reference();
     let (cfg, model) = load();
     let pre = ImagePreprocessing::from_dir(&checkpoint_dir()).unwrap();
-    for (name, w, h) in [("img_500x300.png", 500, 300), ("img_260x190.png", 260, 190), ("img_150x330.png", 150, 330)] {
+    for (name, w, h) in [
+        ("img_500x300.png", 500, 300),
+        ("img_260x190.png", 260, 190),
+        ("img_150x330.png", 150, 330),
+    ] {
         let img = image::open(fixtures().join(name)).unwrap().to_rgb8();
-        let views = anyres::preprocess(&img, &cfg.image_geometry(), pre.resample, &pre.norm).unwrap();
+        let views =
+            anyres::preprocess(&img, &cfg.image_geometry(), pre.resample, &pre.norm).unwrap();
         let rows = model.encode_image(&views).unwrap().dim(0).unwrap();
         let want = r["image_token_counts"]
             .as_array()
@@ -119,7 +153,10 @@ fn image_rows_have_the_hf_processor_token_count() {
 fn batched_paged_steps_equal_sequences_run_alone() {
     let r = reference();
     let (_, model) = load();
-    let prompts: Vec<Prompt> = ["text", "image", "two_images"].iter().map(|n| prompt(&model, &r, n)).collect();
+    let prompts: Vec<Prompt> = ["text", "image", "two_images"]
+        .iter()
+        .map(|n| prompt(&model, &r, n))
+        .collect();
     let mut opts = greedy_opts();
     opts.steps = 12;
     let alone = run_greedy(&model, &prompts, &opts).unwrap();
@@ -149,12 +186,33 @@ fn a_step_with_mismatched_image_rows_is_an_error() {
     let mut kv = model.new_kv_cache(n.div_ceil(16), 16).unwrap();
     let table: Vec<u32> = (0..n.div_ceil(16) as u32).collect();
     let rows = p.images[0].narrow(0, 0, 10).unwrap();
-    let chunk = SeqChunk { tokens: &p.input_ids, start_pos: 0, block_table: &table, image_rows: Some(rows) };
-    let err = model.forward_step(&[chunk], &mut kv, OutputRows::Last).unwrap_err();
+    let chunk = SeqChunk {
+        tokens: &p.input_ids,
+        start_pos: 0,
+        block_table: &table,
+        image_rows: Some(rows),
+    };
+    let err = model
+        .forward_step(&[chunk], &mut kv, OutputRows::Last)
+        .unwrap_err();
     assert!(err.to_string().contains("image rows"), "{err}");
-    let chunk = SeqChunk { tokens: &p.input_ids, start_pos: 0, block_table: &table[..1], image_rows: None };
-    assert!(model.forward_step(&[chunk], &mut kv, OutputRows::Last).is_err());
-    let chunk = SeqChunk { tokens: &[5000], start_pos: 0, block_table: &table, image_rows: None };
-    let err = model.forward_step(&[chunk], &mut kv, OutputRows::Last).unwrap_err();
+    let chunk = SeqChunk {
+        tokens: &p.input_ids,
+        start_pos: 0,
+        block_table: &table[..1],
+        image_rows: None,
+    };
+    assert!(model
+        .forward_step(&[chunk], &mut kv, OutputRows::Last)
+        .is_err());
+    let chunk = SeqChunk {
+        tokens: &[5000],
+        start_pos: 0,
+        block_table: &table,
+        image_rows: None,
+    };
+    let err = model
+        .forward_step(&[chunk], &mut kv, OutputRows::Last)
+        .unwrap_err();
     assert!(err.to_string().contains("vocabulary"), "{err}");
 }

@@ -21,7 +21,12 @@ fn run_tp(dir: &Path, job: &Path, tp: usize) -> Value {
                 .args(["--checkpoint", checkpoint_dir().to_str().unwrap()])
                 .args(["--tp", &tp.to_string(), "--rank", &rank.to_string()])
                 .args(["--rendezvous", rdv.to_str().unwrap()])
-                .args(["--job", job.to_str().unwrap(), "--out", out.to_str().unwrap()])
+                .args([
+                    "--job",
+                    job.to_str().unwrap(),
+                    "--out",
+                    out.to_str().unwrap(),
+                ])
                 .args(["--timeout-s", "120"])
                 .env("RAYON_NUM_THREADS", "1")
                 .stdout(Stdio::null())
@@ -57,7 +62,12 @@ fn run_tp(dir: &Path, job: &Path, tp: usize) -> Value {
 }
 
 fn tokens(run: &Value) -> Vec<u32> {
-    run["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    run["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn logits(run: &Value) -> Vec<Vec<f32>> {
@@ -65,7 +75,13 @@ fn logits(run: &Value) -> Vec<Vec<f32>> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect())
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect()
+        })
         .collect()
 }
 
@@ -77,12 +93,19 @@ fn tp_2_4_8_processes_match_tp1_and_hf() {
     let prompts: Vec<Value> = names
         .iter()
         .map(|n| {
-            let imgs: Vec<String> = images(&r, n).iter().map(|f| fixtures().join(f).to_str().unwrap().to_string()).collect();
+            let imgs: Vec<String> = images(&r, n)
+                .iter()
+                .map(|f| fixtures().join(f).to_str().unwrap().to_string())
+                .collect();
             json!({"input_ids": ids(&r, n), "images": imgs})
         })
         .collect();
     let job = tmp.path().join("job.json");
-    std::fs::write(&job, json!({"prompts": prompts, "steps": 32, "record_logits": true}).to_string()).unwrap();
+    std::fs::write(
+        &job,
+        json!({"prompts": prompts, "steps": 32, "record_logits": true}).to_string(),
+    )
+    .unwrap();
 
     let base = run_tp(tmp.path(), &job, 1);
     for (i, n) in names.iter().enumerate() {
@@ -91,8 +114,16 @@ fn tp_2_4_8_processes_match_tp1_and_hf() {
     for tp in [2usize, 4, 8] {
         let got = run_tp(tmp.path(), &job, tp);
         for (i, n) in names.iter().enumerate() {
-            assert_eq!(tokens(&got["runs"][i]), tokens(&base["runs"][i]), "TP={tp} {n} tokens");
-            for (s, (a, b)) in logits(&got["runs"][i]).iter().zip(logits(&base["runs"][i])).enumerate() {
+            assert_eq!(
+                tokens(&got["runs"][i]),
+                tokens(&base["runs"][i]),
+                "TP={tp} {n} tokens"
+            );
+            for (s, (a, b)) in logits(&got["runs"][i])
+                .iter()
+                .zip(logits(&base["runs"][i]))
+                .enumerate()
+            {
                 let d = max_abs_diff(a, &b);
                 assert!(d <= TOL, "TP={tp} {n} step {s}: max abs diff {d}");
             }
@@ -110,7 +141,10 @@ fn tp8_batched_and_chunked_matches_hf_tokens() {
     let prompts: Vec<Value> = names
         .iter()
         .map(|n| {
-            let imgs: Vec<String> = images(&r, n).iter().map(|f| fixtures().join(f).to_str().unwrap().to_string()).collect();
+            let imgs: Vec<String> = images(&r, n)
+                .iter()
+                .map(|f| fixtures().join(f).to_str().unwrap().to_string())
+                .collect();
             json!({"input_ids": ids(&r, n), "images": imgs})
         })
         .collect();
@@ -127,14 +161,27 @@ fn tp8_batched_and_chunked_matches_hf_tokens() {
 fn an_unsupported_tp_size_is_refused_clearly() {
     let tmp = tempfile::tempdir().unwrap();
     let job = tmp.path().join("job.json");
-    std::fs::write(&job, json!({"prompts": [{"input_ids": [1, 2, 3]}], "steps": 1}).to_string()).unwrap();
+    std::fs::write(
+        &job,
+        json!({"prompts": [{"input_ids": [1, 2, 3]}], "steps": 1}).to_string(),
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_r4b-worker-offline"))
-        .args(["--checkpoint", checkpoint_dir().to_str().unwrap(), "--tp", "3", "--job"])
+        .args([
+            "--checkpoint",
+            checkpoint_dir().to_str().unwrap(),
+            "--tp",
+            "3",
+            "--job",
+        ])
         .arg(&job)
         .args(["--out", "/dev/null"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("tensor parallel size 3") && err.contains("[1, 2, 4, 8]"), "{err}");
+    assert!(
+        err.contains("tensor parallel size 3") && err.contains("[1, 2, 4, 8]"),
+        "{err}"
+    );
 }

@@ -24,7 +24,10 @@ use r4b_worker::model::{anyres, R4bModel};
 
 /// Command line.
 #[derive(Parser, Debug)]
-#[command(name = "r4b-worker-offline", about = "Run one TP rank of a fixed greedy job")]
+#[command(
+    name = "r4b-worker-offline",
+    about = "Run one TP rank of a fixed greedy job"
+)]
 struct Args {
     /// Checkpoint directory (config.json + safetensors).
     #[arg(long)]
@@ -87,9 +90,11 @@ struct RunOut {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let job_text = std::fs::read_to_string(&args.job).with_context(|| format!("reading job {}", args.job.display()))?;
+    let job_text = std::fs::read_to_string(&args.job)
+        .with_context(|| format!("reading job {}", args.job.display()))?;
     let job: Job = serde_json::from_str(&job_text).context("parsing job JSON")?;
-    let cfg = RConfig::from_file(&args.checkpoint.join("config.json")).context("reading config.json")?;
+    let cfg =
+        RConfig::from_file(&args.checkpoint.join("config.json")).context("reading config.json")?;
     cfg.validate_tp(args.tp)?;
     if args.rank >= args.tp {
         bail!("--rank {} is not below --tp {}", args.rank, args.tp);
@@ -97,7 +102,10 @@ fn main() -> Result<()> {
     let comm: Arc<dyn Collective> = if args.tp == 1 {
         Arc::new(SingleRank)
     } else {
-        let rendezvous = args.rendezvous.clone().context("--rendezvous is required when --tp > 1")?;
+        let rendezvous = args
+            .rendezvous
+            .clone()
+            .context("--rendezvous is required when --tp > 1")?;
         Arc::new(SocketCollective::connect(&SocketConfig {
             rendezvous,
             rank: args.rank,
@@ -115,11 +123,16 @@ fn main() -> Result<()> {
         let mut images = Vec::with_capacity(p.images.len());
         for path in &p.images {
             let path = base.join(path);
-            let img = image::open(&path).with_context(|| format!("decoding {}", path.display()))?.to_rgb8();
+            let img = image::open(&path)
+                .with_context(|| format!("decoding {}", path.display()))?
+                .to_rgb8();
             let views = anyres::preprocess(&img, &cfg.image_geometry(), pre.resample, &pre.norm)?;
             images.push(model.encode_image(&views)?);
         }
-        prompts.push(Prompt { input_ids: p.input_ids.clone(), images });
+        prompts.push(Prompt {
+            input_ids: p.input_ids.clone(),
+            images,
+        });
     }
     let opts = GreedyOptions {
         steps: job.steps,
@@ -130,8 +143,17 @@ fn main() -> Result<()> {
     };
     let runs = run_greedy(&model, &prompts, &opts)?;
     if args.rank == 0 {
-        let out = Output { runs: runs.into_iter().map(|r| RunOut { tokens: r.tokens, logits: r.logits }).collect() };
-        std::fs::write(&args.out, serde_json::to_vec(&out)?).with_context(|| format!("writing {}", args.out.display()))?;
+        let out = Output {
+            runs: runs
+                .into_iter()
+                .map(|r| RunOut {
+                    tokens: r.tokens,
+                    logits: r.logits,
+                })
+                .collect(),
+        };
+        std::fs::write(&args.out, serde_json::to_vec(&out)?)
+            .with_context(|| format!("writing {}", args.out.display()))?;
     }
     Ok(())
 }

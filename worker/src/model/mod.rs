@@ -18,6 +18,7 @@ use crate::collective::Collective;
 use crate::config::RConfig;
 use crate::kv::{KvShape, PagedKvCache};
 use crate::parallel::{Candidates, Shard, VocabParallelHead};
+use crate::sampling::{SampleRow, SampledToken};
 use crate::{Error, Result};
 
 use anyres::PixelViews;
@@ -59,12 +60,21 @@ pub struct R4bModel {
     image_newline: Tensor,
     llm: Qwen3,
     lm_head: VocabParallelHead,
+    comm: Arc<dyn Collective>,
 }
 
 impl R4bModel {
     /// Loads this rank's shard of the checkpoint (the TP plan in ARCHITECTURE.md).
-    pub fn load(ckpt: &Checkpoint, cfg: &RConfig, comm: Arc<dyn Collective>, device: &Device) -> Result<Self> {
-        let shard = Shard { rank: comm.rank(), world: comm.world_size() };
+    pub fn load(
+        ckpt: &Checkpoint,
+        cfg: &RConfig,
+        comm: Arc<dyn Collective>,
+        device: &Device,
+    ) -> Result<Self> {
+        let shard = Shard {
+            rank: comm.rank(),
+            world: comm.world_size(),
+        };
         cfg.validate_tp(shard.world)?;
         let root = Weights::new(ckpt, device, DType::F32);
         let model = root.pp("model");
@@ -78,8 +88,24 @@ impl R4bModel {
         } else {
             model.pp("language_model").pp("embed_tokens")
         };
-        let lm_head = VocabParallelHead::load(&head_scope, cfg.text.vocab_size, cfg.text.hidden_size, shard, comm)?;
-        Ok(R4bModel { cfg: cfg.clone(), shard, device: device.clone(), vision, projector, image_newline, llm, lm_head })
+        let lm_head = VocabParallelHead::load(
+            &head_scope,
+            cfg.text.vocab_size,
+            cfg.text.hidden_size,
+            shard,
+            comm.clone(),
+        )?;
+        Ok(R4bModel {
+            cfg: cfg.clone(),
+            shard,
+            device: device.clone(),
+            vision,
+            projector,
+            image_newline,
+            llm,
+            lm_head,
+            comm,
+        })
     }
 
     /// The config.
@@ -122,17 +148,27 @@ impl R4bModel {
         let proj = self.projector.forward(&feats.reshape((v * n, cv))?)?; // [V·729, Ct]
         let proj = proj.reshape((v, n, self.cfg.text.hidden_size))?;
         let geom = self.cfg.image_geometry();
-        Ok(anyres::pack_features(&proj, views.image_size, &geom, &self.image_newline)?)
+        Ok(anyres::pack_features(
+            &proj,
+            views.image_size,
+            &geom,
+            &self.image_newline,
+        )?)
     }
 
     /// Embeddings of a step's tokens with image rows scattered into the `<image>` positions.
     fn embed_step(&self, chunks: &[SeqChunk]) -> Result<Tensor> {
-        let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
+        let ids: Vec<u32> = chunks
+            .iter()
+            .flat_map(|c| c.tokens.iter().copied())
+            .collect();
         let text = self.llm.embed(&ids)?; // [T, hidden]
         let image_id = self.cfg.image_token_index;
         if chunks.iter().all(|c| c.image_rows.is_none()) {
             if ids.contains(&image_id) {
-                return Err(Error::Step("`<image>` tokens in a step without image rows".into()));
+                return Err(Error::Step(
+                    "`<image>` tokens in a step without image rows".into(),
+                ));
             }
             return Ok(text);
         }
@@ -146,14 +182,19 @@ impl R4bModel {
                 (Some(r), n) if r.dim(0)? == n => Some(r),
                 (r, n) => {
                     let have = r.as_ref().map(|r| r.dim(0)).transpose()?.unwrap_or(0);
-                    return Err(Error::Step(format!("chunk has {n} `<image>` tokens but {have} image rows")));
+                    return Err(Error::Step(format!(
+                        "chunk has {n} `<image>` tokens but {have} image rows"
+                    )));
                 }
             };
             let mut used = 0;
             let mut i = 0;
             while i < c.tokens.len() {
                 let is_img = c.tokens[i] == image_id;
-                let run = c.tokens[i..].iter().take_while(|&&t| (t == image_id) == is_img).count();
+                let run = c.tokens[i..]
+                    .iter()
+                    .take_while(|&&t| (t == image_id) == is_img)
+                    .count();
                 match (is_img, rows) {
                     (true, Some(r)) => {
                         pieces.push(r.narrow(0, used, run)?);
@@ -169,7 +210,12 @@ impl R4bModel {
     }
 
     /// LLM side: runs one step over all chunks and returns final-normed hidden states.
-    pub fn forward_step(&self, chunks: &[SeqChunk], kv: &mut PagedKvCache, rows: OutputRows) -> Result<Tensor> {
+    pub fn forward_step(
+        &self,
+        chunks: &[SeqChunk],
+        kv: &mut PagedKvCache,
+        rows: OutputRows,
+    ) -> Result<Tensor> {
         let mut spans = Vec::with_capacity(chunks.len());
         let mut offset = 0;
         for c in chunks {
@@ -183,7 +229,12 @@ impl R4bModel {
                     self.cfg.text.max_position_embeddings
                 )));
             }
-            spans.push(SeqSpan { offset, len: c.tokens.len(), start_pos: c.start_pos, block_table: c.block_table });
+            spans.push(SeqSpan {
+                offset,
+                len: c.tokens.len(),
+                start_pos: c.start_pos,
+                block_table: c.block_table,
+            });
             offset += c.tokens.len();
         }
         let embeds = self.embed_step(chunks)?;
@@ -191,7 +242,10 @@ impl R4bModel {
         match rows {
             OutputRows::All => Ok(hidden),
             OutputRows::Last => {
-                let last: Vec<u32> = spans.iter().map(|s| (s.offset + s.len - 1) as u32).collect();
+                let last: Vec<u32> = spans
+                    .iter()
+                    .map(|s| (s.offset + s.len - 1) as u32)
+                    .collect();
                 let idx = Tensor::from_vec(last, spans.len(), hidden.device())?;
                 Ok(hidden.index_select(&idx, 0)?)
             }
@@ -201,6 +255,12 @@ impl R4bModel {
     /// Global top-`k` candidates of each row of `hidden [B, hidden]` (vocab-parallel, no full gather).
     pub fn candidates(&self, hidden: &Tensor, k: usize) -> Result<Vec<Candidates>> {
         self.lm_head.candidates(hidden, k)
+    }
+
+    /// Samples one token per row of `hidden [B, hidden]` (vocab-parallel candidates; every rank
+    /// calls it with the same rows and gets the same tokens).
+    pub fn sample(&self, hidden: &Tensor, rows: &[SampleRow]) -> Result<Vec<SampledToken>> {
+        crate::sampling::sample(&self.lm_head, self.comm.as_ref(), hidden, rows)
     }
 
     /// Full logits `[B, vocab]` gathered over ranks: tests and diagnostics only.

@@ -31,7 +31,10 @@ impl Projector {
 
     /// `[N, C_vision] -> [N, C_text]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.linear_1.forward(&self.pre_norm.forward(x)?)?.gelu_erf()?;
+        let h = self
+            .linear_1
+            .forward(&self.pre_norm.forward(x)?)?
+            .gelu_erf()?;
         self.linear_2.forward(&h)
     }
 }

@@ -40,7 +40,10 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Loads `{w}.weight [dim]`.
     pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm { weight: w.get("weight", &[dim])?, eps: eps as f32 })
+        Ok(RmsNorm {
+            weight: w.get("weight", &[dim])?,
+            eps: eps as f32,
+        })
     }
 
     /// Normalises the last dimension.
@@ -80,7 +83,10 @@ impl Rope {
             }
         }
         let dims = (positions.len(), 2 * half);
-        Ok((Tensor::from_vec(cos, dims, device)?, Tensor::from_vec(sin, dims, device)?))
+        Ok((
+            Tensor::from_vec(cos, dims, device)?,
+            Tensor::from_vec(sin, dims, device)?,
+        ))
     }
 
     /// `x [T, heads, d] -> x·cos + rotate_half(x)·sin`, with `cos, sin [T, d]`.
@@ -90,7 +96,8 @@ impl Rope {
         let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
         let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?); // [T, 1, d]
-        Ok((x.broadcast_mul(&cos.to_dtype(x.dtype())?)? + rotated.broadcast_mul(&sin.to_dtype(x.dtype())?)?)?)
+        Ok((x.broadcast_mul(&cos.to_dtype(x.dtype())?)?
+            + rotated.broadcast_mul(&sin.to_dtype(x.dtype())?)?)?)
     }
 }
 
@@ -111,13 +118,24 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(w: &Weights, cfg: &TextConfig, shard: Shard, comm: &Arc<dyn Collective>) -> Result<Self> {
+    fn load(
+        w: &Weights,
+        cfg: &TextConfig,
+        shard: Shard,
+        comm: &Arc<dyn Collective>,
+    ) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         Ok(Attention {
             q_proj: ColumnParallelLinear::load(&w.pp("q_proj"), cfg.q_width(), h, shard)?,
             k_proj: ColumnParallelLinear::load(&w.pp("k_proj"), cfg.kv_width(), h, shard)?,
             v_proj: ColumnParallelLinear::load(&w.pp("v_proj"), cfg.kv_width(), h, shard)?,
-            o_proj: RowParallelLinear::load(&w.pp("o_proj"), h, cfg.q_width(), shard, comm.clone())?,
+            o_proj: RowParallelLinear::load(
+                &w.pp("o_proj"),
+                h,
+                cfg.q_width(),
+                shard,
+                comm.clone(),
+            )?,
             q_norm: RmsNorm::load(&w.pp("q_norm"), d, cfg.rms_norm_eps)?,
             k_norm: RmsNorm::load(&w.pp("k_norm"), d, cfg.rms_norm_eps)?,
             heads: shard.part(cfg.num_attention_heads, "num_attention_heads")?,
@@ -127,20 +145,39 @@ impl Attention {
     }
 
     /// `x [T, hidden] -> [T, hidden]` (all-reduced), writing this step's K/V into the cache.
-    fn forward(&self, x: &Tensor, rope: (&Tensor, &Tensor), spans: &[SeqSpan], kv: &mut PagedKvCache, layer: usize) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        spans: &[SeqSpan],
+        kv: &mut PagedKvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
         let t = x.dim(0)?;
         let d = self.head_dim;
         // 1. Projections, per-head RMSNorm on q and k, then RoPE (after the norms).
-        let q = self.q_norm.forward(&self.q_proj.forward(x)?.reshape((t, self.heads, d))?)?; // [T, hq, d]
-        let k = self.k_norm.forward(&self.k_proj.forward(x)?.reshape((t, self.kv_heads, d))?)?; // [T, hkv, d]
+        let q = self
+            .q_norm
+            .forward(&self.q_proj.forward(x)?.reshape((t, self.heads, d))?)?; // [T, hq, d]
+        let k = self
+            .k_norm
+            .forward(&self.k_proj.forward(x)?.reshape((t, self.kv_heads, d))?)?; // [T, hkv, d]
         let v = self.v_proj.forward(x)?.reshape((t, self.kv_heads, d))?; // [T, hkv, d]
         let q = Rope::apply(&q, rope.0, rope.1)?;
         let k = Rope::apply(&k, rope.0, rope.1)?;
         // 2. Per sequence: store K/V, attend causally over everything the sequence has cached.
         let mut outs = Vec::with_capacity(spans.len());
         for s in spans {
-            let k_s = k.narrow(0, s.offset, s.len)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let v_s = v.narrow(0, s.offset, s.len)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let k_s = k
+                .narrow(0, s.offset, s.len)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let v_s = v
+                .narrow(0, s.offset, s.len)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             kv.write(layer, s.block_table, s.start_pos, &k_s, &v_s)?;
             outs.push(self.attend(&q.narrow(0, s.offset, s.len)?, s, kv, layer)?);
         }
@@ -156,13 +193,24 @@ impl Attention {
         let (k, v) = kv.gather(layer, s.block_table, l, q.device())?;
         let k = k.to_dtype(q.dtype())?.transpose(0, 1)?.contiguous()?; // [hkv, L, d]
         let v = v.to_dtype(q.dtype())?.transpose(0, 1)?.contiguous()?; // [hkv, L, d]
-        // Query head h = g·group + j uses KV head g: [hq, n, d] -> [hkv, group·n, d].
-        let q = q.transpose(0, 1)?.contiguous()?.reshape((self.kv_heads, group * n, d))?;
+                                                                       // Query head h = g·group + j uses KV head g: [hq, n, d] -> [hkv, group·n, d].
+        let q = q
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((self.kv_heads, group * n, d))?;
         let scale = (d as f64).powf(-0.5);
         let scores = (q.matmul(&k.t()?)? * scale)?.reshape((self.kv_heads, group, n, l))?;
         // Causal mask: query i (position start + i) sees keys 0 ..= start + i.
         let mask: Vec<f32> = (0..n)
-            .flat_map(|i| (0..l).map(move |j| if j <= s.start_pos + i { 0.0 } else { f32::NEG_INFINITY }))
+            .flat_map(|i| {
+                (0..l).map(move |j| {
+                    if j <= s.start_pos + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (n, l), q.device())?.to_dtype(scores.dtype())?;
         let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
@@ -181,7 +229,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(w: &Weights, cfg: &TextConfig, shard: Shard, comm: &Arc<dyn Collective>) -> Result<Self> {
+    fn load(
+        w: &Weights,
+        cfg: &TextConfig,
+        shard: Shard,
+        comm: &Arc<dyn Collective>,
+    ) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Mlp {
             gate_proj: ColumnParallelLinear::load(&w.pp("gate_proj"), i, h, shard)?,
@@ -206,11 +259,24 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(w: &Weights, cfg: &TextConfig, shard: Shard, comm: &Arc<dyn Collective>) -> Result<Self> {
+    fn load(
+        w: &Weights,
+        cfg: &TextConfig,
+        shard: Shard,
+        comm: &Arc<dyn Collective>,
+    ) -> Result<Self> {
         Ok(DecoderLayer {
-            input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            input_layernorm: RmsNorm::load(
+                &w.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             self_attn: Attention::load(&w.pp("self_attn"), cfg, shard, comm)?,
-            post_attention_layernorm: RmsNorm::load(&w.pp("post_attention_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            post_attention_layernorm: RmsNorm::load(
+                &w.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             mlp: Mlp::load(&w.pp("mlp"), cfg, shard, comm)?,
         })
     }
@@ -228,8 +294,19 @@ pub struct Qwen3 {
 
 impl Qwen3 {
     /// Loads this rank's shard.
-    pub fn load(w: &Weights, cfg: &TextConfig, shard: Shard, comm: Arc<dyn Collective>) -> Result<Self> {
-        let embed_tokens = VocabParallelEmbedding::load(&w.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size, shard, comm.clone())?;
+    pub fn load(
+        w: &Weights,
+        cfg: &TextConfig,
+        shard: Shard,
+        comm: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        let embed_tokens = VocabParallelEmbedding::load(
+            &w.pp("embed_tokens"),
+            cfg.vocab_size,
+            cfg.hidden_size,
+            shard,
+            comm.clone(),
+        )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(&w.pp("layers").pp(i), cfg, shard, &comm))
             .collect::<Result<Vec<_>>>()?;
@@ -245,23 +322,46 @@ impl Qwen3 {
     /// `ids [T] -> embeddings [T, hidden]` (vocab-parallel lookup + all-reduce).
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
-            return Err(Error::Step(format!("token id {bad} is outside the vocabulary ({})", self.vocab_size)));
+            return Err(Error::Step(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.vocab_size
+            )));
         }
         self.embed_tokens.forward(ids)
     }
 
     /// `embeds [T, hidden] -> final-normed hidden states [T, hidden]`, for a flat batch laid out by `spans`.
-    pub fn forward_embeds(&self, embeds: &Tensor, spans: &[SeqSpan], kv: &mut PagedKvCache) -> Result<Tensor> {
-        let positions: Vec<usize> = spans.iter().flat_map(|s| s.start_pos..s.start_pos + s.len).collect();
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        spans: &[SeqSpan],
+        kv: &mut PagedKvCache,
+    ) -> Result<Tensor> {
+        let positions: Vec<usize> = spans
+            .iter()
+            .flat_map(|s| s.start_pos..s.start_pos + s.len)
+            .collect();
         if positions.len() != embeds.dim(0)? {
-            return Err(Error::Step(format!("{} positions for {} embedding rows", positions.len(), embeds.dim(0)?)));
+            return Err(Error::Step(format!(
+                "{} positions for {} embedding rows",
+                positions.len(),
+                embeds.dim(0)?
+            )));
         }
         let (cos, sin) = self.rope.cos_sin(&positions, embeds.device())?;
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, (&cos, &sin), spans, kv, i)?;
+            let h = layer.self_attn.forward(
+                &layer.input_layernorm.forward(&x)?,
+                (&cos, &sin),
+                spans,
+                kv,
+                i,
+            )?;
             let h = (x + h)?;
-            let m = layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?)?;
+            let m = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&h)?)?;
             x = (h + m)?;
         }
         self.norm.forward(&x)

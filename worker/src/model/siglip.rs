@@ -23,12 +23,21 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// Loads `{w}.weight [dim]`, `{w}.bias [dim]`.
     pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
-        Ok(LayerNorm { weight: w.get("weight", &[dim])?, bias: w.get("bias", &[dim])?, eps: eps as f32 })
+        Ok(LayerNorm {
+            weight: w.get("weight", &[dim])?,
+            bias: w.get("bias", &[dim])?,
+            eps: eps as f32,
+        })
     }
 
     /// Normalises the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)?)
+        Ok(candle_nn::ops::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
     }
 }
 
@@ -53,7 +62,9 @@ impl Embeddings {
         Ok(Embeddings {
             patch_weight,
             patch_bias: pe.get("bias", &[c])?,
-            position: w.pp("position_embedding").get("weight", &[cfg.num_patches(), c])?,
+            position: w
+                .pp("position_embedding")
+                .get("weight", &[cfg.num_patches(), c])?,
             grid: cfg.grid_side(),
             patch: p,
         })
@@ -67,8 +78,10 @@ impl Embeddings {
         let x = pixels.narrow(2, 0, g * p)?.narrow(3, 0, g * p)?; // [1, 3, g·p, g·p]
         let x = x.reshape((ch, g, p, g, p))?.permute((1, 3, 0, 2, 4))?; // [g, g, 3, p, p]
         let x = x.contiguous()?.reshape((g * g, ch * p * p))?; // [729, 588]
-        // 2. Patch projection + bias, then position embeddings.
-        let x = x.matmul(&self.patch_weight.t()?)?.broadcast_add(&self.patch_bias)?; // [729, C]
+                                                               // 2. Patch projection + bias, then position embeddings.
+        let x = x
+            .matmul(&self.patch_weight.t()?)?
+            .broadcast_add(&self.patch_bias)?; // [729, C]
         Ok((x + &self.position)?)
     }
 }
@@ -101,7 +114,9 @@ impl Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let n = x.dim(0)?;
         let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((n, self.heads, self.head_dim))?.transpose(0, 1)?.contiguous()?) // [h, N, hd]
+            Ok(t.reshape((n, self.heads, self.head_dim))?
+                .transpose(0, 1)?
+                .contiguous()?) // [h, N, hd]
         };
         let q = split(self.q_proj.forward(x)?)?;
         let k = split(self.k_proj.forward(x)?)?;
@@ -110,7 +125,10 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? * scale)?; // [h, N, N]
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?; // [h, N, hd]
-        let out = out.transpose(0, 1)?.contiguous()?.reshape((n, self.heads * self.head_dim))?;
+        let out = out
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((n, self.heads * self.head_dim))?;
         self.out_proj.forward(&out)
     }
 }
@@ -147,9 +165,17 @@ struct EncoderLayer {
 impl EncoderLayer {
     fn load(w: &Weights, cfg: &VisionConfig) -> Result<Self> {
         Ok(EncoderLayer {
-            layer_norm1: LayerNorm::load(&w.pp("layer_norm1"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            layer_norm1: LayerNorm::load(
+                &w.pp("layer_norm1"),
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+            )?,
             self_attn: Attention::load(&w.pp("self_attn"), cfg)?,
-            layer_norm2: LayerNorm::load(&w.pp("layer_norm2"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            layer_norm2: LayerNorm::load(
+                &w.pp("layer_norm2"),
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+            )?,
             mlp: Mlp::load(&w.pp("mlp"), cfg)?,
         })
     }

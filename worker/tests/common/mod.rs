@@ -30,23 +30,41 @@ pub fn reference_tensors() -> HashMap<String, Tensor> {
 
 /// A prompt's token ids from `reference.json`.
 pub fn ids(r: &Value, prompt: &str) -> Vec<u32> {
-    r["prompts"][prompt]["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    r["prompts"][prompt]["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// A prompt's greedy tokens from `reference.json`.
 pub fn greedy(r: &Value, prompt: &str) -> Vec<u32> {
-    r["prompts"][prompt]["greedy"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    r["prompts"][prompt]["greedy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// A prompt's image file names.
 pub fn images(r: &Value, prompt: &str) -> Vec<String> {
-    r["prompts"][prompt]["images"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+    r["prompts"][prompt]["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Max |a - b| over two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Rows of a 2-D reference tensor.

@@ -1,0 +1,334 @@
+//! The worker group of one replica: starts `N` worker processes (or attaches to given
+//! addresses), sends each its shard plan (`Init`), then drives one bidirectional `Step` stream
+//! per rank. Every step goes to every rank; the group waits for all answers (so a failing rank is
+//! seen at once) and returns rank 0's, which carries the sampled tokens.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use r4b_proto::v1 as pb;
+use r4b_proto::v1::worker_client::WorkerClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::Streaming;
+
+/// Line a worker prints on stdout once it listens: `R4B_WORKER_LISTENING <host:port>`.
+pub const LISTENING_PREFIX: &str = "R4B_WORKER_LISTENING ";
+
+/// Errors of the worker group.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// A worker process could not be started or did not report its address.
+    #[error("starting worker rank {rank}: {reason}")]
+    Spawn { rank: usize, reason: String },
+    /// A worker could not be reached.
+    #[error("connecting to worker rank {rank} at {addr}: {reason}")]
+    Connect {
+        rank: usize,
+        addr: String,
+        reason: String,
+    },
+    /// A worker's RPC failed.
+    #[error("worker rank {rank}: {status}")]
+    Rpc {
+        rank: usize,
+        status: Box<tonic::Status>,
+    },
+    /// A worker's step stream ended or answered out of order.
+    #[error("worker rank {rank}: step stream {reason}")]
+    Stream { rank: usize, reason: String },
+    /// The configuration cannot work.
+    #[error("worker group: {0}")]
+    Config(String),
+}
+
+/// How the ranks come to exist.
+#[derive(Clone, Debug)]
+pub enum Launch {
+    /// Start `tp` child processes: `exe worker --listen 127.0.0.1:0` (plus `args`).
+    Spawn {
+        /// The `r4b` binary.
+        exe: PathBuf,
+        /// Tensor-parallel size.
+        tp: usize,
+        /// Extra arguments after `worker`.
+        args: Vec<String>,
+    },
+    /// Use already running workers, rank `i` at `addrs[i]` (`host:port`).
+    Attach {
+        /// Worker addresses in rank order.
+        addrs: Vec<String>,
+    },
+}
+
+/// What the group needs to start.
+#[derive(Clone, Debug)]
+pub struct GroupConfig {
+    /// Processes to start or attach.
+    pub launch: Launch,
+    /// Checkpoint directory (on the workers' host).
+    pub checkpoint: PathBuf,
+    /// KV block size in tokens.
+    pub block_size: u32,
+    /// KV bytes per rank (when `num_blocks` is None).
+    pub kv_cache_bytes: u64,
+    /// Explicit KV block count.
+    pub num_blocks: Option<u32>,
+    /// How long ranks wait for each other (collective timeout).
+    pub peer_timeout: Duration,
+}
+
+/// Timings of one step.
+#[derive(Clone, Debug, Default)]
+pub struct StepTiming {
+    /// From sending the step to the last rank's answer.
+    pub wall: Duration,
+    /// Rank 0's forward time.
+    pub forward: Duration,
+    /// Rank 0's time inside collectives.
+    pub collective: Duration,
+}
+
+struct Rank {
+    tx: mpsc::Sender<pb::StepRequest>,
+    rx: Streaming<pb::StepResponse>,
+}
+
+/// The ranks of one replica.
+pub struct WorkerGroup {
+    children: Vec<Child>,
+    clients: Vec<WorkerClient<Channel>>,
+    ranks: Vec<Rank>,
+    /// Model facts reported by rank 0.
+    pub facts: pb::ModelFacts,
+    /// KV blocks per rank (the smallest any rank allocated).
+    pub num_blocks: u32,
+    /// Seconds rank 0 took to load its shard.
+    pub load_ms: u64,
+    /// Bytes each rank read from the checkpoint.
+    pub bytes_loaded: Vec<u64>,
+}
+
+impl std::fmt::Debug for WorkerGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerGroup")
+            .field("ranks", &self.ranks.len())
+            .field("num_blocks", &self.num_blocks)
+            .finish()
+    }
+}
+
+async fn spawn_one(
+    exe: &PathBuf,
+    rank: usize,
+    args: &[String],
+) -> Result<(Child, String), GroupError> {
+    let err = |reason: String| GroupError::Spawn { rank, reason };
+    let mut child = Command::new(exe)
+        .arg("worker")
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| err(format!("{}: {e}", exe.display())))?;
+    let stdout = child.stdout.take().ok_or_else(|| err("no stdout".into()))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.map_err(|e| err(e.to_string()))? {
+            if let Some(addr) = line.strip_prefix(LISTENING_PREFIX) {
+                return Ok(addr.trim().to_string());
+            }
+        }
+        Err(err("exited before listening".into()))
+    })
+    .await
+    .map_err(|_| err("did not report its address within 60 s".into()))??;
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, addr))
+}
+
+impl WorkerGroup {
+    /// Starts (or attaches to) the ranks, initialises them together and opens the step streams.
+    pub async fn start(cfg: &GroupConfig) -> Result<Self, GroupError> {
+        let mut children = Vec::new();
+        let addrs = match &cfg.launch {
+            Launch::Spawn { exe, tp, args } => {
+                let mut addrs = Vec::with_capacity(*tp);
+                for rank in 0..*tp {
+                    let (child, addr) = spawn_one(exe, rank, args).await?;
+                    children.push(child);
+                    addrs.push(addr);
+                }
+                addrs
+            }
+            Launch::Attach { addrs } => addrs.clone(),
+        };
+        if addrs.is_empty() {
+            return Err(GroupError::Config("no workers".into()));
+        }
+        let mut clients = Vec::with_capacity(addrs.len());
+        for (rank, addr) in addrs.iter().enumerate() {
+            let url = format!("http://{addr}");
+            let channel = Channel::from_shared(url)
+                .map_err(|e| GroupError::Connect {
+                    rank,
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?
+                .connect()
+                .await
+                .map_err(|e| GroupError::Connect {
+                    rank,
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+            clients.push(
+                WorkerClient::new(channel)
+                    .max_decoding_message_size(256 << 20)
+                    .max_encoding_message_size(256 << 20),
+            );
+        }
+        let world = clients.len() as u32;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let rendezvous =
+            std::env::temp_dir().join(format!("r4b-{}-{stamp}.sock", std::process::id()));
+        let inits = clients.iter().enumerate().map(|(rank, c)| {
+            let mut c = c.clone();
+            let req = pb::InitRequest {
+                checkpoint: cfg.checkpoint.to_string_lossy().into_owned(),
+                rank: rank as u32,
+                world_size: world,
+                rendezvous: rendezvous.to_string_lossy().into_owned(),
+                block_size: cfg.block_size,
+                kv_cache_bytes: cfg.kv_cache_bytes,
+                timeout_s: cfg.peer_timeout.as_secs().max(1) as u32,
+                num_blocks: cfg.num_blocks.unwrap_or(0),
+            };
+            async move {
+                c.init(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| GroupError::Rpc {
+                        rank,
+                        status: Box::new(s),
+                    })
+            }
+        });
+        let inits = futures::future::join_all(inits)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let facts = inits[0]
+            .facts
+            .clone()
+            .ok_or_else(|| GroupError::Config("rank 0 reported no model facts".into()))?;
+        let num_blocks = inits.iter().map(|r| r.num_blocks).min().unwrap_or(0);
+        let mut ranks = Vec::with_capacity(clients.len());
+        for (rank, c) in clients.iter().enumerate() {
+            let (tx, rx) = mpsc::channel(4);
+            let resp =
+                c.clone()
+                    .step(ReceiverStream::new(rx))
+                    .await
+                    .map_err(|s| GroupError::Rpc {
+                        rank,
+                        status: Box::new(s),
+                    })?;
+            ranks.push(Rank {
+                tx,
+                rx: resp.into_inner(),
+            });
+        }
+        Ok(WorkerGroup {
+            children,
+            clients,
+            ranks,
+            facts,
+            num_blocks,
+            load_ms: inits[0].load_ms,
+            bytes_loaded: inits.iter().map(|r| r.bytes_loaded).collect(),
+        })
+    }
+
+    /// Tensor-parallel size.
+    pub fn world_size(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// Runs one step on every rank; returns rank 0's answer and the timings.
+    pub async fn step(
+        &mut self,
+        req: pb::StepRequest,
+    ) -> Result<(pb::StepResponse, StepTiming), GroupError> {
+        let t0 = Instant::now();
+        let step_id = req.step_id;
+        for (rank, r) in self.ranks.iter().enumerate() {
+            r.tx.send(req.clone())
+                .await
+                .map_err(|_| GroupError::Stream {
+                    rank,
+                    reason: "is closed".into(),
+                })?;
+        }
+        let mut rank0 = None;
+        for (rank, r) in self.ranks.iter_mut().enumerate() {
+            let resp = match r.rx.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    return Err(GroupError::Stream {
+                        rank,
+                        reason: "ended".into(),
+                    })
+                }
+                Err(s) => {
+                    return Err(GroupError::Rpc {
+                        rank,
+                        status: Box::new(s),
+                    })
+                }
+            };
+            if resp.step_id != step_id {
+                return Err(GroupError::Stream {
+                    rank,
+                    reason: format!("answered step {} for step {step_id}", resp.step_id),
+                });
+            }
+            if rank == 0 {
+                rank0 = Some(resp);
+            }
+        }
+        let rank0 = rank0.ok_or_else(|| GroupError::Config("no ranks".into()))?;
+        let timing = StepTiming {
+            wall: t0.elapsed(),
+            forward: Duration::from_nanos(rank0.forward_ns),
+            collective: Duration::from_nanos(rank0.collective_ns),
+        };
+        Ok((rank0, timing))
+    }
+
+    /// Asks every rank to exit and waits briefly for spawned processes.
+    pub async fn shutdown(mut self) {
+        for c in &mut self.clients {
+            let _ = c.shutdown(pb::ShutdownRequest {}).await;
+        }
+        self.ranks.clear();
+        for mut child in self.children.drain(..) {
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! `r4b`: one binary for every role of r4b-serve.
+//!
+//! - `r4b serve [MODEL]`: all-in-one — gateway + coordinator in this process, N workers as child
+//!   processes. Flags follow `vllm serve` where the meaning is the same.
+//! - `r4b gateway`, `r4b coordinator`, `r4b worker`: the roles on their own.
+//!
+//! With no model, `serve` uses the embedded default: a tiny R-4B-shaped model with deterministic
+//! weights, written on first run into the cache directory.
+
+mod model;
+mod serve;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+/// r4b-serve: an OpenAI-compatible serving cluster for R-4B.
+#[derive(Parser, Debug)]
+#[command(name = "r4b", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Gateway + coordinator + N worker processes, all on this host.
+    Serve(serve::ServeArgs),
+    /// The OpenAI HTTP gateway alone, in front of running coordinators.
+    Gateway(serve::GatewayArgs),
+    /// One replica's coordinator alone (starts or attaches to its workers).
+    Coordinator(serve::CoordinatorArgs),
+    /// One worker rank (normally started by the coordinator).
+    Worker(WorkerArgs),
+}
+
+/// `r4b worker` flags.
+#[derive(Args, Debug)]
+struct WorkerArgs {
+    /// Address to listen on; port 0 picks a free port. The chosen address is printed on stdout
+    /// as `R4B_WORKER_LISTENING <addr>`.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("R4B_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run_worker(args: WorkerArgs) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    println!("{}{addr}", r4b_coordinator::workers::LISTENING_PREFIX);
+    let service = r4b_worker::service::WorkerService::new();
+    let stop = service.clone();
+    tonic::transport::Server::builder()
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                tokio::select! {
+                    _ = stop.shutdown_requested() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            },
+        )
+        .await
+        .context("worker gRPC server")?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Cmd::Serve(a) => serve::serve(a).await,
+            Cmd::Gateway(a) => serve::gateway(a).await,
+            Cmd::Coordinator(a) => serve::coordinator(a).await,
+            Cmd::Worker(a) => run_worker(a).await,
+        }
+    })
+}
+
+/// The default cache directory: `$R4B_CACHE`, else `$XDG_CACHE_HOME/r4b`, else `~/.cache/r4b`.
+fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("R4B_CACHE") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("r4b");
+    }
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(".cache")
+        .join("r4b")
+}

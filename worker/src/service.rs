@@ -1,0 +1,527 @@
+//! The worker's gRPC service (`cluster.v1.Worker`): `Init` joins the TP group and loads this
+//! rank's shard, `Step` is a bidirectional stream of steps executed in order on one dedicated
+//! thread (the model is not `Sync`-shared across tasks), `Health` and `Shutdown`.
+//!
+//! Per sequence the executor keeps what later steps need: the `<image>` rows (encoded once when
+//! the images arrive with the first chunk), the sampling parameters and the token history for
+//! penalties. The coordinator releases that state with `release_seq_ids`.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use r4b_proto::v1 as pb;
+use r4b_proto::v1::worker_server::{Worker, WorkerServer};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::checkpoint::Checkpoint;
+use crate::collective::{Collective, CollectiveError, SingleRank, SocketCollective, SocketConfig};
+use crate::config::{ImagePreprocessing, RConfig};
+use crate::kv::PagedKvCache;
+use crate::model::anyres::{Normalize, PixelViews};
+use crate::model::{OutputRows, R4bModel, SeqChunk};
+use crate::sampling::{SampleRow, SamplingParams, TokenHistory};
+use crate::{Error, Result};
+
+/// A collective that adds up the time spent in it (reported per step).
+#[derive(Debug)]
+struct Timed {
+    inner: Arc<dyn Collective>,
+    ns: AtomicU64,
+}
+
+impl Timed {
+    fn time<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = f();
+        self.ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+}
+
+impl Collective for Timed {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> std::result::Result<Tensor, CollectiveError> {
+        self.time(|| self.inner.all_reduce_sum(t))
+    }
+    fn all_gather(&self, t: &Tensor) -> std::result::Result<Vec<Tensor>, CollectiveError> {
+        self.time(|| self.inner.all_gather(t))
+    }
+    fn broadcast(&self, t: &Tensor, root: usize) -> std::result::Result<Tensor, CollectiveError> {
+        self.time(|| self.inner.broadcast(t, root))
+    }
+}
+
+/// What the executor remembers about one sequence between steps.
+struct SeqState {
+    /// All `<image>` rows of the sequence, `[n, hidden]`.
+    image_rows: Option<Tensor>,
+    params: SamplingParams,
+    history: TokenHistory,
+    seed: u64,
+    prompt_len: usize,
+}
+
+/// Executes steps for one rank.
+pub struct StepExecutor {
+    model: R4bModel,
+    kv: PagedKvCache,
+    pre: ImagePreprocessing,
+    comm: Arc<Timed>,
+    seqs: HashMap<u64, SeqState>,
+}
+
+impl std::fmt::Debug for StepExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepExecutor")
+            .field("shard", &self.model.shard())
+            .field("seqs", &self.seqs.len())
+            .finish()
+    }
+}
+
+/// Converts the proto's sampling message.
+pub fn sampling_from_proto(p: &pb::SamplingParams) -> SamplingParams {
+    SamplingParams {
+        temperature: p.temperature,
+        top_p: p.top_p,
+        top_k: p.top_k,
+        min_p: p.min_p,
+        seed: p.seed,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        repetition_penalty: p.repetition_penalty,
+        logprobs: p.logprobs,
+        top_logprobs: p.top_logprobs,
+    }
+}
+
+impl StepExecutor {
+    /// Joins the group, loads the shard and allocates the KV cache (blocking).
+    pub fn init(req: &pb::InitRequest) -> Result<(Self, pb::InitResponse)> {
+        let t0 = Instant::now();
+        let dir = std::path::Path::new(&req.checkpoint);
+        let cfg = RConfig::from_file(&dir.join("config.json"))?;
+        let world = req.world_size as usize;
+        cfg.validate_tp(world)?;
+        let inner: Arc<dyn Collective> = if world == 1 {
+            Arc::new(SingleRank)
+        } else {
+            Arc::new(SocketCollective::connect(&SocketConfig {
+                rendezvous: req.rendezvous.clone().into(),
+                rank: req.rank as usize,
+                world_size: world,
+                timeout: Duration::from_secs(u64::from(req.timeout_s.max(1))),
+            })?)
+        };
+        let comm = Arc::new(Timed {
+            inner,
+            ns: AtomicU64::new(0),
+        });
+        let ckpt = Checkpoint::open(dir)?;
+        let model = R4bModel::load(&ckpt, &cfg, comm.clone(), &Device::Cpu)?;
+        let block_size = req.block_size as usize;
+        let per_token = model.kv_shape(1, 1).bytes_per_token();
+        let num_blocks = match req.num_blocks {
+            0 => (req.kv_cache_bytes as usize / (per_token * block_size.max(1))).max(1),
+            n => n as usize,
+        };
+        let kv = model.new_kv_cache(num_blocks, block_size)?;
+        let pre = ImagePreprocessing::from_dir(dir)?;
+        let geom = cfg.image_geometry();
+        let facts = pb::ModelFacts {
+            vocab_size: cfg.text.vocab_size as u32,
+            image_token_id: cfg.image_token_index,
+            max_position_embeddings: cfg.text.max_position_embeddings as u32,
+            tile: geom.tile as u32,
+            patch: geom.patch as u32,
+            pinpoints: geom
+                .pinpoints
+                .iter()
+                .flat_map(|&(h, w)| [h as u32, w as u32])
+                .collect(),
+            anyres_max_tiles: geom.max_tiles as u32,
+            kv_bytes_per_token: per_token as u64,
+        };
+        let resp = pb::InitResponse {
+            bytes_loaded: ckpt.bytes_read(),
+            load_ms: t0.elapsed().as_millis() as u64,
+            num_blocks: num_blocks as u32,
+            facts: Some(facts),
+        };
+        Ok((
+            StepExecutor {
+                model,
+                kv,
+                pre,
+                comm,
+                seqs: HashMap::new(),
+            },
+            resp,
+        ))
+    }
+
+    /// Runs one step. Rank 0's response carries the sampled tokens.
+    pub fn step(&mut self, req: &pb::StepRequest) -> Result<pb::StepResponse> {
+        let t0 = Instant::now();
+        self.comm.ns.store(0, Ordering::Relaxed);
+        for id in &req.release_seq_ids {
+            self.seqs.remove(id);
+        }
+        for s in &req.seqs {
+            self.admit(s)?;
+        }
+        if req.seqs.is_empty() {
+            return Ok(pb::StepResponse {
+                step_id: req.step_id,
+                ..Default::default()
+            });
+        }
+        let chunks = req
+            .seqs
+            .iter()
+            .map(|s| self.chunk(s))
+            .collect::<Result<Vec<_>>>()?;
+        let hidden = self
+            .model
+            .forward_step(&chunks, &mut self.kv, OutputRows::Last)?;
+        drop(chunks);
+        let sample_rows: Vec<usize> = (0..req.seqs.len())
+            .filter(|&i| req.seqs[i].sample)
+            .collect();
+        let mut sampled = Vec::with_capacity(sample_rows.len());
+        if !sample_rows.is_empty() {
+            let idx = Tensor::from_vec(
+                sample_rows.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                sample_rows.len(),
+                hidden.device(),
+            )?;
+            let hidden = hidden.index_select(&idx, 0)?;
+            let states: Vec<&SeqState> = sample_rows
+                .iter()
+                .map(|&i| {
+                    self.seqs
+                        .get(&req.seqs[i].seq_id)
+                        .ok_or_else(|| Error::Step("unknown sequence".into()))
+                })
+                .collect::<Result<_>>()?;
+            let rows: Vec<SampleRow> = states
+                .iter()
+                .map(|s| SampleRow {
+                    params: &s.params,
+                    history: &s.history,
+                    seed: s.seed,
+                })
+                .collect();
+            let tokens = self.model.sample(&hidden, &rows)?;
+            for (&i, t) in sample_rows.iter().zip(tokens) {
+                sampled.push(pb::Sampled {
+                    seq_id: req.seqs[i].seq_id,
+                    token: Some(pb::Token {
+                        id: t.id,
+                        logprob: t.logprob,
+                        top: t
+                            .top
+                            .into_iter()
+                            .map(|(id, logprob)| pb::TopLogprob { id, logprob })
+                            .collect(),
+                        forced: false,
+                    }),
+                });
+            }
+        }
+        if self.model.shard().rank != 0 {
+            sampled.clear();
+        }
+        Ok(pb::StepResponse {
+            step_id: req.step_id,
+            sampled,
+            forward_ns: t0.elapsed().as_nanos() as u64,
+            collective_ns: self.comm.ns.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Records a sequence's first chunk (images, sampling, history) and this chunk's tokens.
+    fn admit(&mut self, s: &pb::SeqStep) -> Result<()> {
+        if let Some(p) = &s.sampling {
+            let params = sampling_from_proto(p);
+            params.validate()?;
+            let image_rows = self.encode_images(&s.images)?;
+            let prompt_len = s.prompt_len as usize;
+            let mut history = TokenHistory::default();
+            for (i, &t) in s.history.iter().enumerate() {
+                if i < prompt_len {
+                    history.push_prompt(t);
+                } else {
+                    history.push_output(t);
+                }
+            }
+            let seed = params.seed.unwrap_or(s.seq_id);
+            self.seqs.insert(
+                s.seq_id,
+                SeqState {
+                    image_rows,
+                    params,
+                    history,
+                    seed,
+                    prompt_len,
+                },
+            );
+        }
+        let st = self.seqs.get_mut(&s.seq_id).ok_or_else(|| {
+            Error::Step(format!(
+                "sequence {} has no state (first chunk without sampling params)",
+                s.seq_id
+            ))
+        })?;
+        for (i, &t) in s.tokens.iter().enumerate() {
+            if s.start_pos as usize + i < st.prompt_len {
+                st.history.push_prompt(t);
+            } else {
+                st.history.push_output(t);
+            }
+        }
+        Ok(())
+    }
+
+    fn encode_images(&self, images: &[pb::Image]) -> Result<Option<Tensor>> {
+        if images.is_empty() {
+            return Ok(None);
+        }
+        let mut rows = Vec::with_capacity(images.len());
+        for img in images {
+            let views = pixel_views(img, &self.pre.norm)?;
+            let r = self.model.encode_image(&views)?;
+            if r.dim(0)? != img.num_tokens as usize {
+                return Err(Error::Step(format!(
+                    "image {}x{} gives {} rows, the request expected {}",
+                    img.width,
+                    img.height,
+                    r.dim(0)?,
+                    img.num_tokens
+                )));
+            }
+            rows.push(r);
+        }
+        Ok(Some(Tensor::cat(&rows, 0)?))
+    }
+
+    fn chunk<'a>(&self, s: &'a pb::SeqStep) -> Result<SeqChunk<'a>> {
+        let st = self
+            .seqs
+            .get(&s.seq_id)
+            .ok_or_else(|| Error::Step(format!("unknown sequence {}", s.seq_id)))?;
+        let image_id = self.model.config().image_token_index;
+        let n_img = s.tokens.iter().filter(|&&t| t == image_id).count();
+        let image_rows = match (&st.image_rows, n_img) {
+            (_, 0) => None,
+            (Some(r), n) => {
+                let off = s.image_row_offset as usize;
+                if off + n > r.dim(0)? {
+                    return Err(Error::Step(format!(
+                        "chunk needs image rows {off}..{} of {}",
+                        off + n,
+                        r.dim(0)?
+                    )));
+                }
+                Some(r.narrow(0, off, n)?)
+            }
+            (None, n) => {
+                return Err(Error::Step(format!(
+                    "chunk has {n} `<image>` tokens but the sequence has no images"
+                )))
+            }
+        };
+        Ok(SeqChunk {
+            tokens: &s.tokens,
+            start_pos: s.start_pos as usize,
+            block_table: &s.block_table,
+            image_rows,
+        })
+    }
+}
+
+/// Normalises a request's uint8 CHW views exactly as `anyres::preprocess` does
+/// (rescale in f64, cast to f32, then `(x - mean) / std` in f32).
+fn pixel_views(img: &pb::Image, norm: &Normalize) -> Result<PixelViews> {
+    let (views, tile) = (img.views as usize, img.tile as usize);
+    let plane = tile * tile;
+    if views == 0 || img.views_u8.len() != views * 3 * plane {
+        return Err(Error::Step(format!(
+            "image carries {} bytes for {views} views of {tile}x{tile}",
+            img.views_u8.len()
+        )));
+    }
+    let mut data = Vec::with_capacity(img.views_u8.len());
+    for (i, &b) in img.views_u8.iter().enumerate() {
+        let c = (i / plane) % 3;
+        let x = (f64::from(b) * f64::from(norm.rescale)) as f32;
+        data.push((x - norm.mean[c]) / norm.std[c]);
+    }
+    Ok(PixelViews {
+        views,
+        tile,
+        data,
+        image_size: (img.height as usize, img.width as usize),
+    })
+}
+
+type Job = (pb::StepRequest, oneshot::Sender<Result<pb::StepResponse>>);
+
+/// The tonic service: forwards init and steps to the executor thread.
+#[derive(Clone)]
+pub struct WorkerService {
+    inner: Arc<Mutex<Option<mpsc::Sender<Job>>>>,
+    shutdown: Arc<tokio::sync::Notify>,
+    rank: Arc<AtomicU64>,
+}
+
+impl Default for WorkerService {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl WorkerService {
+    /// A service with no shard loaded yet.
+    pub fn new() -> Self {
+        WorkerService {
+            inner: Arc::new(Mutex::new(None)),
+            shutdown: Arc::new(tokio::sync::Notify::new()),
+            rank: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Resolves when `Shutdown` was called.
+    pub async fn shutdown_requested(&self) {
+        self.shutdown.notified().await
+    }
+
+    /// The tonic server wrapper.
+    pub fn into_server(self) -> WorkerServer<Self> {
+        WorkerServer::new(self)
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20)
+    }
+
+    fn sender(&self) -> std::result::Result<mpsc::Sender<Job>, Status> {
+        self.inner
+            .lock()
+            .map_err(|_| Status::internal("worker state poisoned"))?
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("Init has not completed"))
+    }
+}
+
+fn status(e: Error) -> Status {
+    match e {
+        Error::Step(_) | Error::Kv(_) => Status::invalid_argument(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn init(
+        &self,
+        request: Request<pb::InitRequest>,
+    ) -> std::result::Result<Response<pb::InitResponse>, Status> {
+        let req = request.into_inner();
+        self.rank.store(u64::from(req.rank), Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::channel::<Job>(4);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("r4b-rank{}", req.rank))
+            .spawn(move || {
+                let mut exec = match StepExecutor::init(&req) {
+                    Ok((exec, resp)) => {
+                        let _ = ready_tx.send(Ok(resp));
+                        exec
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Some((step, reply)) = rx.blocking_recv() {
+                    let _ = reply.send(exec.step(&step));
+                }
+            })
+            .map_err(|e| Status::internal(format!("spawning the executor thread: {e}")))?;
+        let resp = ready_rx
+            .await
+            .map_err(|_| Status::internal("executor thread died during init"))?
+            .map_err(status)?;
+        *self
+            .inner
+            .lock()
+            .map_err(|_| Status::internal("worker state poisoned"))? = Some(tx);
+        Ok(Response::new(resp))
+    }
+
+    type StepStream =
+        Pin<Box<dyn Stream<Item = std::result::Result<pb::StepResponse, Status>> + Send>>;
+
+    async fn step(
+        &self,
+        request: Request<Streaming<pb::StepRequest>>,
+    ) -> std::result::Result<Response<Self::StepStream>, Status> {
+        let exec = self.sender()?;
+        let mut inbound = request.into_inner();
+        let (out_tx, out_rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                let resp = match msg {
+                    Ok(step) => {
+                        let (tx, rx) = oneshot::channel();
+                        if exec.send((step, tx)).await.is_err() {
+                            Err(Status::internal("executor thread is gone"))
+                        } else {
+                            match rx.await {
+                                Ok(r) => r.map_err(status),
+                                Err(_) => Err(Status::internal("executor thread is gone")),
+                            }
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                let failed = resp.is_err();
+                if out_tx.send(resp).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn health(
+        &self,
+        _: Request<pb::WorkerHealthRequest>,
+    ) -> std::result::Result<Response<pb::WorkerHealthResponse>, Status> {
+        let loaded = self.inner.lock().map(|g| g.is_some()).unwrap_or(false);
+        Ok(Response::new(pb::WorkerHealthResponse {
+            rank: self.rank.load(Ordering::Relaxed) as u32,
+            loaded,
+        }))
+    }
+
+    async fn shutdown(
+        &self,
+        _: Request<pb::ShutdownRequest>,
+    ) -> std::result::Result<Response<pb::ShutdownResponse>, Status> {
+        self.shutdown.notify_one();
+        Ok(Response::new(pb::ShutdownResponse {}))
+    }
+}
