@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Builds the reference fixtures for r4b-serve's model tests, from transformers' own classes.
 
-Pinned: torch==2.11.0, transformers==5.17.0, pillow, safetensors, numpy. CPU, float32.
+Pinned: torch==2.11.0, transformers==5.17.0, pillow (version recorded in reference.json), safetensors,
+numpy. CPU, float32.
 
 It creates a tiny random model with R-4B's architecture (LLaVA-OneVision = SigLIP vision tower +
 Qwen3 decoder, with R-4B's projector: LayerNorm -> Linear -> GELU(erf) -> Linear, see vLLM rvl.py),
@@ -189,7 +190,10 @@ def main():
             "image_grid_pinpoints": cfg.image_grid_pinpoints,
         }, f, indent=2)
 
-    ref = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    import PIL
+
+    ref = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "pillow": PIL.__version__},
            "image_token_index": IMAGE_TOKEN, "steps": STEPS, "prompts": {}}
     tensors = {}
     rng = np.random.default_rng(7)

@@ -24,7 +24,7 @@ use crate::checkpoint::Checkpoint;
 use crate::collective::{Collective, CollectiveError, SingleRank, SocketCollective, SocketConfig};
 use crate::config::{ImagePreprocessing, RConfig};
 use crate::kv::PagedKvCache;
-use crate::model::anyres::{Normalize, PixelViews};
+use crate::model::anyres::PixelViews;
 use crate::model::{OutputRows, R4bModel, SeqChunk};
 use crate::sampling::{SampleRow, SamplingParams, TokenHistory};
 use crate::{Error, Result};
@@ -302,7 +302,13 @@ impl StepExecutor {
         }
         let mut rows = Vec::with_capacity(images.len());
         for img in images {
-            let views = pixel_views(img, &self.pre.norm)?;
+            let views = PixelViews::from_u8_chw(
+                &img.views_u8,
+                img.views as usize,
+                img.tile as usize,
+                (img.height as usize, img.width as usize),
+                &self.pre.norm,
+            )?;
             let r = self.model.encode_image(&views)?;
             if r.dim(0)? != img.num_tokens as usize {
                 return Err(Error::Step(format!(
@@ -351,31 +357,6 @@ impl StepExecutor {
             image_rows,
         })
     }
-}
-
-/// Normalises a request's uint8 CHW views exactly as `anyres::preprocess` does
-/// (rescale in f64, cast to f32, then `(x - mean) / std` in f32).
-fn pixel_views(img: &pb::Image, norm: &Normalize) -> Result<PixelViews> {
-    let (views, tile) = (img.views as usize, img.tile as usize);
-    let plane = tile * tile;
-    if views == 0 || img.views_u8.len() != views * 3 * plane {
-        return Err(Error::Step(format!(
-            "image carries {} bytes for {views} views of {tile}x{tile}",
-            img.views_u8.len()
-        )));
-    }
-    let mut data = Vec::with_capacity(img.views_u8.len());
-    for (i, &b) in img.views_u8.iter().enumerate() {
-        let c = (i / plane) % 3;
-        let x = (f64::from(b) * f64::from(norm.rescale)) as f32;
-        data.push((x - norm.mean[c]) / norm.std[c]);
-    }
-    Ok(PixelViews {
-        views,
-        tile,
-        data,
-        image_size: (img.height as usize, img.width as usize),
-    })
 }
 
 type Job = (pb::StepRequest, oneshot::Sender<Result<pb::StepResponse>>);
