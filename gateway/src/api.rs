@@ -1,0 +1,315 @@
+//! OpenAI request and response types.
+//!
+//! Request bodies are deserialised in parts from one JSON value: the endpoint's own fields
+//! ([`ChatBody`], [`CompletionBody`]) and the shared generation fields ([`CommonParams`]).
+//! Unknown fields are ignored, as OpenAI does. Numbers that have bounds are read as wide types
+//! (`i64`, `f64`) so that out-of-range values reach validation and get a message naming the bound
+//! instead of a type error.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// `stop`: one string or a list.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    /// One stop string.
+    One(String),
+    /// Several stop strings.
+    Many(Vec<String>),
+}
+
+/// `stream_options`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a final chunk with the usage.
+    pub include_usage: Option<bool>,
+}
+
+/// Generation fields shared by chat and completions (OpenAI plus vLLM extensions).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct CommonParams {
+    /// Sampling temperature, [0, 2].
+    pub temperature: Option<f64>,
+    /// Nucleus mass, (0, 1].
+    pub top_p: Option<f64>,
+    /// Top-k; -1 or 0 = off.
+    pub top_k: Option<i64>,
+    /// Min-p, [0, 1].
+    pub min_p: Option<f64>,
+    /// Sampling seed.
+    pub seed: Option<i64>,
+    /// Stop strings.
+    pub stop: Option<StopField>,
+    /// Extra stop token ids (vLLM).
+    pub stop_token_ids: Option<Vec<i64>>,
+    /// Most tokens to generate (deprecated name in chat).
+    pub max_tokens: Option<i64>,
+    /// Most tokens to generate.
+    pub max_completion_tokens: Option<i64>,
+    /// Presence penalty, [-2, 2].
+    pub presence_penalty: Option<f64>,
+    /// Frequency penalty, [-2, 2].
+    pub frequency_penalty: Option<f64>,
+    /// Repetition penalty, > 0 (vLLM).
+    pub repetition_penalty: Option<f64>,
+    /// Choices to generate.
+    pub n: Option<i64>,
+    /// Stream SSE chunks.
+    pub stream: Option<bool>,
+    /// Stream options.
+    pub stream_options: Option<StreamOptions>,
+    /// Do not stop on EOS before this many tokens (vLLM).
+    pub min_tokens: Option<i64>,
+    /// Never stop on EOS (vLLM).
+    pub ignore_eos: Option<bool>,
+    /// Thinking budget in tokens.
+    pub max_thinking_tokens: Option<i64>,
+    /// Thinking budget (vLLM's name).
+    pub thinking_token_budget: Option<i64>,
+}
+
+/// Chat-only fields of `/v1/chat/completions`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ChatBody {
+    /// Model name.
+    pub model: Option<String>,
+    /// The conversation (content parts are parsed by the prompt builder).
+    pub messages: Option<Vec<ChatMessage>>,
+    /// Return log-probabilities.
+    pub logprobs: Option<bool>,
+    /// Alternatives per position, 0..=20.
+    pub top_logprobs: Option<i64>,
+    /// Variables for the chat template (`thinking_mode`, ...).
+    pub chat_template_kwargs: Option<Map<String, Value>>,
+    /// Append the assistant turn opener (default true).
+    pub add_generation_prompt: Option<bool>,
+}
+
+/// One message as sent.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` (`developer` is read as `system`).
+    pub role: String,
+    /// A string, a list of parts, or null.
+    #[serde(default)]
+    pub content: Value,
+}
+
+/// Fields of `/v1/completions`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct CompletionBody {
+    /// Model name.
+    pub model: Option<String>,
+    /// A string, a list of token ids, or a list with one string.
+    pub prompt: Option<Value>,
+    /// Return this many alternatives per position (with the chosen token's log-probability).
+    pub logprobs: Option<i64>,
+}
+
+/// Token usage.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens (images expanded).
+    pub prompt_tokens: u32,
+    /// Generated tokens over all choices.
+    pub completion_tokens: u32,
+    /// Sum of both.
+    pub total_tokens: u32,
+    /// Prefix-cache details.
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
+}
+
+/// One alternative in chat logprobs.
+#[derive(Clone, Debug, Serialize)]
+pub struct TopLogprobEntry {
+    /// Token text.
+    pub token: String,
+    /// Log-probability.
+    pub logprob: f32,
+    /// Token bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// One position in chat logprobs.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChatTokenLogprob {
+    /// Token text.
+    pub token: String,
+    /// Log-probability.
+    pub logprob: f32,
+    /// Token bytes.
+    pub bytes: Vec<u8>,
+    /// Most likely alternatives.
+    pub top_logprobs: Vec<TopLogprobEntry>,
+}
+
+/// `choices[].logprobs` of chat.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ChatLogprobs {
+    /// One entry per generated token.
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+/// The assistant message of a chat choice.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChatResponseMessage {
+    /// Always `assistant`.
+    pub role: &'static str,
+    /// The answer.
+    pub content: Option<String>,
+    /// The reasoning (text inside `<think>…</think>`), null when there was none.
+    pub reasoning_content: Option<String>,
+}
+
+/// One choice of a chat completion.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChatChoice {
+    /// Choice index.
+    pub index: u32,
+    /// The message.
+    pub message: ChatResponseMessage,
+    /// Log-probabilities, when asked for.
+    pub logprobs: Option<ChatLogprobs>,
+    /// `stop` or `length`.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// `chat.completion`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChatCompletion {
+    /// `chatcmpl-...`.
+    pub id: String,
+    /// `chat.completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Served model name.
+    pub model: String,
+    /// Choices.
+    pub choices: Vec<ChatChoice>,
+    /// Usage.
+    pub usage: Usage,
+}
+
+/// Delta of one streamed chat chunk.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ChatDelta {
+    /// `assistant` in the first chunk of a choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    /// New answer text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// New reasoning text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+}
+
+/// One choice of a streamed chat chunk.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChatChunkChoice {
+    /// Choice index.
+    pub index: u32,
+    /// New text.
+    pub delta: ChatDelta,
+    /// Log-probabilities of the tokens in this chunk.
+    pub logprobs: Option<ChatLogprobs>,
+    /// Set in the last chunk of the choice.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// `chat.completion.chunk`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChatCompletionChunk {
+    /// Same id for every chunk of a request.
+    pub id: String,
+    /// `chat.completion.chunk`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Served model name.
+    pub model: String,
+    /// Choices in this chunk (empty in the usage chunk).
+    pub choices: Vec<ChatChunkChoice>,
+    /// Usage, only in the final usage chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// Legacy completions logprobs.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CompletionLogprobs {
+    /// Token texts.
+    pub tokens: Vec<String>,
+    /// Their log-probabilities.
+    pub token_logprobs: Vec<f32>,
+    /// Alternatives per position, token text → log-probability.
+    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    /// Character offset of each token in the choice text.
+    pub text_offset: Vec<usize>,
+}
+
+/// One choice of a text completion (also used for streamed chunks).
+#[derive(Clone, Debug, Serialize)]
+pub struct CompletionChoice {
+    /// Choice index.
+    pub index: u32,
+    /// Generated text (new text in a chunk).
+    pub text: String,
+    /// Log-probabilities, when asked for.
+    pub logprobs: Option<CompletionLogprobs>,
+    /// `stop` or `length`; null in intermediate chunks.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// `text_completion` (whole response or one streamed chunk).
+#[derive(Clone, Debug, Serialize)]
+pub struct Completion {
+    /// `cmpl-...`.
+    pub id: String,
+    /// `text_completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Served model name.
+    pub model: String,
+    /// Choices.
+    pub choices: Vec<CompletionChoice>,
+    /// Usage (always in a whole response; only in the usage chunk when streaming).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// One entry of `/v1/models`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelCard {
+    /// Served model name.
+    pub id: String,
+    /// `model`.
+    pub object: &'static str,
+    /// Unix seconds when the gateway started.
+    pub created: u64,
+    /// Owner.
+    pub owned_by: &'static str,
+    /// Context length.
+    pub max_model_len: usize,
+}
+
+/// `/v1/models`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelList {
+    /// `list`.
+    pub object: &'static str,
+    /// The served model.
+    pub data: Vec<ModelCard>,
+}

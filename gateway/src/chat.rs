@@ -1,0 +1,257 @@
+//! `POST /v1/chat/completions`: parse → submit → stream | collect.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use tracing::Instrument;
+
+use crate::api::{
+    ChatBody, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
+    ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, CommonParams, PromptTokensDetails,
+    TopLogprobEntry, Usage,
+};
+use crate::error::ApiError;
+use crate::extract::JsonBody;
+use crate::generate::{self, ChoiceOutput, FinishReason, RequestClock};
+use crate::output::{Delta, TokenLogprob};
+use crate::prompt::{self, PromptParts};
+use crate::sse::{self, to_json, ChunkFormat};
+use crate::state::{unix_now, AppState};
+use crate::tokens::TextTokenizer;
+use crate::validate::{self, ValidatedRequest};
+
+/// The chat route.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/chat/completions", post(create))
+}
+
+async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Response, ApiError> {
+    let req = parse(&state, &body).await?;
+    let span = tracing::info_span!("chat", request_id = %req.id, prompt_tokens = req.prompt_ids.len(), n = req.params.n);
+    run(state, req).instrument(span).await
+}
+
+/// Submits a validated request and answers with SSE or one JSON body.
+async fn run(state: AppState, req: ValidatedRequest) -> Result<Response, ApiError> {
+    let clock = RequestClock::start(state.metrics());
+    let runs = generate::submit(&state, &req, &clock).await?;
+    let (prompt_tokens, cached_tokens) = generate::prompt_usage(&runs, &req);
+    let format = ChatFormat {
+        id: req.id.clone(),
+        created: unix_now(),
+        model: state.config().served_model_name.clone(),
+        tok: state.files().tokenizer().clone(),
+        logprobs: req.params.sampling.logprobs,
+        include_usage: req.params.include_usage,
+        n: req.params.n,
+        prompt_tokens,
+        cached_tokens,
+    };
+    if req.params.stream {
+        return Ok(sse::respond(runs, format, clock));
+    }
+    let outputs = generate::collect(runs).await?;
+    let generated = outputs.iter().map(|o| o.generated).sum();
+    let reasons: Vec<FinishReason> = outputs.iter().map(|o| o.reason).collect();
+    clock.finish(generated, &reasons);
+    Ok(Json(format.completion(outputs)).into_response())
+}
+
+/// Parses and validates a chat body into a [`ValidatedRequest`] (images fetched and expanded).
+async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, ApiError> {
+    let chat: ChatBody = body.parse()?;
+    let common: CommonParams = body.parse()?;
+    let config = state.config();
+    validate::check_model(chat.model.as_deref(), &config.served_model_name)?;
+    let logprobs =
+        validate::chat_logprobs(chat.logprobs, chat.top_logprobs, config.max_top_logprobs)?;
+    let params =
+        validate::validate_params(&common, logprobs, state.files().sampling_defaults(), config)?;
+    let conv = prompt::conversation(chat.messages)?;
+    let kwargs = prompt::template_kwargs(chat.chat_template_kwargs)?;
+    let text = prompt::render(
+        state,
+        &conv,
+        chat.add_generation_prompt.unwrap_or(true),
+        &kwargs,
+    )?;
+    let ids = prompt::tokenize(state, &text, false)?;
+    prompt::check_placeholders(state, &ids, conv.images.len())?;
+    let images = state.images().load_all(&conv.images).await?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let parts = PromptParts {
+        id,
+        ids,
+        images,
+        params,
+        split_reasoning: true,
+    };
+    Ok(prompt::finish_prompt(state, parts)?)
+}
+
+/// Chat logprobs of some tokens.
+fn chat_logprobs(tok: &TextTokenizer, items: &[TokenLogprob]) -> ChatLogprobs {
+    let entry = |id: u32| (tok.token_text(id), tok.token_bytes(id));
+    let content = items
+        .iter()
+        .map(|t| {
+            let (token, bytes) = entry(t.id);
+            let top_logprobs = t
+                .top
+                .iter()
+                .map(|&(id, logprob)| {
+                    let (token, bytes) = entry(id);
+                    TopLogprobEntry {
+                        token,
+                        logprob,
+                        bytes,
+                    }
+                })
+                .collect();
+            ChatTokenLogprob {
+                token,
+                logprob: t.logprob,
+                bytes,
+                top_logprobs,
+            }
+        })
+        .collect();
+    ChatLogprobs { content }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// Writes chat responses and chunks.
+struct ChatFormat {
+    id: String,
+    created: u64,
+    model: String,
+    tok: Arc<TextTokenizer>,
+    logprobs: bool,
+    include_usage: bool,
+    n: u32,
+    prompt_tokens: u32,
+    cached_tokens: u32,
+}
+
+impl ChatFormat {
+    fn usage_of(&self, completion_tokens: u32) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens,
+            total_tokens: self.prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: self.cached_tokens,
+            },
+        }
+    }
+
+    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> String {
+        to_json(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    fn delta_choice(
+        &self,
+        index: u32,
+        delta: Delta,
+        finish_reason: Option<&'static str>,
+    ) -> ChatChunkChoice {
+        let logprobs = self
+            .logprobs
+            .then(|| chat_logprobs(&self.tok, &delta.logprobs));
+        ChatChunkChoice {
+            index,
+            delta: ChatDelta {
+                role: None,
+                content: non_empty(delta.content),
+                reasoning_content: non_empty(delta.reasoning),
+            },
+            logprobs,
+            finish_reason,
+        }
+    }
+
+    fn completion(&self, outputs: Vec<ChoiceOutput>) -> ChatCompletion {
+        let generated = outputs.iter().map(|o| o.generated).sum();
+        let choices = outputs
+            .into_iter()
+            .map(|o| ChatChoice {
+                index: o.index,
+                message: ChatResponseMessage {
+                    role: "assistant",
+                    content: Some(o.content),
+                    reasoning_content: non_empty(o.reasoning),
+                },
+                logprobs: self.logprobs.then(|| chat_logprobs(&self.tok, &o.logprobs)),
+                finish_reason: Some(o.reason.as_str()),
+            })
+            .collect();
+        ChatCompletion {
+            id: self.id.clone(),
+            object: "chat.completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage: self.usage_of(generated),
+        }
+    }
+}
+
+impl ChunkFormat for ChatFormat {
+    fn head(&mut self) -> Vec<String> {
+        (0..self.n)
+            .map(|index| {
+                let delta = ChatDelta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                    reasoning_content: None,
+                };
+                self.chunk(
+                    vec![ChatChunkChoice {
+                        index,
+                        delta,
+                        logprobs: None,
+                        finish_reason: None,
+                    }],
+                    None,
+                )
+            })
+            .collect()
+    }
+
+    fn delta(&mut self, index: u32, delta: Delta) -> Vec<String> {
+        vec![self.chunk(vec![self.delta_choice(index, delta, None)], None)]
+    }
+
+    fn finish(&mut self, index: u32, delta: Delta, reason: FinishReason) -> Vec<String> {
+        let mut out = Vec::with_capacity(2);
+        if !delta.is_empty() {
+            out.push(self.chunk(vec![self.delta_choice(index, delta, None)], None));
+        }
+        let last = ChatChunkChoice {
+            index,
+            delta: ChatDelta::default(),
+            logprobs: None,
+            finish_reason: Some(reason.as_str()),
+        };
+        out.push(self.chunk(vec![last], None));
+        out
+    }
+
+    fn usage(&mut self, completion_tokens: u32) -> Option<String> {
+        self.include_usage
+            .then(|| self.chunk(Vec::new(), Some(self.usage_of(completion_tokens))))
+    }
+}

@@ -1,0 +1,219 @@
+//! `POST /v1/completions`: a raw prompt (string or token ids), no chat template, no reasoning
+//! split (the text keeps any `<think>` tags), stop strings on the whole text.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::Value;
+use tracing::Instrument;
+
+use crate::api::{
+    CommonParams, Completion, CompletionBody, CompletionChoice, CompletionLogprobs,
+    PromptTokensDetails, Usage,
+};
+use crate::error::ApiError;
+use crate::extract::JsonBody;
+use crate::generate::{self, FinishReason, RequestClock};
+use crate::output::{Delta, TokenLogprob};
+use crate::prompt::{self, PromptParts};
+use crate::sse::{self, to_json, ChunkFormat};
+use crate::state::{unix_now, AppState};
+use crate::tokens::TextTokenizer;
+use crate::validate::{self, ValidatedRequest, ValidationError};
+
+/// The completions route.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/completions", post(create))
+}
+
+async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Response, ApiError> {
+    let req = parse(&state, &body)?;
+    let span = tracing::info_span!("completion", request_id = %req.id, prompt_tokens = req.prompt_ids.len(), n = req.params.n);
+    run(state, req).instrument(span).await
+}
+
+async fn run(state: AppState, req: ValidatedRequest) -> Result<Response, ApiError> {
+    let clock = RequestClock::start(state.metrics());
+    let runs = generate::submit(&state, &req, &clock).await?;
+    let (prompt_tokens, cached_tokens) = generate::prompt_usage(&runs, &req);
+    let mut format = CompletionFormat {
+        id: req.id.clone(),
+        created: unix_now(),
+        model: state.config().served_model_name.clone(),
+        tok: state.files().tokenizer().clone(),
+        logprobs: req.params.sampling.logprobs,
+        include_usage: req.params.include_usage,
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens: 0,
+            total_tokens: prompt_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
+        },
+        offsets: BTreeMap::new(),
+    };
+    if req.params.stream {
+        return Ok(sse::respond(runs, format, clock));
+    }
+    let outputs = generate::collect(runs).await?;
+    let generated: u32 = outputs.iter().map(|o| o.generated).sum();
+    let reasons: Vec<FinishReason> = outputs.iter().map(|o| o.reason).collect();
+    clock.finish(generated, &reasons);
+    let choices = outputs
+        .into_iter()
+        .map(|o| {
+            let delta = Delta {
+                reasoning: String::new(),
+                content: o.content,
+                logprobs: o.logprobs,
+            };
+            format.choice(o.index, delta, Some(o.reason.as_str()))
+        })
+        .collect();
+    let usage = format.usage_with(generated);
+    Ok(Json(format.response(choices, Some(usage))).into_response())
+}
+
+/// The prompt as token ids: a string (tokenized with the post-processor), a list of ids, or a
+/// list holding one string.
+fn prompt_ids(state: &AppState, prompt: Option<Value>) -> Result<Vec<u32>, ApiError> {
+    let bad = || ValidationError::Invalid {
+        field: "prompt".into(),
+        reason: "must be a string, a list of token ids, or a list with one string".into(),
+    };
+    match prompt {
+        None | Some(Value::Null) => Err(ValidationError::Missing {
+            field: "prompt".into(),
+        }
+        .into()),
+        Some(Value::String(s)) => prompt::tokenize(state, &s, true),
+        Some(Value::Array(items)) => match items.as_slice() {
+            [Value::String(s)] => prompt::tokenize(state, s, true),
+            _ => items
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|x| u32::try_from(x).ok())
+                        .ok_or_else(bad)
+                })
+                .collect::<Result<Vec<u32>, _>>()
+                .map_err(ApiError::from),
+        },
+        Some(_) => Err(bad().into()),
+    }
+}
+
+fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, ApiError> {
+    let req: CompletionBody = body.parse()?;
+    let common: CommonParams = body.parse()?;
+    let config = state.config();
+    validate::check_model(req.model.as_deref(), &config.served_model_name)?;
+    let logprobs = validate::completion_logprobs(req.logprobs, config.max_top_logprobs)?;
+    let params =
+        validate::validate_params(&common, logprobs, state.files().sampling_defaults(), config)?;
+    let ids = prompt_ids(state, req.prompt)?;
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let parts = PromptParts {
+        id,
+        ids,
+        images: Vec::new(),
+        params,
+        split_reasoning: false,
+    };
+    Ok(prompt::finish_prompt(state, parts)?)
+}
+
+/// Writes completion responses and chunks.
+struct CompletionFormat {
+    id: String,
+    created: u64,
+    model: String,
+    tok: Arc<TextTokenizer>,
+    logprobs: bool,
+    include_usage: bool,
+    usage: Usage,
+    /// Text length so far per choice (for `text_offset`).
+    offsets: BTreeMap<u32, usize>,
+}
+
+impl CompletionFormat {
+    fn usage_with(&self, completion_tokens: u32) -> Usage {
+        Usage {
+            completion_tokens,
+            total_tokens: self.usage.prompt_tokens + completion_tokens,
+            ..self.usage.clone()
+        }
+    }
+
+    fn logprobs_of(&mut self, index: u32, items: &[TokenLogprob]) -> CompletionLogprobs {
+        let offset = self.offsets.entry(index).or_insert(0);
+        let mut out = CompletionLogprobs::default();
+        for t in items {
+            let token = self.tok.token_text(t.id);
+            out.text_offset.push(*offset);
+            *offset += token.len();
+            out.token_logprobs.push(t.logprob);
+            out.top_logprobs.push(
+                t.top
+                    .iter()
+                    .map(|&(id, lp)| (self.tok.token_text(id), lp))
+                    .collect(),
+            );
+            out.tokens.push(token);
+        }
+        out
+    }
+
+    fn choice(
+        &mut self,
+        index: u32,
+        delta: Delta,
+        finish_reason: Option<&'static str>,
+    ) -> CompletionChoice {
+        let logprobs = self
+            .logprobs
+            .then(|| self.logprobs_of(index, &delta.logprobs));
+        CompletionChoice {
+            index,
+            text: delta.content,
+            logprobs,
+            finish_reason,
+        }
+    }
+
+    fn response(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        }
+    }
+}
+
+impl ChunkFormat for CompletionFormat {
+    fn head(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn delta(&mut self, index: u32, delta: Delta) -> Vec<String> {
+        let choice = self.choice(index, delta, None);
+        vec![to_json(&self.response(vec![choice], None))]
+    }
+
+    fn finish(&mut self, index: u32, delta: Delta, reason: FinishReason) -> Vec<String> {
+        let choice = self.choice(index, delta, Some(reason.as_str()));
+        vec![to_json(&self.response(vec![choice], None))]
+    }
+
+    fn usage(&mut self, completion_tokens: u32) -> Option<String> {
+        let usage = self.usage_with(completion_tokens);
+        self.include_usage
+            .then(|| to_json(&self.response(Vec::new(), Some(usage))))
+    }
+}

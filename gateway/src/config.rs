@@ -1,0 +1,70 @@
+//! Gateway settings ([`GatewayConfig`]) with documented defaults.
+
+use std::time::Duration;
+
+/// Settings of one gateway process. Build with [`GatewayConfig::new`] and override fields.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// Name clients must send as `model` (`--served-model-name`).
+    pub served_model_name: String,
+    /// Longest prompt + output in tokens; 0 = take the coordinator's `max_model_len`. When both
+    /// are set the smaller wins.
+    pub max_model_len: usize,
+    /// Largest request body in bytes (default 32 MiB); larger bodies get 413.
+    pub body_limit_bytes: usize,
+    /// Largest `n` (choices per request), default 8.
+    pub max_n: u32,
+    /// Most images in one request, default 8.
+    pub max_images_per_request: usize,
+    /// Largest encoded image (data URI payload or fetched body) in bytes, default 20 MiB.
+    pub max_image_bytes: usize,
+    /// Largest `width * height`, checked from the image header before decoding (default 64 Mpx).
+    pub max_image_pixels: u64,
+    /// Allow image URLs that resolve to loopback, private, link-local or unspecified addresses.
+    pub allow_private_image_urls: bool,
+    /// Time limit for fetching one http(s) image, default 10 s.
+    pub image_fetch_timeout: Duration,
+    /// Thinking budget used when a request sets none (`None` = no budget).
+    pub default_max_thinking_tokens: Option<u32>,
+    /// `/ready` needs the replica's last successful step to be at most this old, in addition to
+    /// its `ready` flag. `Duration::ZERO` (the default) trusts the flag alone.
+    pub ready_window: Duration,
+    /// Most stop strings per request, default 16.
+    pub max_stop_strings: usize,
+    /// Largest `top_logprobs`, default 20.
+    pub max_top_logprobs: u32,
+    /// Time limit of the small coordinator RPCs (Health, Load, ModelInfo), default 5 s.
+    pub rpc_timeout: Duration,
+    /// How long [`crate::AppState::connect`] keeps retrying ModelInfo while no coordinator
+    /// answers, default 30 s.
+    pub connect_timeout: Duration,
+}
+
+impl GatewayConfig {
+    /// Defaults for a model served as `served_model_name`.
+    pub fn new(served_model_name: impl Into<String>) -> Self {
+        GatewayConfig {
+            served_model_name: served_model_name.into(),
+            max_model_len: 0,
+            body_limit_bytes: 32 << 20,
+            max_n: 8,
+            max_images_per_request: 8,
+            max_image_bytes: 20 << 20,
+            max_image_pixels: 64_000_000,
+            allow_private_image_urls: false,
+            image_fetch_timeout: Duration::from_secs(10),
+            default_max_thinking_tokens: None,
+            ready_window: Duration::ZERO,
+            max_stop_strings: 16,
+            max_top_logprobs: 20,
+            rpc_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig::new("r4b")
+    }
+}

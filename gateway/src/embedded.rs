@@ -1,0 +1,288 @@
+//! Tokenizer files of the embedded default model.
+//!
+//! A byte-level BPE with no merges: token `b` (0..=255) is byte `b`, written in the GPT-2
+//! byte-level alphabet ([`crate::tokens::byte_level_chars`]), so any UTF-8 text round-trips. Added
+//! tokens have fixed ids that the embedded tiny model's 512-row vocabulary is built around; ids
+//! from 263 up are never produced and decode to nothing. The chat template is R-4B's
+//! reconstructed template (r4b-model.md §3.2) with the three thinking modes, also accepting plain
+//! string content.
+
+use std::path::Path;
+
+use serde_json::json;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::tokens::{byte_level_chars, TokenizeError};
+
+/// `<|endoftext|>` (pad; second EOS).
+pub const ENDOFTEXT_ID: u32 = 256;
+/// `<|im_start|>`.
+pub const IM_START_ID: u32 = 257;
+/// `<|im_end|>` (EOS).
+pub const IM_END_ID: u32 = 258;
+/// `<think>` (not special, like Qwen3).
+pub const THINK_OPEN_ID: u32 = 259;
+/// `</think>` (not special, like Qwen3).
+pub const THINK_CLOSE_ID: u32 = 260;
+/// `<image>`.
+pub const IMAGE_ID: u32 = 261;
+/// `<video>`.
+pub const VIDEO_ID: u32 = 262;
+/// Rows of the embedded model's embedding matrix.
+pub const VOCAB_ROWS: u32 = 512;
+
+/// Added tokens in id order: content and whether special.
+const ADDED: [(&str, bool); 7] = [
+    ("<|endoftext|>", true),
+    ("<|im_start|>", true),
+    ("<|im_end|>", true),
+    ("<think>", false),
+    ("</think>", false),
+    ("<image>", true),
+    ("<video>", true),
+];
+
+/// R-4B's chat template as reconstructed in r4b-model.md §3.2: role, a space, every `<image>`,
+/// then `"\n" + text` per text part, `<|im_end|>` without a newline; the generation prompt
+/// appends `<think>\n` for `thinking_mode='long'`, an empty think block for `'short'`, nothing
+/// for `'auto'` (the default).
+pub const CHAT_TEMPLATE: &str = r#"{%- for message in messages -%}
+  {{- '<|im_start|>' + message['role'] + ' ' -}}
+  {%- if message['content'] is string -%}
+    {{- '\n' + message['content'] -}}
+  {%- else -%}
+    {%- for c in message['content'] if c['type'] == 'image' -%}{{- '<image>' -}}{%- endfor -%}
+    {%- for c in message['content'] if c['type'] == 'text' -%}{{- '\n' + c['text'] -}}{%- endfor -%}
+  {%- endif -%}
+  {{- '<|im_end|>' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '<|im_start|>assistant\n' -}}
+  {%- if thinking_mode == 'short' -%}
+    {{- '<think>\n\n</think>\n\n' -}}
+  {%- elif thinking_mode == 'long' -%}
+    {{- '<think>\n' -}}
+  {%- endif -%}
+{%- endif -%}"#;
+
+/// Builds the embedded tokenizer in memory.
+pub fn build_tokenizer() -> Result<Tokenizer, TokenizeError> {
+    let err = |e: tokenizers::Error| TokenizeError(e.to_string());
+    let vocab: Vocab = byte_level_chars()
+        .iter()
+        .enumerate()
+        .map(|(b, c)| (c.to_string(), b as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, Vec::new())
+        .build()
+        .map_err(err)?;
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tok.with_decoder(Some(ByteLevel::default()));
+    for (expected_id, (content, special)) in (ENDOFTEXT_ID..).zip(ADDED) {
+        let token = AddedToken::from(content, special).normalized(false);
+        if special {
+            tok.add_special_tokens([token]).map_err(err)?;
+        } else {
+            tok.add_tokens([token]).map_err(err)?;
+        }
+        if tok.token_to_id(content) != Some(expected_id) {
+            return Err(TokenizeError(format!(
+                "added token {content} did not get id {expected_id}"
+            )));
+        }
+    }
+    Ok(tok)
+}
+
+/// Writes `tokenizer.json`, `tokenizer_config.json` (with the chat template) and
+/// `generation_config.json` (`eos_token_id: [258, 256]`) into `dir`.
+pub fn write_tokenizer_files(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tok = build_tokenizer().map_err(std::io::Error::other)?;
+    tok.save(dir.join("tokenizer.json"), true)
+        .map_err(std::io::Error::other)?;
+
+    let added: serde_json::Map<String, serde_json::Value> = (ENDOFTEXT_ID..)
+        .zip(ADDED)
+        .map(|(id, (content, special))| {
+            let entry = json!({
+                "content": content, "lstrip": false, "normalized": false,
+                "rstrip": false, "single_word": false, "special": special,
+            });
+            (id.to_string(), entry)
+        })
+        .collect();
+    let config = json!({
+        "add_bos_token": false,
+        "add_prefix_space": false,
+        "added_tokens_decoder": added,
+        "bos_token": null,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": 32768,
+        "tokenizer_class": "Qwen2Tokenizer",
+    });
+    write_json(&dir.join("tokenizer_config.json"), &config)?;
+    let generation = json!({
+        "bos_token_id": ENDOFTEXT_ID,
+        "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
+        "pad_token_id": ENDOFTEXT_ID,
+    });
+    write_json(&dir.join("generation_config.json"), &generation)
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+    std::fs::write(path, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::template::{ChatTemplate, TemplateMessage, TemplatePart};
+    use crate::tokens::TextTokenizer;
+
+    fn tok() -> TextTokenizer {
+        TextTokenizer::new(build_tokenizer().expect("build"))
+    }
+
+    #[test]
+    fn bytes_are_ids_and_text_round_trips() {
+        let t = tok();
+        assert_eq!(t.encode("Hi!", false).expect("encode"), vec![72, 105, 33]);
+        assert_eq!(t.encode("é", false).expect("encode"), vec![0xC3, 0xA9]);
+        for text in [
+            "",
+            "hello world",
+            "  two  spaces\n\ttab",
+            "ünïcödé ✓ 日本語 🦀🦀",
+            "a\u{0}b\u{7f}",
+        ] {
+            let ids = t.encode(text, false).expect("encode");
+            assert_eq!(ids.len(), text.len(), "one token per byte: {text:?}");
+            assert_eq!(t.decode(&ids, false).expect("decode"), text);
+        }
+    }
+
+    #[test]
+    fn added_tokens_have_fixed_ids() {
+        let t = tok();
+        let ids = t.encode(
+            "<|im_start|>user <image>\nx<|im_end|><think></think><|endoftext|><video>",
+            false,
+        );
+        assert_eq!(
+            ids.expect("encode"),
+            vec![
+                257,
+                b'u' as u32,
+                b's' as u32,
+                b'e' as u32,
+                b'r' as u32,
+                b' ' as u32,
+                261,
+                b'\n' as u32,
+                b'x' as u32,
+                258,
+                259,
+                260,
+                256,
+                262
+            ]
+        );
+        assert_eq!(
+            t.decode(&[259, b'a' as u32, 260, 258], true)
+                .expect("decode"),
+            "<think>a</think>"
+        );
+        assert_eq!(t.decode(&[400, 511], false).expect("decode"), "");
+    }
+
+    #[test]
+    fn written_files_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_tokenizer_files(dir.path()).expect("write");
+        let t = TextTokenizer::from_file(&dir.path().join("tokenizer.json")).expect("load");
+        assert_eq!(t.token_id("<image>"), Some(IMAGE_ID));
+        let files = crate::ModelFiles::load(dir.path()).expect("model files");
+        assert_eq!(files.eos_ids(), &[IM_END_ID, ENDOFTEXT_ID]);
+        assert_eq!(
+            files.think_close_ids(),
+            &[b'\n' as u32, THINK_CLOSE_ID, b'\n' as u32, b'\n' as u32]
+        );
+    }
+
+    fn render(messages: &[TemplateMessage], mode: Option<&str>) -> String {
+        let tpl =
+            ChatTemplate::new(CHAT_TEMPLATE, None, Some("<|im_end|>".into())).expect("compile");
+        let mut kwargs = serde_json::Map::new();
+        if let Some(mode) = mode {
+            kwargs.insert("thinking_mode".into(), mode.into());
+        }
+        tpl.render(messages, true, &kwargs).expect("render")
+    }
+
+    fn user(parts: Vec<TemplatePart>) -> TemplateMessage {
+        TemplateMessage {
+            role: "user".into(),
+            parts,
+        }
+    }
+
+    #[test]
+    fn thinking_modes_render_by_hand() {
+        let msgs = [user(vec![TemplatePart::Text("Hello".into())])];
+        let base = "<|im_start|>user \nHello<|im_end|><|im_start|>assistant\n";
+        assert_eq!(render(&msgs, None), base);
+        assert_eq!(render(&msgs, Some("auto")), base);
+        assert_eq!(render(&msgs, Some("long")), format!("{base}<think>\n"));
+        assert_eq!(
+            render(&msgs, Some("short")),
+            format!("{base}<think>\n\n</think>\n\n")
+        );
+    }
+
+    #[test]
+    fn image_prompt_matches_spec_example() {
+        let msgs = [user(vec![
+            TemplatePart::Text("Describe this image.".into()),
+            TemplatePart::Image,
+        ])];
+        assert_eq!(
+            render(&msgs, Some("auto")),
+            "<|im_start|>user <image>\nDescribe this image.<|im_end|><|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn multi_turn_with_system() {
+        let msgs = [
+            TemplateMessage {
+                role: "system".into(),
+                parts: vec![TemplatePart::Text("Be brief.".into())],
+            },
+            user(vec![TemplatePart::Text("Hi".into())]),
+            TemplateMessage {
+                role: "assistant".into(),
+                parts: vec![TemplatePart::Text("Hello!".into())],
+            },
+            user(vec![
+                TemplatePart::Image,
+                TemplatePart::Image,
+                TemplatePart::Text("Compare.".into()),
+            ]),
+        ];
+        assert_eq!(
+            render(&msgs, Some("short")),
+            "<|im_start|>system \nBe brief.<|im_end|><|im_start|>user \nHi<|im_end|>\
+             <|im_start|>assistant \nHello!<|im_end|><|im_start|>user <image><image>\nCompare.<|im_end|>\
+             <|im_start|>assistant\n<think>\n\n</think>\n\n"
+        );
+    }
+}

@@ -1,0 +1,284 @@
+//! Submitting a [`ValidatedRequest`] to a replica and reading the token streams back.
+//!
+//! One `Generate` call per choice. [`submit`] waits for each call's first message so that a
+//! coordinator refusal (queue full, not ready, bad request) still becomes a proper HTTP status
+//! before any SSE header is sent. A [`ChoiceRun`] owns its gRPC stream; dropping it (client
+//! gone, stop string matched, another choice failed) cancels the generation at the coordinator.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use r4b_proto::v1 as pb;
+use tonic::codec::Streaming;
+
+use crate::error::ApiError;
+use crate::metrics::{Metrics, RunningGuard};
+use crate::output::{Delta, OutputPipeline, TokenLogprob};
+use crate::state::AppState;
+use crate::validate::ValidatedRequest;
+
+/// Why a choice ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS or a stop string.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+}
+
+impl FinishReason {
+    /// The OpenAI string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What one step of a choice produced.
+#[derive(Debug)]
+pub enum ChoiceEvent {
+    /// New output.
+    Delta(Delta),
+    /// The last output of the choice.
+    Finished {
+        /// Output of the last message (may be empty).
+        delta: Delta,
+        /// Why it ended.
+        reason: FinishReason,
+        /// Tokens this choice generated.
+        generated: u32,
+    },
+    /// The choice failed (coordinator error, broken stream).
+    Failed(ApiError),
+}
+
+/// Timing and gauges of one request, shared by its choices.
+#[derive(Debug)]
+pub struct RequestClock {
+    start: Instant,
+    first_token_seen: AtomicBool,
+    metrics: Arc<Metrics>,
+    _running: RunningGuard,
+}
+
+impl RequestClock {
+    /// Starts timing a request (and counts it as running until dropped).
+    pub fn start(metrics: &Arc<Metrics>) -> Arc<Self> {
+        Arc::new(RequestClock {
+            start: Instant::now(),
+            first_token_seen: AtomicBool::new(false),
+            metrics: metrics.clone(),
+            _running: metrics.start_request(),
+        })
+    }
+
+    /// Records the end of the request: latency, generated tokens, finish reasons.
+    pub fn finish(&self, generated: u32, reasons: &[FinishReason]) {
+        self.metrics.e2e.observe(self.start.elapsed().as_secs_f64());
+        self.metrics.add_generation_tokens(u64::from(generated));
+        for r in reasons {
+            self.metrics.record_finish(r.as_str());
+        }
+    }
+}
+
+/// One running choice: its gRPC stream and output pipeline.
+#[derive(Debug)]
+pub struct ChoiceRun {
+    /// Choice index.
+    pub index: u32,
+    /// Prompt tokens the coordinator counted (0 if it did not say).
+    pub prompt_tokens: u32,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
+    stream: Option<Streaming<pb::GenerateResponse>>,
+    first: Option<pb::GenerateResponse>,
+    pipeline: OutputPipeline,
+    clock: Arc<RequestClock>,
+    last_token_at: Option<Instant>,
+}
+
+impl ChoiceRun {
+    /// The next event, or `None` after the choice ended.
+    pub async fn next_event(&mut self) -> Option<ChoiceEvent> {
+        let msg = match self.first.take() {
+            Some(m) => Ok(Some(m)),
+            None => self.stream.as_mut()?.message().await,
+        };
+        let event = match msg {
+            Err(status) => {
+                tracing::warn!(index = self.index, %status, "generation stream failed");
+                ChoiceEvent::Failed(ApiError::from_status(&status))
+            }
+            Ok(None) => ChoiceEvent::Failed(ApiError::Internal(
+                "the coordinator ended a stream without a finish reason".into(),
+            )),
+            Ok(Some(resp)) => {
+                self.observe(&resp);
+                self.handle(&resp)
+            }
+        };
+        if !matches!(event, ChoiceEvent::Delta(_)) {
+            self.stream = None; // ends (and so cancels) the generation at the coordinator
+        }
+        Some(event)
+    }
+
+    fn handle(&mut self, resp: &pb::GenerateResponse) -> ChoiceEvent {
+        let result = self.pipeline.push(&resp.tokens).and_then(|mut delta| {
+            let reason = if self.pipeline.stop_matched() {
+                Some(FinishReason::Stop)
+            } else {
+                match pb::FinishReason::try_from(resp.finish_reason) {
+                    Ok(pb::FinishReason::Stop) => Some(FinishReason::Stop),
+                    Ok(pb::FinishReason::Length) => Some(FinishReason::Length),
+                    _ => None,
+                }
+            };
+            match reason {
+                Some(reason) => {
+                    delta.append(self.pipeline.finish()?);
+                    Ok(ChoiceEvent::Finished {
+                        delta,
+                        reason,
+                        generated: self.pipeline.generated(),
+                    })
+                }
+                None => Ok(ChoiceEvent::Delta(delta)),
+            }
+        });
+        result.unwrap_or_else(|e| ChoiceEvent::Failed(ApiError::Internal(e.to_string())))
+    }
+
+    fn observe(&mut self, resp: &pb::GenerateResponse) {
+        if resp.tokens.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let metrics = &self.clock.metrics;
+        if let Some(last) = self.last_token_at {
+            metrics
+                .itl
+                .observe(now.duration_since(last).as_secs_f64() / resp.tokens.len() as f64);
+        } else if !self.clock.first_token_seen.swap(true, Ordering::Relaxed) {
+            metrics
+                .ttft
+                .observe(now.duration_since(self.clock.start).as_secs_f64());
+        }
+        self.last_token_at = Some(now);
+    }
+
+    /// The choice as a stream of `(index, event)`.
+    pub fn into_stream(self) -> impl futures::Stream<Item = (u32, ChoiceEvent)> + Send {
+        futures::stream::unfold(self, |mut run| async move {
+            let event = run.next_event().await?;
+            Some(((run.index, event), run))
+        })
+    }
+}
+
+/// Starts all choices of `req`; fails (and cancels the started ones) if any is refused.
+pub async fn submit(
+    state: &AppState,
+    req: &ValidatedRequest,
+    clock: &Arc<RequestClock>,
+) -> Result<Vec<ChoiceRun>, ApiError> {
+    state
+        .metrics()
+        .add_prompt_tokens(req.prompt_ids.len() as u64);
+    let starts = (0..req.params.n).map(|index| start_choice(state, req, index, clock));
+    futures::future::try_join_all(starts).await
+}
+
+async fn start_choice(
+    state: &AppState,
+    req: &ValidatedRequest,
+    index: u32,
+    clock: &Arc<RequestClock>,
+) -> Result<ChoiceRun, ApiError> {
+    let files = state.files();
+    let proto = req.to_proto(index, files.stop_ids());
+    let mut stream = state
+        .replicas()
+        .generate(proto)
+        .await
+        .map_err(|s| ApiError::from_status(&s))?;
+    let first = stream
+        .message()
+        .await
+        .map_err(|s| ApiError::from_status(&s))?
+        .ok_or_else(|| {
+            ApiError::Internal("the coordinator closed a stream before its first message".into())
+        })?;
+    Ok(ChoiceRun {
+        index,
+        prompt_tokens: first.prompt_tokens,
+        cached_tokens: first.cached_tokens,
+        stream: Some(stream),
+        first: Some(first),
+        pipeline: OutputPipeline::new(files.tokenizer().clone(), req, files.stop_ids()),
+        clock: clock.clone(),
+        last_token_at: None,
+    })
+}
+
+/// The whole output of one choice.
+#[derive(Clone, Debug)]
+pub struct ChoiceOutput {
+    /// Choice index.
+    pub index: u32,
+    /// Reasoning text.
+    pub reasoning: String,
+    /// Content text.
+    pub content: String,
+    /// Log-probabilities (when asked for).
+    pub logprobs: Vec<TokenLogprob>,
+    /// Why it ended.
+    pub reason: FinishReason,
+    /// Tokens generated.
+    pub generated: u32,
+}
+
+/// Runs every choice to its end; the first failure cancels the others.
+pub async fn collect(runs: Vec<ChoiceRun>) -> Result<Vec<ChoiceOutput>, ApiError> {
+    futures::future::try_join_all(runs.into_iter().map(collect_one)).await
+}
+
+async fn collect_one(mut run: ChoiceRun) -> Result<ChoiceOutput, ApiError> {
+    let mut all = Delta::default();
+    loop {
+        match run.next_event().await {
+            Some(ChoiceEvent::Delta(d)) => all.append(d),
+            Some(ChoiceEvent::Finished {
+                delta,
+                reason,
+                generated,
+            }) => {
+                all.append(delta);
+                return Ok(ChoiceOutput {
+                    index: run.index,
+                    reasoning: all.reasoning,
+                    content: all.content,
+                    logprobs: all.logprobs,
+                    reason,
+                    generated,
+                });
+            }
+            Some(ChoiceEvent::Failed(e)) => return Err(e),
+            None => return Err(ApiError::Internal("choice ended twice".into())),
+        }
+    }
+}
+
+/// Prompt and cached token counts of a request: the coordinator's, else the gateway's count.
+pub fn prompt_usage(runs: &[ChoiceRun], req: &ValidatedRequest) -> (u32, u32) {
+    let first = runs.first();
+    let prompt = first
+        .map(|r| r.prompt_tokens)
+        .filter(|&p| p > 0)
+        .unwrap_or(req.prompt_ids.len() as u32);
+    (prompt, first.map(|r| r.cached_tokens).unwrap_or(0))
+}

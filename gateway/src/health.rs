@@ -1,0 +1,94 @@
+//! `GET /health` (the process is up) and `GET /ready` (a replica can generate).
+//!
+//! `/ready` asks every coordinator's Health RPC and answers 200 when at least one says `ready`
+//! (a real one-token forward succeeded within its readiness window) and, if
+//! [`GatewayConfig::ready_window`](crate::GatewayConfig::ready_window) is set, its last good step
+//! is at most that old. Otherwise 503 with the replicas' details.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use r4b_proto::v1 as pb;
+use serde_json::{json, Value};
+
+use crate::state::AppState;
+
+/// The health routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Whether one Health answer counts as ready under `window` (zero = trust the flag).
+pub fn is_ready(h: &pb::HealthResponse, window: Duration, now_ms: u64) -> bool {
+    if !h.ready {
+        return false;
+    }
+    if window.is_zero() || h.last_step_ok_unix_ms == 0 {
+        return true;
+    }
+    now_ms.saturating_sub(h.last_step_ok_unix_ms) <= window.as_millis() as u64
+}
+
+async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let window = state.config().ready_window;
+    let now = now_ms();
+    let answers = state.replicas().health().await;
+    let mut any_ready = false;
+    let replicas: Vec<Value> = answers
+        .iter()
+        .map(|(url, res)| match res {
+            Ok(h) => {
+                let ok = is_ready(h, window, now);
+                any_ready |= ok;
+                json!({"replica": url, "alive": h.alive, "ready": ok, "detail": h.detail})
+            }
+            Err(status) => {
+                json!({"replica": url, "alive": false, "ready": false, "detail": status.message()})
+            }
+        })
+        .collect();
+    let status = if any_ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let word = if any_ready { "ready" } else { "not_ready" };
+    (status, Json(json!({"status": word, "replicas": replicas})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_rules() {
+        let h = |ready, last| pb::HealthResponse {
+            alive: true,
+            ready,
+            last_step_ok_unix_ms: last,
+            detail: String::new(),
+        };
+        let w = Duration::from_secs(10);
+        assert!(!is_ready(&h(false, 1_000), Duration::ZERO, 1_000));
+        assert!(is_ready(&h(true, 1_000), Duration::ZERO, 999_999));
+        assert!(is_ready(&h(true, 100_000), w, 105_000));
+        assert!(!is_ready(&h(true, 100_000), w, 111_000));
+        assert!(is_ready(&h(true, 0), w, 111_000));
+    }
+}

@@ -1,0 +1,350 @@
+//! Building the prompt: OpenAI messages → template messages + image references → rendered text
+//! → token ids → `<image>` expansion and length checks ([`finish_prompt`]).
+
+use serde_json::{Map, Value};
+
+use crate::api::ChatMessage;
+use crate::error::ApiError;
+use crate::images::ImageRef;
+use crate::reasoning::think_open_in_prompt;
+use crate::state::AppState;
+use crate::template::{TemplateMessage, TemplatePart};
+use crate::validate::{
+    expand_image_tokens, max_new_tokens, GenerationParams, ValidatedRequest, ValidationError,
+};
+
+/// Thinking modes R-4B's template knows.
+const THINKING_MODES: [&str; 3] = ["auto", "long", "short"];
+
+/// Messages for the template and the images they reference, in order.
+#[derive(Clone, Debug, Default)]
+pub struct Conversation {
+    /// Messages with content as parts.
+    pub messages: Vec<TemplateMessage>,
+    /// Every image part, in message and part order.
+    pub images: Vec<ImageRef>,
+}
+
+fn invalid(field: String, reason: &str) -> ValidationError {
+    ValidationError::Invalid {
+        field,
+        reason: reason.to_string(),
+    }
+}
+
+/// Converts `messages` (required, non-empty; roles system/developer/user/assistant).
+pub fn conversation(messages: Option<Vec<ChatMessage>>) -> Result<Conversation, ValidationError> {
+    let messages = messages.ok_or_else(|| ValidationError::Missing {
+        field: "messages".into(),
+    })?;
+    if messages.is_empty() {
+        return Err(invalid(
+            "messages".into(),
+            "must contain at least one message",
+        ));
+    }
+    let mut conv = Conversation::default();
+    for (i, m) in messages.into_iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                let reason =
+                    format!("unsupported role `{other}` (expected system, user or assistant)");
+                return Err(invalid(format!("messages[{i}].role"), &reason));
+            }
+        };
+        let parts = content_parts(i, &m.content, &mut conv.images)?;
+        conv.messages.push(TemplateMessage {
+            role: role.to_string(),
+            parts,
+        });
+    }
+    Ok(conv)
+}
+
+fn content_parts(
+    i: usize,
+    content: &Value,
+    images: &mut Vec<ImageRef>,
+) -> Result<Vec<TemplatePart>, ValidationError> {
+    let list = match content {
+        Value::Null => return Ok(Vec::new()),
+        Value::String(s) => return Ok(vec![TemplatePart::Text(s.clone())]),
+        Value::Array(list) => list,
+        _ => {
+            return Err(invalid(
+                format!("messages[{i}].content"),
+                "must be a string or a list of content parts",
+            ))
+        }
+    };
+    let mut parts = Vec::with_capacity(list.len());
+    for (j, part) in list.iter().enumerate() {
+        let at = format!("messages[{i}].content[{j}]");
+        let kind = part.get("type").and_then(Value::as_str);
+        match kind {
+            Some("text") => match part.get("text") {
+                Some(Value::String(t)) => parts.push(TemplatePart::Text(t.clone())),
+                _ => return Err(invalid(format!("{at}.text"), "must be a string")),
+            },
+            Some("image_url") => {
+                let url = match part.get("image_url") {
+                    Some(Value::String(u)) => u.clone(),
+                    Some(Value::Object(o)) => match o.get("url") {
+                        Some(Value::String(u)) => u.clone(),
+                        _ => {
+                            return Err(invalid(format!("{at}.image_url.url"), "must be a string"))
+                        }
+                    },
+                    _ => {
+                        return Err(invalid(
+                            format!("{at}.image_url"),
+                            "must be a URL string or {\"url\": ...}",
+                        ))
+                    }
+                };
+                images.push(ImageRef {
+                    param: format!("{at}.image_url"),
+                    url,
+                });
+                parts.push(TemplatePart::Image);
+            }
+            Some(other) => {
+                let reason = format!(
+                    "unsupported content part type `{other}` (expected `text` or `image_url`)"
+                );
+                return Err(invalid(format!("{at}.type"), &reason));
+            }
+            None => {
+                return Err(ValidationError::Missing {
+                    field: format!("{at}.type"),
+                })
+            }
+        }
+    }
+    Ok(parts)
+}
+
+/// Checks `chat_template_kwargs`: `thinking_mode` must be auto, long or short. Without a
+/// `thinking_mode`, Qwen3's boolean `enable_thinking` maps to long (true) or short (false).
+pub fn template_kwargs(
+    kwargs: Option<Map<String, Value>>,
+) -> Result<Map<String, Value>, ValidationError> {
+    let mut kwargs = kwargs.unwrap_or_default();
+    match kwargs.get("thinking_mode") {
+        None | Some(Value::Null) => {
+            if let Some(enable) = kwargs.get("enable_thinking").and_then(Value::as_bool) {
+                kwargs.insert(
+                    "thinking_mode".into(),
+                    if enable { "long" } else { "short" }.into(),
+                );
+            }
+        }
+        Some(Value::String(mode)) if THINKING_MODES.contains(&mode.as_str()) => {}
+        Some(other) => {
+            return Err(ValidationError::OutOfRange {
+                field: "chat_template_kwargs.thinking_mode".into(),
+                bound: "one of \"auto\", \"long\", \"short\"".into(),
+                value: other.to_string(),
+            })
+        }
+    }
+    Ok(kwargs)
+}
+
+/// Renders the conversation with the model's chat template.
+pub fn render(
+    state: &AppState,
+    conv: &Conversation,
+    add_generation_prompt: bool,
+    kwargs: &Map<String, Value>,
+) -> Result<String, ValidationError> {
+    let template = state.files().template().ok_or_else(|| {
+        invalid(
+            "messages".into(),
+            "the served model has no chat template; use /v1/completions",
+        )
+    })?;
+    template
+        .render(&conv.messages, add_generation_prompt, kwargs)
+        .map_err(|e| ValidationError::Template { reason: e.0 })
+}
+
+/// Tokenizes prompt text.
+pub fn tokenize(
+    state: &AppState,
+    text: &str,
+    add_special_tokens: bool,
+) -> Result<Vec<u32>, ApiError> {
+    state
+        .files()
+        .tokenizer()
+        .encode(text, add_special_tokens)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// Checks that the `<image>` placeholders in `ids` pair up with `images` images (before they
+/// are fetched).
+pub fn check_placeholders(
+    state: &AppState,
+    ids: &[u32],
+    images: usize,
+) -> Result<(), ValidationError> {
+    let placeholders = state
+        .image_token_id()
+        .map_or(0, |img| ids.iter().filter(|&&t| t == img).count());
+    if placeholders != images {
+        return Err(ValidationError::ImageCount {
+            placeholders,
+            images,
+        });
+    }
+    Ok(())
+}
+
+/// What [`finish_prompt`] needs besides the state.
+#[derive(Debug)]
+pub struct PromptParts {
+    /// Request id.
+    pub id: String,
+    /// Prompt ids before `<image>` expansion.
+    pub ids: Vec<u32>,
+    /// Preprocessed images in order.
+    pub images: Vec<r4b_proto::v1::Image>,
+    /// Validated generation fields.
+    pub params: GenerationParams,
+    /// Split reasoning from content in the output.
+    pub split_reasoning: bool,
+}
+
+/// Expands `<image>` tokens, checks the context length and assembles the [`ValidatedRequest`].
+pub fn finish_prompt(
+    state: &AppState,
+    parts: PromptParts,
+) -> Result<ValidatedRequest, ValidationError> {
+    let counts: Vec<u32> = parts.images.iter().map(|i| i.num_tokens).collect();
+    let prompt_ids = match state.image_token_id() {
+        Some(image_id) => expand_image_tokens(&parts.ids, image_id, &counts)?,
+        None if counts.is_empty() => parts.ids,
+        None => {
+            return Err(ValidationError::ImageCount {
+                placeholders: 0,
+                images: counts.len(),
+            })
+        }
+    };
+    if prompt_ids.is_empty() {
+        return Err(invalid("prompt".into(), "the prompt is empty"));
+    }
+    let max_new_tokens = max_new_tokens(
+        prompt_ids.len(),
+        parts.params.max_tokens,
+        state.max_model_len(),
+    )?;
+    let ids = state.files().stop_ids();
+    let open = match (ids.think_open, ids.think_close) {
+        (Some(o), Some(c)) => think_open_in_prompt(&prompt_ids, o, c),
+        _ => false,
+    };
+    Ok(ValidatedRequest {
+        id: parts.id,
+        prompt_ids,
+        images: parts.images,
+        params: parts.params,
+        max_new_tokens,
+        think_open_in_prompt: open,
+        split_reasoning: parts.split_reasoning,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn msgs(v: Value) -> Option<Vec<ChatMessage>> {
+        Some(serde_json::from_value(v).expect("typed messages"))
+    }
+
+    #[test]
+    fn parts_and_images_in_order() {
+        let conv = conversation(msgs(json!([
+            {"role": "system", "content": "sys"},
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "text", "text": "what?"},
+                {"type": "image_url", "image_url": "http://example.com/b.png"},
+            ]},
+            {"role": "assistant", "content": null},
+        ])))
+        .expect("valid");
+        assert_eq!(conv.messages.len(), 3);
+        assert_eq!(
+            conv.messages[1].parts,
+            vec![
+                TemplatePart::Image,
+                TemplatePart::Text("what?".into()),
+                TemplatePart::Image
+            ]
+        );
+        assert_eq!(conv.messages[2].parts, vec![]);
+        let urls: Vec<&str> = conv.images.iter().map(|i| i.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            vec!["data:image/png;base64,AAAA", "http://example.com/b.png"]
+        );
+        assert_eq!(conv.images[1].param, "messages[1].content[2].image_url");
+    }
+
+    #[test]
+    fn bad_messages_name_the_field() {
+        let field = |v: Value| conversation(msgs(v)).expect_err("invalid").param();
+        assert_eq!(
+            conversation(None).expect_err("missing").param().as_deref(),
+            Some("messages")
+        );
+        assert_eq!(field(json!([])).as_deref(), Some("messages"));
+        assert_eq!(
+            field(json!([{"role": "tool", "content": "x"}])).as_deref(),
+            Some("messages[0].role")
+        );
+        assert_eq!(
+            field(json!([{"role": "user", "content": 5}])).as_deref(),
+            Some("messages[0].content")
+        );
+        assert_eq!(
+            field(json!([{"role": "user", "content": [{"type": "audio"}]}])).as_deref(),
+            Some("messages[0].content[0].type")
+        );
+        assert_eq!(
+            field(json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 3}}]}])).as_deref(),
+            Some("messages[0].content[0].image_url.url")
+        );
+    }
+
+    #[test]
+    fn thinking_mode_checks() {
+        let kw = |v: Value| template_kwargs(Some(serde_json::from_value(v).expect("map")));
+        assert_eq!(
+            kw(json!({"thinking_mode": "long"})).expect("ok")["thinking_mode"],
+            "long"
+        );
+        assert_eq!(
+            kw(json!({"enable_thinking": false})).expect("ok")["thinking_mode"],
+            "short"
+        );
+        assert_eq!(
+            kw(json!({"enable_thinking": true, "thinking_mode": "auto"})).expect("ok")
+                ["thinking_mode"],
+            "auto"
+        );
+        let e = kw(json!({"thinking_mode": "medium"})).expect_err("bad mode");
+        assert_eq!(
+            e.param().as_deref(),
+            Some("chat_template_kwargs.thinking_mode")
+        );
+        assert!(template_kwargs(None).expect("ok").is_empty());
+    }
+}

@@ -1,0 +1,165 @@
+//! [`AppState`]: what every handler shares (config, model files, image pipeline, replicas,
+//! metrics). Built once by [`AppState::connect`], which asks a coordinator for the model facts.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use r4b_proto::v1 as pb;
+use r4b_worker::model::anyres::ImageGeometry;
+
+use crate::config::GatewayConfig;
+use crate::error::GatewayError;
+use crate::images::ImagePipeline;
+use crate::metrics::Metrics;
+use crate::model_files::ModelFiles;
+use crate::replica::ReplicaPool;
+
+/// Shared state of the HTTP handlers. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: GatewayConfig,
+    files: ModelFiles,
+    images: ImagePipeline,
+    replicas: ReplicaPool,
+    metrics: Arc<Metrics>,
+    max_model_len: usize,
+    image_token_id: Option<u32>,
+    created: u64,
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Image geometry from ModelInfo; `None` when the coordinator reports none (text-only) or an
+/// unusable one.
+fn geometry_of(info: &pb::ModelInfoResponse) -> Option<ImageGeometry> {
+    if info.tile == 0
+        || info.patch == 0
+        || info.pinpoints.is_empty()
+        || !info.pinpoints.chunks_exact(2).remainder().is_empty()
+    {
+        return None;
+    }
+    let geometry = ImageGeometry {
+        tile: info.tile as usize,
+        patch: info.patch as usize,
+        pinpoints: info
+            .pinpoints
+            .chunks_exact(2)
+            .map(|p| (p[0] as usize, p[1] as usize))
+            .collect(),
+        max_tiles: info.anyres_max_tiles as usize,
+    };
+    match geometry.validate() {
+        Ok(()) => Some(geometry),
+        Err(e) => {
+            tracing::warn!(error = %e, "coordinator reported an unusable image geometry; images are refused");
+            None
+        }
+    }
+}
+
+impl AppState {
+    /// Connects to the coordinators and reads ModelInfo (retrying for `config.connect_timeout`).
+    /// The context length is the smaller of the configured and the coordinator's (0 = unset);
+    /// an empty `served_model_name` takes the coordinator's model name.
+    pub async fn connect(
+        mut config: GatewayConfig,
+        files: ModelFiles,
+        coordinator_urls: Vec<String>,
+    ) -> Result<Self, GatewayError> {
+        let replicas = ReplicaPool::new(&coordinator_urls, config.rpc_timeout)?;
+        let info = replicas.model_info(config.connect_timeout).await?;
+        let max_model_len = match (config.max_model_len, info.max_model_len as usize) {
+            (0, 0) => {
+                return Err(GatewayError::Mismatch(
+                    "max_model_len is set neither here nor by the coordinator".into(),
+                ))
+            }
+            (0, c) => c,
+            (g, 0) => g,
+            (g, c) => g.min(c),
+        };
+        let image_token_id = files.image_token_id();
+        if let Some(tok_id) = image_token_id {
+            if info.image_token_id != 0 && info.image_token_id != tok_id {
+                return Err(GatewayError::Mismatch(format!(
+                    "the coordinator's image_token_id is {} but the tokenizer's `<image>` is {tok_id}",
+                    info.image_token_id
+                )));
+            }
+        }
+        if config.served_model_name.is_empty() {
+            config.served_model_name = info.model_name.clone();
+        }
+        let images =
+            ImagePipeline::new(geometry_of(&info), files.resample(), &config).map_err(|e| {
+                GatewayError::Coordinator {
+                    url: "image fetcher".into(),
+                    reason: e.to_string(),
+                }
+            })?;
+        Ok(AppState {
+            inner: Arc::new(Inner {
+                config,
+                files,
+                images,
+                replicas,
+                metrics: Arc::new(Metrics::default()),
+                max_model_len,
+                image_token_id,
+                created: unix_now(),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.inner.config
+    }
+
+    /// Tokenizer, template and special ids.
+    pub fn files(&self) -> &ModelFiles {
+        &self.inner.files
+    }
+
+    /// The image pipeline.
+    pub fn images(&self) -> &ImagePipeline {
+        &self.inner.images
+    }
+
+    /// The coordinators.
+    pub fn replicas(&self) -> &ReplicaPool {
+        &self.inner.replicas
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Context length in tokens.
+    pub fn max_model_len(&self) -> usize {
+        self.inner.max_model_len
+    }
+
+    /// `<image>` token id, if the tokenizer has one.
+    pub fn image_token_id(&self) -> Option<u32> {
+        self.inner.image_token_id
+    }
+
+    /// Unix seconds when the state was built (`created` of `/v1/models`).
+    pub fn created(&self) -> u64 {
+        self.inner.created
+    }
+}

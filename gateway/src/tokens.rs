@@ -1,0 +1,267 @@
+//! The checkpoint's tokenizer ([`TextTokenizer`]) and incremental detokenization
+//! ([`Detokenizer`]).
+//!
+//! Detokenization decodes a small window of ids and emits text only once the window no longer
+//! ends in U+FFFD, the mark of a UTF-8 character cut between tokens (byte-level BPE splits
+//! multi-byte characters over several tokens). Special tokens (EOS, ...) are skipped; `<think>` and
+//! `</think>` never reach a detokenizer because the reasoning splitter consumes them by id.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use tokenizers::Tokenizer;
+
+/// Tokenizer failures (input the tokenizer cannot handle).
+#[derive(Debug, thiserror::Error)]
+#[error("tokenizer: {0}")]
+pub struct TokenizeError(pub String);
+
+/// The GPT-2 byte-level alphabet: byte `b` is written as character `byte_level_chars()[b]`.
+/// Printable Latin-1 bytes stand for themselves; the other 68 bytes map, in increasing order, to
+/// the characters U+0100, U+0101, ...
+pub fn byte_level_chars() -> &'static [char; 256] {
+    static TABLE: OnceLock<[char; 256]> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut out = ['\0'; 256];
+        let mut shifted = 0u32;
+        for (b, slot) in out.iter_mut().enumerate() {
+            let printable = matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
+            *slot = if printable {
+                char::from(b as u8)
+            } else {
+                shifted += 1;
+                char::from_u32(0xFF + shifted).unwrap_or('\0')
+            };
+        }
+        out
+    })
+}
+
+fn byte_level_inverse() -> &'static HashMap<char, u8> {
+    static INV: OnceLock<HashMap<char, u8>> = OnceLock::new();
+    INV.get_or_init(|| {
+        byte_level_chars()
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect()
+    })
+}
+
+/// A loaded `tokenizer.json` plus the facts about added tokens the gateway needs.
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    /// Added tokens by id: content and whether they are special.
+    added: HashMap<u32, (String, bool)>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("added_tokens", &self.added.len())
+            .finish()
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json`.
+    pub fn from_file(path: &Path) -> Result<Self, TokenizeError> {
+        Tokenizer::from_file(path)
+            .map(Self::new)
+            .map_err(|e| TokenizeError(e.to_string()))
+    }
+
+    /// Wraps a tokenizer.
+    pub fn new(inner: Tokenizer) -> Self {
+        let added = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, t)| (id, (t.content.clone(), t.special)))
+            .collect();
+        TextTokenizer { inner, added }
+    }
+
+    /// The wrapped `tokenizers` tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    /// Token ids of `text`. Added tokens in the text (`<|im_start|>`, `<image>`, ...) become their
+    /// ids. `add_special_tokens` runs the post-processor (BOS and the like).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizeError> {
+        self.inner
+            .encode(text, add_special_tokens)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TokenizeError(e.to_string()))
+    }
+
+    /// Text of `ids`; ids the tokenizer does not know decode to nothing.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizeError> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TokenizeError(e.to_string()))
+    }
+
+    /// Id of a token string (vocabulary or added token).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Whether `id` is an added token marked special.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.added.get(&id).is_some_and(|(_, special)| *special)
+    }
+
+    /// The raw bytes a single token stands for (for `logprobs.bytes`). Byte-level tokens map back
+    /// through the GPT-2 alphabet; others fall back to their decoded text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if let Some((content, _)) = self.added.get(&id) {
+            return content.as_bytes().to_vec();
+        }
+        if let Some(piece) = self.inner.id_to_token(id) {
+            let inv = byte_level_inverse();
+            let bytes: Option<Vec<u8>> = piece.chars().map(|c| inv.get(&c).copied()).collect();
+            if let Some(bytes) = bytes {
+                return bytes;
+            }
+        }
+        self.decode(&[id], false)
+            .map(String::into_bytes)
+            .unwrap_or_default()
+    }
+
+    /// Display form of one token: its bytes as UTF-8, invalid sequences replaced.
+    pub fn token_text(&self, id: u32) -> String {
+        String::from_utf8_lossy(&self.token_bytes(id)).into_owned()
+    }
+}
+
+/// Tokens a detokenizer waits for a cut character before emitting the U+FFFD as is (a UTF-8
+/// character spans at most 4 byte tokens).
+const MAX_PENDING: usize = 6;
+
+/// Incremental detokenizer: feed ids one at a time, get text that never ends inside a UTF-8
+/// character.
+#[derive(Debug)]
+pub struct Detokenizer {
+    tok: Arc<TextTokenizer>,
+    ids: Vec<u32>,
+    /// Start of the decode window (kept one step behind for context-dependent decoders).
+    prefix_offset: usize,
+    /// Ids before this one have been emitted as text.
+    read_offset: usize,
+}
+
+impl Detokenizer {
+    /// A detokenizer with no ids yet.
+    pub fn new(tok: Arc<TextTokenizer>) -> Self {
+        Detokenizer {
+            tok,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
+    }
+
+    /// Adds one id and returns the text that became complete (often empty, e.g. for the first
+    /// bytes of a multi-byte character or a special token).
+    pub fn push(&mut self, id: u32) -> Result<String, TokenizeError> {
+        self.ids.push(id);
+        let prefix = self
+            .tok
+            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = self.tok.decode(&self.ids[self.prefix_offset..], true)?;
+        let pending = self.ids.len() - self.read_offset;
+        let cut = full.ends_with('\u{FFFD}') && pending < MAX_PENDING;
+        if full.len() <= prefix.len() || cut || !full.is_char_boundary(prefix.len()) {
+            return Ok(String::new());
+        }
+        let text = full[prefix.len()..].to_string();
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(text)
+    }
+
+    /// Returns whatever text is still held (a character cut at the end decodes as U+FFFD).
+    pub fn flush(&mut self) -> Result<String, TokenizeError> {
+        if self.read_offset == self.ids.len() {
+            return Ok(String::new());
+        }
+        let prefix = self
+            .tok
+            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = self.tok.decode(&self.ids[self.prefix_offset..], true)?;
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedded;
+
+    fn tok() -> Arc<TextTokenizer> {
+        Arc::new(TextTokenizer::new(
+            embedded::build_tokenizer().expect("embedded tokenizer"),
+        ))
+    }
+
+    #[test]
+    fn byte_level_table_is_gpt2() {
+        let t = byte_level_chars();
+        assert_eq!(t[b'A' as usize], 'A');
+        assert_eq!(t[b' ' as usize], 'Ġ'); // U+0120: space is the 33rd non-printable byte
+        assert_eq!(t[b'\n' as usize], 'Ċ'); // U+010A
+        assert_eq!(t[0], '\u{100}');
+        assert_eq!(t[0xAD], '\u{143}');
+        let distinct: std::collections::HashSet<char> = t.iter().copied().collect();
+        assert_eq!(distinct.len(), 256);
+    }
+
+    #[test]
+    fn detokenizer_never_splits_a_character() {
+        let tok = tok();
+        // "é" = C3 A9, "€" = E2 82 AC, "🦀" = F0 9F A6 80; the embedded tokenizer has one token
+        // per byte, so every multi-byte character arrives split.
+        let text = "aé€🦀z";
+        let ids: Vec<u32> = text.bytes().map(u32::from).collect();
+        let mut d = Detokenizer::new(tok.clone());
+        let pieces: Vec<String> = ids.iter().map(|&i| d.push(i).expect("decode")).collect();
+        let expected = ["a", "", "é", "", "", "€", "", "", "", "🦀", "z"];
+        assert_eq!(pieces, expected);
+        assert_eq!(d.flush().expect("flush"), "");
+    }
+
+    #[test]
+    fn detokenizer_flush_emits_cut_character() {
+        let mut d = Detokenizer::new(tok());
+        assert_eq!(d.push(b'x' as u32).expect("decode"), "x");
+        assert_eq!(d.push(0xE2).expect("decode"), "");
+        assert_eq!(d.flush().expect("flush"), "\u{FFFD}");
+    }
+
+    #[test]
+    fn detokenizer_skips_special_and_unknown_ids() {
+        let mut d = Detokenizer::new(tok());
+        let mut out = String::new();
+        for id in [b'o' as u32, 258, 300, b'k' as u32, 256] {
+            out.push_str(&d.push(id).expect("decode"));
+        }
+        out.push_str(&d.flush().expect("flush"));
+        assert_eq!(out, "ok");
+    }
+
+    #[test]
+    fn token_bytes_of_byte_tokens_and_added_tokens() {
+        let tok = tok();
+        assert_eq!(tok.token_bytes(0xC3), vec![0xC3]);
+        assert_eq!(tok.token_bytes(b' ' as u32), vec![b' ']);
+        assert_eq!(tok.token_bytes(259), b"<think>".to_vec());
+        assert_eq!(tok.token_text(0xC3), "\u{FFFD}");
+        assert!(tok.is_special(258));
+        assert!(!tok.is_special(259));
+    }
+}
