@@ -197,7 +197,9 @@ impl Engine {
             }
             self.reap_closed();
             let Some(plan) = self.scheduler.schedule() else {
+                tracing::trace!(idle = self.scheduler.is_idle(), "nothing to schedule");
                 self.publish();
+                tokio::task::yield_now().await;
                 continue;
             };
             if let Err(e) = self.run_step(plan).await {
@@ -243,6 +245,7 @@ impl Engine {
                 let _ = ack.send(result);
             }
             Command::Abort(id) => {
+                tracing::debug!(%id, "abort");
                 if self.active.remove(&id).is_some() {
                     self.scheduler.abort(id);
                 }
@@ -259,6 +262,7 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in gone {
+            tracing::debug!(%id, "client gone");
             self.active.remove(&id);
             self.scheduler.abort(id);
         }
@@ -303,8 +307,15 @@ impl Engine {
 
     async fn run_step(&mut self, plan: crate::scheduler::StepPlan) -> Result<(), String> {
         let req = self.step_request(&plan);
+        tracing::trace!(
+            step = req.step_id,
+            seqs = req.seqs.len(),
+            release = req.release_seq_ids.len(),
+            "step"
+        );
         let batch_tokens: usize = plan.chunks.iter().map(|c| c.tokens.len()).sum();
         let (resp, timing) = self.group.step(req).await.map_err(|e| e.to_string())?;
+        tracing::trace!(step = self.step_id, "step done");
         let mut tokens: HashMap<u64, pb::Token> = HashMap::new();
         let sampled: Vec<(SeqId, u32)> = resp
             .sampled
@@ -372,6 +383,7 @@ impl Engine {
     }
 
     fn fail_all(&mut self, err: &str) {
+        tracing::error!("step failed, replica stops: {err}");
         for (_, a) in self.active.drain() {
             let _ = a
                 .events

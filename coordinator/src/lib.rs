@@ -110,5 +110,9 @@ pub async fn start_replica(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> 
     };
     let load_time = Duration::from_millis(group.load_ms);
     let engine = engine::spawn(group, sched).map_err(ReplicaError::Config)?;
-    Ok(Replica { service: CoordinatorService::new(engine, info.clone()), info, load_time })
+    Ok(Replica {
+        service: CoordinatorService::new(engine, info.clone()),
+        info,
+        load_time,
+    })
 }

@@ -130,8 +130,9 @@ async fn spawn_one(
     let err = |reason: String| GroupError::Spawn { rank, reason };
     let mut child = Command::new(exe)
         .arg("worker")
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--exit-with-parent"])
         .args(args)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -280,6 +281,7 @@ impl WorkerGroup {
                     reason: "is closed".into(),
                 })?;
         }
+        tracing::trace!(step_id, "sent to all ranks");
         let mut rank0 = None;
         for (rank, r) in self.ranks.iter_mut().enumerate() {
             let resp = match r.rx.message().await {

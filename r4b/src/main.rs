@@ -43,6 +43,10 @@ struct WorkerArgs {
     /// as `R4B_WORKER_LISTENING <addr>`.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Exit when stdin closes (the coordinator that started this worker holds its other end,
+    /// so the worker never outlives it).
+    #[arg(long)]
+    exit_with_parent: bool,
 }
 
 fn init_tracing() {
@@ -60,6 +64,13 @@ async fn run_worker(args: WorkerArgs) -> Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     println!("{}{addr}", r4b_coordinator::workers::LISTENING_PREFIX);
+    if args.exit_with_parent {
+        std::thread::spawn(|| {
+            let mut sink = [0u8; 64];
+            while matches!(std::io::Read::read(&mut std::io::stdin(), &mut sink), Ok(n) if n > 0) {}
+            std::process::exit(0);
+        });
+    }
     let service = r4b_worker::service::WorkerService::new();
     let stop = service.clone();
     tonic::transport::Server::builder()

@@ -148,17 +148,18 @@ pub fn run_greedy(
         let mut chunks = Vec::with_capacity(active.len());
         for (&i, toks) in active.iter().zip(&tokens) {
             let s = &seqs[i];
-            let n_img = toks.iter().filter(|&&t| t == image_id).count();
-            let image_rows = match (&s.image_rows, n_img) {
-                (Some(r), n) if n > 0 => Some(r.narrow(0, s.image_used, n)?),
-                _ => None,
-            };
-            chunks.push(SeqChunk {
+            let mut chunk = SeqChunk {
                 tokens: toks,
                 start_pos: s.pos,
                 block_table: &s.blocks,
-                image_rows,
-            });
+                prompt_tokens: s.prompt.input_ids.len().saturating_sub(s.pos),
+                image_rows: None,
+            };
+            let n_img = chunk.image_count(image_id);
+            if let (Some(r), true) = (&s.image_rows, n_img > 0) {
+                chunk.image_rows = Some(r.narrow(0, s.image_used, n_img)?);
+            }
+            chunks.push(chunk);
         }
         let hidden = model.forward_step(&chunks, &mut kv, OutputRows::Last)?;
         let cands = model.candidates(&hidden, 1)?;
@@ -169,8 +170,17 @@ pub fn run_greedy(
         };
         for (row, (&i, toks)) in active.iter().zip(&tokens).enumerate() {
             let s = &mut seqs[i];
+            let prompt_part = s
+                .prompt
+                .input_ids
+                .len()
+                .saturating_sub(s.pos)
+                .min(toks.len());
+            s.image_used += toks[..prompt_part]
+                .iter()
+                .filter(|&&t| t == image_id)
+                .count();
             s.pos += toks.len();
-            s.image_used += toks.iter().filter(|&&t| t == image_id).count();
             if s.pos < s.prompt.input_ids.len() {
                 continue; // mid-prompt chunk: no token yet
             }

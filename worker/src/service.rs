@@ -330,32 +330,31 @@ impl StepExecutor {
             .get(&s.seq_id)
             .ok_or_else(|| Error::Step(format!("unknown sequence {}", s.seq_id)))?;
         let image_id = self.model.config().image_token_index;
-        let n_img = s.tokens.iter().filter(|&&t| t == image_id).count();
-        let image_rows = match (&st.image_rows, n_img) {
-            (_, 0) => None,
-            (Some(r), n) => {
-                let off = s.image_row_offset as usize;
-                if off + n > r.dim(0)? {
-                    return Err(Error::Step(format!(
-                        "chunk needs image rows {off}..{} of {}",
-                        off + n,
-                        r.dim(0)?
-                    )));
-                }
-                Some(r.narrow(0, off, n)?)
-            }
-            (None, n) => {
-                return Err(Error::Step(format!(
-                    "chunk has {n} `<image>` tokens but the sequence has no images"
-                )))
-            }
-        };
-        Ok(SeqChunk {
+        let mut chunk = SeqChunk {
             tokens: &s.tokens,
             start_pos: s.start_pos as usize,
             block_table: &s.block_table,
-            image_rows,
-        })
+            prompt_tokens: st.prompt_len.saturating_sub(s.start_pos as usize),
+            image_rows: None,
+        };
+        let n = chunk.image_count(image_id);
+        if n > 0 {
+            let rows = st.image_rows.as_ref().ok_or_else(|| {
+                Error::Step(format!(
+                    "chunk has {n} `<image>` tokens but the sequence has no images"
+                ))
+            })?;
+            let off = s.image_row_offset as usize;
+            if off + n > rows.dim(0)? {
+                return Err(Error::Step(format!(
+                    "chunk needs image rows {off}..{} of {}",
+                    off + n,
+                    rows.dim(0)?
+                )));
+            }
+            chunk.image_rows = Some(rows.narrow(0, off, n)?);
+        }
+        Ok(chunk)
     }
 }
 
@@ -466,6 +465,7 @@ impl Worker for WorkerService {
             while let Some(msg) = inbound.next().await {
                 let resp = match msg {
                     Ok(step) => {
+                        tracing::trace!(step = step.step_id, "worker got step");
                         let (tx, rx) = oneshot::channel();
                         if exec.send((step, tx)).await.is_err() {
                             Err(Status::internal("executor thread is gone"))
@@ -479,10 +479,15 @@ impl Worker for WorkerService {
                     Err(e) => Err(e),
                 };
                 let failed = resp.is_err();
+                if let Err(e) = &resp {
+                    tracing::error!("step failed: {}", e.message());
+                }
                 if out_tx.send(resp).await.is_err() || failed {
+                    tracing::trace!("worker step loop ends");
                     break;
                 }
             }
+            tracing::trace!("worker inbound ended");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }

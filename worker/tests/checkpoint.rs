@@ -84,6 +84,7 @@ fn text_logits(model: &R4bModel) -> Vec<Vec<f32>> {
     let mut kv = model.new_kv_cache(4, 16).unwrap();
     let chunk = SeqChunk {
         tokens: &ids,
+        prompt_tokens: usize::MAX,
         start_pos: 0,
         block_table: &[0, 1, 2, 3],
         image_rows: None,

@@ -51,6 +51,7 @@ fn prompt_logits(model: &R4bModel, p: &Prompt) -> Vec<Vec<f32>> {
     };
     let chunk = SeqChunk {
         tokens: &p.input_ids,
+        prompt_tokens: usize::MAX,
         start_pos: 0,
         block_table: &table,
         image_rows,
@@ -188,6 +189,7 @@ fn a_step_with_mismatched_image_rows_is_an_error() {
     let rows = p.images[0].narrow(0, 0, 10).unwrap();
     let chunk = SeqChunk {
         tokens: &p.input_ids,
+        prompt_tokens: usize::MAX,
         start_pos: 0,
         block_table: &table,
         image_rows: Some(rows),
@@ -198,6 +200,7 @@ fn a_step_with_mismatched_image_rows_is_an_error() {
     assert!(err.to_string().contains("image rows"), "{err}");
     let chunk = SeqChunk {
         tokens: &p.input_ids,
+        prompt_tokens: usize::MAX,
         start_pos: 0,
         block_table: &table[..1],
         image_rows: None,
@@ -207,6 +210,7 @@ fn a_step_with_mismatched_image_rows_is_an_error() {
         .is_err());
     let chunk = SeqChunk {
         tokens: &[5000],
+        prompt_tokens: usize::MAX,
         start_pos: 0,
         block_table: &table,
         image_rows: None,
@@ -215,4 +219,23 @@ fn a_step_with_mismatched_image_rows_is_an_error() {
         .forward_step(&[chunk], &mut kv, OutputRows::Last)
         .unwrap_err();
     assert!(err.to_string().contains("vocabulary"), "{err}");
+}
+
+/// An `<image>` id after the prompt (the model generated it) is embedded like any token.
+#[test]
+fn a_generated_image_token_is_an_ordinary_token() {
+    let (cfg, model) = load();
+    let mut kv = model.new_kv_cache(2, 16).unwrap();
+    let ids = [5, 6, cfg.image_token_index];
+    let chunk = SeqChunk {
+        tokens: &ids,
+        start_pos: 0,
+        block_table: &[0, 1],
+        prompt_tokens: 2,
+        image_rows: None,
+    };
+    let h = model
+        .forward_step(&[chunk], &mut kv, OutputRows::All)
+        .unwrap();
+    assert_eq!(h.dims(), &[3, cfg.text.hidden_size]);
 }

@@ -375,7 +375,9 @@ impl PixelViews {
         }
         let plane = tile * tile;
         if views == 0 || chw.len() != views * 3 * plane {
-            return Err(AnyresError::Geometry("pixel bytes do not match views x 3 x tile x tile"));
+            return Err(AnyresError::Geometry(
+                "pixel bytes do not match views x 3 x tile x tile",
+            ));
         }
         let rescale = norm.rescale_f64();
         let data = chw
@@ -387,7 +389,12 @@ impl PixelViews {
                 (x - norm.mean[c]) / norm.std[c]
             })
             .collect();
-        Ok(PixelViews { views, tile, data, image_size })
+        Ok(PixelViews {
+            views,
+            tile,
+            data,
+            image_size,
+        })
     }
 }
 

@@ -35,8 +35,22 @@ pub struct SeqChunk<'a> {
     pub start_pos: usize,
     /// The sequence's KV blocks (covering `start_pos + tokens.len()` positions).
     pub block_table: &'a [u32],
-    /// Rows for the `<image>` tokens of this chunk, in order: `[count, hidden]`.
+    /// How many leading tokens of this chunk belong to the prompt. Only prompt tokens can be
+    /// image placeholders: an `<image>` id the model generates is embedded like any token.
+    pub prompt_tokens: usize,
+    /// Rows for the `<image>` tokens among the chunk's prompt tokens, in order: `[count, hidden]`.
     pub image_rows: Option<Tensor>,
+}
+
+impl SeqChunk<'_> {
+    /// Number of image placeholders in this chunk (`<image>` ids among its prompt tokens).
+    pub fn image_count(&self, image_token: u32) -> usize {
+        let n = self.prompt_tokens.min(self.tokens.len());
+        self.tokens[..n]
+            .iter()
+            .filter(|&&t| t == image_token)
+            .count()
+    }
 }
 
 /// Which rows of a step come back.
@@ -164,38 +178,37 @@ impl R4bModel {
             .collect();
         let text = self.llm.embed(&ids)?; // [T, hidden]
         let image_id = self.cfg.image_token_index;
-        if chunks.iter().all(|c| c.image_rows.is_none()) {
-            if ids.contains(&image_id) {
-                return Err(Error::Step(
-                    "`<image>` tokens in a step without image rows".into(),
-                ));
-            }
+        if chunks
+            .iter()
+            .all(|c| c.image_count(image_id) == 0 && c.image_rows.is_none())
+        {
             return Ok(text);
         }
         // Rebuild the batch as runs of text rows and image rows, in order.
         let mut pieces = Vec::new();
         let mut row = 0;
         for c in chunks {
-            let count = c.tokens.iter().filter(|&&t| t == image_id).count();
-            let rows = match (&c.image_rows, count) {
-                (None, 0) => None,
-                (Some(r), n) if r.dim(0)? == n => Some(r),
-                (r, n) => {
-                    let have = r.as_ref().map(|r| r.dim(0)).transpose()?.unwrap_or(0);
-                    return Err(Error::Step(format!(
-                        "chunk has {n} `<image>` tokens but {have} image rows"
-                    )));
-                }
-            };
+            let count = c.image_count(image_id);
+            let have = c
+                .image_rows
+                .as_ref()
+                .map(|r| r.dim(0))
+                .transpose()?
+                .unwrap_or(0);
+            if have != count {
+                return Err(Error::Step(format!(
+                    "chunk has {count} `<image>` tokens but {have} image rows"
+                )));
+            }
+            let is_img = |i: usize| i < c.prompt_tokens && c.tokens[i] == image_id;
             let mut used = 0;
             let mut i = 0;
             while i < c.tokens.len() {
-                let is_img = c.tokens[i] == image_id;
-                let run = c.tokens[i..]
-                    .iter()
-                    .take_while(|&&t| (t == image_id) == is_img)
+                let img = is_img(i);
+                let run = (i..c.tokens.len())
+                    .take_while(|&j| is_img(j) == img)
                     .count();
-                match (is_img, rows) {
+                match (img, &c.image_rows) {
                     (true, Some(r)) => {
                         pieces.push(r.narrow(0, used, run)?);
                         used += run;
