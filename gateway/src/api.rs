@@ -109,6 +109,57 @@ pub struct CompletionBody {
     pub logprobs: Option<i64>,
 }
 
+/// Fields of `/tokenize` (vLLM): a chat body (`messages`) or a completion body (`prompt`).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct TokenizeBody {
+    /// Model name.
+    pub model: Option<String>,
+    /// The conversation (chat body), rendered like `/v1/chat/completions` renders it.
+    pub messages: Option<Vec<ChatMessage>>,
+    /// The prompt text (completion body).
+    pub prompt: Option<String>,
+    /// Append the assistant turn opener (chat; default true).
+    pub add_generation_prompt: Option<bool>,
+    /// Variables for the chat template (`thinking_mode`, ...).
+    pub chat_template_kwargs: Option<Map<String, Value>>,
+    /// Run the tokenizer's post-processor (default false for chat, true for a prompt).
+    pub add_special_tokens: Option<bool>,
+    /// Also return each token's vocabulary string.
+    pub return_token_strs: Option<bool>,
+}
+
+/// Fields of `/detokenize` (vLLM).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct DetokenizeBody {
+    /// Model name.
+    pub model: Option<String>,
+    /// Token ids to decode.
+    pub tokens: Option<Vec<i64>>,
+}
+
+/// Response of `/tokenize`.
+#[derive(Clone, Debug, Serialize)]
+pub struct TokenizeResponse {
+    /// Number of tokens (images expanded).
+    pub count: usize,
+    /// Context length.
+    pub max_model_len: usize,
+    /// The token ids.
+    pub tokens: Vec<u32>,
+    /// Each token's vocabulary string, when `return_token_strs` is true.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_strs: Option<Vec<String>>,
+    /// r4b extension: the text that was tokenized (the rendered chat template for a chat body).
+    pub prompt: String,
+}
+
+/// Response of `/detokenize`.
+#[derive(Clone, Debug, Serialize)]
+pub struct DetokenizeResponse {
+    /// The decoded text (special tokens included).
+    pub prompt: String,
+}
+
 /// Token usage.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Usage {

@@ -70,21 +70,18 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, Ap
         validate::chat_logprobs(chat.logprobs, chat.top_logprobs, config.max_top_logprobs)?;
     let params =
         validate::validate_params(&common, logprobs, state.files().sampling_defaults(), config)?;
-    let conv = prompt::conversation(chat.messages)?;
-    let kwargs = prompt::template_kwargs(chat.chat_template_kwargs)?;
-    let text = prompt::render(
+    let rendered = prompt::render_chat(
         state,
-        &conv,
+        chat.messages,
+        chat.chat_template_kwargs,
         chat.add_generation_prompt.unwrap_or(true),
-        &kwargs,
+        false,
     )?;
-    let ids = prompt::tokenize(state, &text, false)?;
-    prompt::check_placeholders(state, &ids, conv.images.len())?;
-    let images = state.images().load_all(&conv.images).await?;
+    let images = state.images().load_all(&rendered.images).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let parts = PromptParts {
         id,
-        ids,
+        ids: rendered.ids,
         images,
         params,
         split_reasoning: true,

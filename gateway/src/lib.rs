@@ -13,6 +13,8 @@
 //!    UTF-8 character, the `<think>…</think>` split into `reasoning_content` by token id
 //!    ([`reasoning`]), stop strings ([`stop`]); answer with SSE ([`sse`]) or one JSON body.
 //!
+//! [`tokenize`] serves vLLM's `/tokenize` and `/detokenize` with the same prompt path as chat.
+//!
 //! Design decisions: the gateway is stateless (scale it out); a request is parsed into a
 //! [`validate::ValidatedRequest`] before anything is sent; [`error::ApiError`] is the single map
 //! from failures to HTTP statuses and OpenAI error objects, also used inside SSE streams; a
@@ -44,6 +46,7 @@ pub mod sse;
 pub mod state;
 pub mod stop;
 pub mod template;
+pub mod tokenize;
 pub mod tokens;
 pub mod validate;
 
@@ -58,12 +61,14 @@ pub use error::{ApiError, GatewayError};
 pub use model_files::ModelFiles;
 pub use state::AppState;
 
-/// The gateway's HTTP API: chat, completions, models, `/health`, `/ready`, `/metrics`.
+/// The gateway's HTTP API: chat, completions, `/tokenize`, `/detokenize`, models, `/health`,
+/// `/ready`, `/metrics`.
 pub fn router(state: AppState) -> Router {
     let limit = state.config().body_limit_bytes;
     Router::new()
         .merge(chat::router())
         .merge(completions::router())
+        .merge(tokenize::router())
         .merge(models::router())
         .merge(health::router())
         .merge(metrics::router())

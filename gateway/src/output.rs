@@ -4,6 +4,11 @@
 //! (reasoning splitter), detokenize it in its channel (never splitting a UTF-8 character), trim
 //! the leading whitespace of a new section, and pass content text through the stop-string
 //! matcher. Once a stop string matches, later tokens are ignored.
+//!
+//! Tokens the coordinator appended itself (`Token.forced`: the thinking budget's closing
+//! `"\n</think>\n\n"`) are not model text: they count toward `completion_tokens` and drive the
+//! reasoning splitter (a forced `</think>` still switches to content), but their text is never
+//! emitted and they get no log-probabilities entry.
 
 use std::sync::Arc;
 
@@ -121,7 +126,7 @@ impl OutputPipeline {
                 break;
             }
             self.generated += 1;
-            if self.logprobs {
+            if self.logprobs && !token.forced {
                 delta.logprobs.push(TokenLogprob {
                     id: token.id,
                     logprob: token.logprob,
@@ -145,6 +150,7 @@ impl OutputPipeline {
                         Channel::Content => {}
                     }
                 }
+                Routed::Text(_) if token.forced => {}
                 Routed::Text(channel) => {
                     let text = self.detok(channel).push(token.id)?;
                     self.emit(channel, text, &mut delta);
@@ -353,6 +359,66 @@ mod tests {
             }
         );
         assert_eq!(p.generated(), 3);
+    }
+
+    /// The thinking budget's closing `"\n</think>\n\n"` as the coordinator appends it.
+    fn forced_close() -> Vec<pb::Token> {
+        [b'\n' as u32, THINK_CLOSE_ID, b'\n' as u32, b'\n' as u32]
+            .iter()
+            .map(|&id| pb::Token {
+                id,
+                logprob: 0.0,
+                top: vec![],
+                forced: true,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn forced_close_is_not_model_text() {
+        let mut p = pipeline(serde_json::json!({}), true, true);
+        let mut toks = tokens(&text("abcde"));
+        toks.extend(forced_close());
+        toks.extend(tokens(&text("Yes.")));
+        toks.extend(tokens(&[IM_END_ID]));
+        let mut out = Delta::default();
+        for t in &toks {
+            out.append(p.push(std::slice::from_ref(t)).expect("push"));
+        }
+        out.append(p.finish().expect("finish"));
+        assert_eq!(out.reasoning, "abcde");
+        assert_eq!(out.content, "Yes.");
+        assert_eq!(p.generated(), 5 + 4 + 4 + 1, "forced tokens still count");
+        let ids: Vec<u32> = out.logprobs.iter().map(|l| l.id).collect();
+        let mut want = text("abcdeYes.");
+        want.push(IM_END_ID);
+        assert_eq!(ids, want, "no logprobs for forced tokens");
+    }
+
+    #[test]
+    fn forced_close_in_one_message_with_sampled_tokens() {
+        let mut p = pipeline(serde_json::json!({"stop": "\n"}), true, true);
+        let mut toks = tokens(&text("r1"));
+        toks.extend(forced_close());
+        toks.extend(tokens(&text("c")));
+        let mut out = p.push(&toks).expect("push");
+        out.append(p.finish().expect("finish"));
+        // The forced "\n\n" never reaches the stop matcher either.
+        assert_eq!((out.reasoning.as_str(), out.content.as_str()), ("r1", "c"));
+        assert!(!p.stop_matched());
+        assert_eq!(p.generated(), 7);
+    }
+
+    #[test]
+    fn forced_close_without_split_is_dropped_from_raw_text() {
+        let mut p = pipeline(serde_json::json!({}), true, false);
+        let mut toks = tokens(&text("r"));
+        toks.extend(forced_close());
+        toks.extend(tokens(&text("c")));
+        let mut out = p.push(&toks).expect("push");
+        out.append(p.finish().expect("finish"));
+        assert_eq!((out.reasoning.as_str(), out.content.as_str()), ("", "rc"));
+        assert_eq!(p.generated(), 6);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Building the prompt: OpenAI messages → template messages + image references → rendered text
-//! → token ids → `<image>` expansion and length checks ([`finish_prompt`]).
+//! → token ids ([`render_chat`], shared by `/v1/chat/completions` and `/tokenize`) → `<image>`
+//! expansion ([`expand_images`]) and length checks ([`finish_prompt`]).
 
 use serde_json::{Map, Value};
 
@@ -204,6 +205,57 @@ pub fn check_placeholders(
     Ok(())
 }
 
+/// A chat conversation rendered with the template and tokenized; its images are referenced,
+/// not fetched yet.
+#[derive(Clone, Debug)]
+pub struct RenderedChat {
+    /// The rendered template text.
+    pub text: String,
+    /// Token ids of `text` (one `<image>` token per image).
+    pub ids: Vec<u32>,
+    /// Every image part, in message and part order.
+    pub images: Vec<ImageRef>,
+}
+
+/// The chat prompt path shared by `/v1/chat/completions` and `/tokenize`: converts `messages`,
+/// checks `chat_template_kwargs` (`thinking_mode`), renders the template, tokenizes the text and
+/// checks that its `<image>` placeholders pair up with the images.
+pub fn render_chat(
+    state: &AppState,
+    messages: Option<Vec<ChatMessage>>,
+    kwargs: Option<Map<String, Value>>,
+    add_generation_prompt: bool,
+    add_special_tokens: bool,
+) -> Result<RenderedChat, ApiError> {
+    let conv = conversation(messages)?;
+    let kwargs = template_kwargs(kwargs)?;
+    let text = render(state, &conv, add_generation_prompt, &kwargs)?;
+    let ids = tokenize(state, &text, add_special_tokens)?;
+    check_placeholders(state, &ids, conv.images.len())?;
+    Ok(RenderedChat {
+        text,
+        ids,
+        images: conv.images,
+    })
+}
+
+/// Replaces the `i`-th `<image>` token of `ids` by `images[i].num_tokens` copies.
+pub fn expand_images(
+    state: &AppState,
+    ids: Vec<u32>,
+    images: &[r4b_proto::v1::Image],
+) -> Result<Vec<u32>, ValidationError> {
+    let counts: Vec<u32> = images.iter().map(|i| i.num_tokens).collect();
+    match state.image_token_id() {
+        Some(image_id) => expand_image_tokens(&ids, image_id, &counts),
+        None if counts.is_empty() => Ok(ids),
+        None => Err(ValidationError::ImageCount {
+            placeholders: 0,
+            images: counts.len(),
+        }),
+    }
+}
+
 /// What [`finish_prompt`] needs besides the state.
 #[derive(Debug)]
 pub struct PromptParts {
@@ -224,17 +276,7 @@ pub fn finish_prompt(
     state: &AppState,
     parts: PromptParts,
 ) -> Result<ValidatedRequest, ValidationError> {
-    let counts: Vec<u32> = parts.images.iter().map(|i| i.num_tokens).collect();
-    let prompt_ids = match state.image_token_id() {
-        Some(image_id) => expand_image_tokens(&parts.ids, image_id, &counts)?,
-        None if counts.is_empty() => parts.ids,
-        None => {
-            return Err(ValidationError::ImageCount {
-                placeholders: 0,
-                images: counts.len(),
-            })
-        }
-    };
+    let prompt_ids = expand_images(state, parts.ids, &parts.images)?;
     if prompt_ids.is_empty() {
         return Err(invalid("prompt".into(), "the prompt is empty"));
     }

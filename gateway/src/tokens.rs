@@ -108,6 +108,12 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The vocabulary string of `id` (byte-level pieces as stored, e.g. `Ġ` for a space; added
+    /// tokens as written), like `convert_ids_to_tokens`; empty for an unknown id.
+    pub fn token_piece(&self, id: u32) -> String {
+        self.inner.id_to_token(id).unwrap_or_default()
+    }
+
     /// Whether `id` is an added token marked special.
     pub fn is_special(&self, id: u32) -> bool {
         self.added.get(&id).is_some_and(|(_, special)| *special)
@@ -261,6 +267,9 @@ mod tests {
         assert_eq!(tok.token_bytes(b' ' as u32), vec![b' ']);
         assert_eq!(tok.token_bytes(259), b"<think>".to_vec());
         assert_eq!(tok.token_text(0xC3), "\u{FFFD}");
+        assert_eq!(tok.token_piece(b' ' as u32), "Ġ");
+        assert_eq!(tok.token_piece(257), "<|im_start|>");
+        assert_eq!(tok.token_piece(400), "");
         assert!(tok.is_special(258));
         assert!(!tok.is_special(259));
     }

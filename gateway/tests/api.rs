@@ -173,17 +173,6 @@ async fn unknown_route_is_404_json() {
     assert_error(&r, 404, None, "not_found");
 }
 
-fn png_data_uri(w: u32, h: u32) -> String {
-    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 9]));
-    let mut out = Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png)
-        .expect("png");
-    format!(
-        "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(out.into_inner())
-    )
-}
-
 fn image_body(url: &str) -> Value {
     json!({"model": "r4b", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What?"},

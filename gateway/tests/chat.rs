@@ -1,5 +1,5 @@
 //! `/v1/chat/completions` against a fake coordinator: prompts sent, responses, SSE framing,
-//! reasoning split, stop strings, logprobs, n > 1, cancellation.
+//! reasoning split, forced (budget) tokens, stop strings, logprobs, n > 1, cancellation.
 
 mod common;
 
@@ -191,6 +191,67 @@ async fn short_mode_prompt_and_thinking_budget() {
     let s = req.stopping.clone().expect("stopping");
     assert!(!s.think_open_in_prompt);
     assert_eq!(s.max_thinking_tokens, Some(7));
+}
+
+#[tokio::test]
+async fn forced_budget_close_is_not_text_and_budget_comes_from_extra_body() {
+    let gw = gateway(|req| {
+        let mut t = ids("abcde");
+        t.extend([10, UNTHINK, 10, 10]);
+        t.extend(ids("Yes."));
+        t.push(EOS);
+        match reply_ids(req, &t, pb::FinishReason::Stop, Duration::ZERO) {
+            Script::Reply {
+                mut messages,
+                delay,
+                then,
+            } => {
+                // The coordinator appended "\n</think>\n\n" after the 5-token budget.
+                for m in &mut messages[5..9] {
+                    m.tokens.iter_mut().for_each(|t| t.forced = true);
+                }
+                Script::Reply {
+                    messages,
+                    delay,
+                    then,
+                }
+            }
+            other => other,
+        }
+    })
+    .await;
+    let mut body = chat_body("q");
+    body["logprobs"] = json!(true);
+    body["extra_body"] =
+        json!({"chat_template_kwargs": {"thinking_mode": "long"}, "max_thinking_tokens": 5});
+    let r = gw.post("/v1/chat/completions", body).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], "abcde");
+    assert_eq!(message["content"], "Yes.");
+    assert_eq!(v["usage"]["completion_tokens"], 5 + 4 + 4 + 1);
+    let tokens: Vec<&str> = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs")
+        .iter()
+        .map(|t| t["token"].as_str().expect("token"))
+        .collect();
+    assert_eq!(
+        tokens,
+        vec!["a", "b", "c", "d", "e", "Y", "e", "s", ".", "<|im_end|>"],
+        "forced tokens have no logprobs"
+    );
+    let s = gw.seen()[0].stopping.clone().expect("stopping");
+    assert_eq!(s.max_thinking_tokens, Some(5));
+    assert!(s.think_open_in_prompt);
+
+    let mut body = chat_body("q");
+    body["extra_body"] = json!({"thinking_token_budget": 3});
+    let r = gw.post("/v1/chat/completions", body).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let s = gw.seen()[1].stopping.clone().expect("stopping");
+    assert_eq!(s.max_thinking_tokens, Some(3));
 }
 
 #[tokio::test]

@@ -400,3 +400,16 @@ pub fn user_prompt_ids(text: &str) -> Vec<u32> {
 pub fn chat_body(text: &str) -> Value {
     serde_json::json!({"model": "r4b", "messages": [{"role": "user", "content": text}]})
 }
+
+/// A `w`×`h` PNG as a `data:` URI.
+pub fn png_data_uri(w: u32, h: u32) -> String {
+    use base64::Engine;
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 9]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .expect("png");
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(out.into_inner())
+    )
+}

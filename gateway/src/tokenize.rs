@@ -1,0 +1,112 @@
+//! `POST /tokenize` and `POST /detokenize`, shaped like vLLM's.
+//!
+//! `/tokenize` takes a chat body (`messages`, rendered exactly as `/v1/chat/completions` renders
+//! it, through [`prompt::render_chat`], `thinking_mode` included) or a completion body (`prompt`,
+//! a string). Images in a chat body are fetched and preprocessed as in chat, so each `<image>`
+//! is expanded to the token count the coordinator would see. The answer carries the ids, their
+//! count and the context length (no length check, as in vLLM: `count` may exceed
+//! `max_model_len`), each token's vocabulary string on request (`return_token_strs`), and the r4b
+//! extension `prompt`: the text that was tokenized. `/detokenize` decodes ids with special tokens
+//! kept, so `/tokenize`'s `tokens` decode back to its `prompt` (unless images were expanded or
+//! the post-processor added tokens).
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+
+use crate::api::{DetokenizeBody, DetokenizeResponse, TokenizeBody, TokenizeResponse};
+use crate::error::ApiError;
+use crate::extract::JsonBody;
+use crate::prompt;
+use crate::state::AppState;
+use crate::validate::{self, ValidationError};
+
+/// The tokenizer routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+}
+
+async fn tokenize(
+    State(state): State<AppState>,
+    body: JsonBody,
+) -> Result<Json<TokenizeResponse>, ApiError> {
+    let req: TokenizeBody = body.parse()?;
+    validate::check_model(req.model.as_deref(), &state.config().served_model_name)?;
+    let return_token_strs = req.return_token_strs.unwrap_or(false);
+    let (text, tokens) = text_and_ids(&state, req).await?;
+    let token_strs = return_token_strs.then(|| {
+        let tok = state.files().tokenizer();
+        tokens.iter().map(|&id| tok.token_piece(id)).collect()
+    });
+    Ok(Json(TokenizeResponse {
+        count: tokens.len(),
+        max_model_len: state.max_model_len(),
+        tokens,
+        token_strs,
+        prompt: text,
+    }))
+}
+
+/// The text to tokenize and its ids: the rendered chat template (images expanded) or the prompt.
+async fn text_and_ids(state: &AppState, req: TokenizeBody) -> Result<(String, Vec<u32>), ApiError> {
+    match (req.messages, req.prompt) {
+        (Some(messages), None) => {
+            let chat = prompt::render_chat(
+                state,
+                Some(messages),
+                req.chat_template_kwargs,
+                req.add_generation_prompt.unwrap_or(true),
+                req.add_special_tokens.unwrap_or(false),
+            )?;
+            let images = state.images().load_all(&chat.images).await?;
+            let ids = prompt::expand_images(state, chat.ids, &images)?;
+            Ok((chat.text, ids))
+        }
+        (None, Some(text)) => {
+            let ids = prompt::tokenize(state, &text, req.add_special_tokens.unwrap_or(true))?;
+            Ok((text, ids))
+        }
+        (Some(_), Some(_)) => Err(ValidationError::Invalid {
+            field: "prompt".into(),
+            reason:
+                "give either `messages` (a chat body) or `prompt` (a completion body), not both"
+                    .into(),
+        }
+        .into()),
+        (None, None) => Err(ValidationError::Invalid {
+            field: "messages".into(),
+            reason: "required for a chat body; send `prompt` instead for a completion body".into(),
+        }
+        .into()),
+    }
+}
+
+async fn detokenize(
+    State(state): State<AppState>,
+    body: JsonBody,
+) -> Result<Json<DetokenizeResponse>, ApiError> {
+    let req: DetokenizeBody = body.parse()?;
+    validate::check_model(req.model.as_deref(), &state.config().served_model_name)?;
+    let raw = req.tokens.ok_or_else(|| ValidationError::Missing {
+        field: "tokens".into(),
+    })?;
+    let ids = raw
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            u32::try_from(t).map_err(|_| ValidationError::OutOfRange {
+                field: format!("tokens[{i}]"),
+                bound: format!("a token id in [0, {}]", u32::MAX),
+                value: t.to_string(),
+            })
+        })
+        .collect::<Result<Vec<u32>, _>>()?;
+    let prompt = state
+        .files()
+        .tokenizer()
+        .decode(&ids, false)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(DetokenizeResponse { prompt }))
+}
