@@ -225,7 +225,7 @@ impl Engine {
                 let result = seq_request(id, &req, self.image_token)
                     .and_then(|sr| self.scheduler.submit(sr).map_err(submit_status))
                     .map(|()| {
-                        let mut sampling = req.sampling.clone().unwrap_or_default();
+                        let mut sampling = req.sampling.unwrap_or_default();
                         if sampling.seed.is_none() {
                             sampling.seed = Some(random_seed(id));
                         }
@@ -289,11 +289,7 @@ impl Engine {
                     },
                     image_row_offset: c.image_row_offset as u32,
                     sample: c.sample,
-                    sampling: if first {
-                        a.map(|a| a.sampling.clone())
-                    } else {
-                        None
-                    },
+                    sampling: if first { a.map(|a| a.sampling) } else { None },
                     history: c.history.clone(),
                 }
             })
@@ -396,7 +392,7 @@ impl Engine {
 
     fn publish(&mut self) {
         let st = self.scheduler.stats();
-        let mut load = self.totals.clone();
+        let mut load = self.totals;
         load.waiting = st.waiting as u32;
         load.running = st.running as u32;
         load.kv_blocks_used = st.blocks_used as u32;

@@ -174,7 +174,7 @@ fn replica_config(r: &ReplicaArgs, m: &ModelArgs, checkpoint: PathBuf) -> Result
             addrs: r.worker_addrs.clone(),
         }
     };
-    if !(r.kv_cache_space > 0.0) {
+    if r.kv_cache_space.is_nan() || r.kv_cache_space <= 0.0 {
         bail!("--kv-cache-space must be positive");
     }
     Ok(ReplicaConfig {
