@@ -76,7 +76,7 @@ async fn run_worker(args: WorkerArgs) -> Result<()> {
     tonic::transport::Server::builder()
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 tokio::select! {
                     _ = stop.shutdown_requested() => {}

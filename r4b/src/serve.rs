@@ -215,7 +215,7 @@ async fn start_coordinator(
         .with_context(|| format!("starting the replica ({tp:?})"))?;
     let service = replica.service.clone().into_server();
     tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(service)
             .serve_with_incoming(incoming)
@@ -233,6 +233,10 @@ async fn serve_http(state: AppState, g: &GatewayOpts) -> Result<()> {
         .await
         .with_context(|| format!("binding {addr}"))?;
     eprintln!("r4b: OpenAI API on http://{}", listener.local_addr()?);
+    // Small SSE chunks and responses must not wait for Nagle's algorithm.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, r4b_gateway::router(state))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
