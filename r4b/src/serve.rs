@@ -215,7 +215,8 @@ async fn start_coordinator(
         .with_context(|| format!("starting the replica ({tp:?})"))?;
     let service = replica.service.clone().into_server();
     tokio::spawn(async move {
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(service)
             .serve_with_incoming(incoming)
