@@ -346,6 +346,7 @@ impl Engine {
             let mut msg = pb::GenerateResponse::default();
             if !a.first_sent {
                 msg.prompt_tokens = a.prompt_tokens;
+                msg.cached_tokens = ev.cached_tokens.unwrap_or(0) as u32;
                 a.first_sent = true;
             }
             for (id, forced) in ev.tokens {

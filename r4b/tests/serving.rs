@@ -172,3 +172,23 @@ fn a_client_that_disconnects_mid_stream_frees_its_kv_blocks() {
         "the request completed instead of being aborted (busy seen: {busy_seen})"
     );
 }
+
+#[test]
+fn a_repeated_prompt_is_served_from_the_prefix_cache() {
+    let s = Server::start(&[]);
+    let text = "The same long system-like preamble, repeated so that several KV blocks fill up. "
+        .repeat(3);
+    let first = s.greedy_chat(&text, 4);
+    let second = s.greedy_chat(&text, 4);
+    let cached = |b: &Value| {
+        b["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(cached(&first), 0, "{first}");
+    // Whole 16-token blocks are reused; the last prompt token is always recomputed.
+    assert_eq!(cached(&second), (prompt - 1) / 16 * 16, "{second}");
+    assert_eq!(choice_text(&first), choice_text(&second));
+    assert!(s.metric("vllm:prefix_cache_hits_total").unwrap_or(0.0) > 0.0);
+}

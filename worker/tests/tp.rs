@@ -85,21 +85,26 @@ fn logits(run: &Value) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// The reference prompts as job entries (image paths absolute).
+fn job_prompts(r: &Value, names: &[&str]) -> Vec<Value> {
+    names
+        .iter()
+        .map(|n| {
+            let imgs: Vec<String> = images(r, n)
+                .iter()
+                .map(|f| fixtures().join(f).to_str().unwrap().to_string())
+                .collect();
+            json!({"input_ids": ids(r, n), "images": imgs})
+        })
+        .collect()
+}
+
 #[test]
 fn tp_2_4_8_processes_match_tp1_and_hf() {
     let r = reference();
     let tmp = tempfile::tempdir().unwrap();
     let names = ["text", "image", "two_images"];
-    let prompts: Vec<Value> = names
-        .iter()
-        .map(|n| {
-            let imgs: Vec<String> = images(&r, n)
-                .iter()
-                .map(|f| fixtures().join(f).to_str().unwrap().to_string())
-                .collect();
-            json!({"input_ids": ids(&r, n), "images": imgs})
-        })
-        .collect();
+    let prompts = job_prompts(&r, &names);
     let job = tmp.path().join("job.json");
     std::fs::write(
         &job,
@@ -138,16 +143,7 @@ fn tp8_batched_and_chunked_matches_hf_tokens() {
     let r = reference();
     let tmp = tempfile::tempdir().unwrap();
     let names = ["text", "image", "two_images"];
-    let prompts: Vec<Value> = names
-        .iter()
-        .map(|n| {
-            let imgs: Vec<String> = images(&r, n)
-                .iter()
-                .map(|f| fixtures().join(f).to_str().unwrap().to_string())
-                .collect();
-            json!({"input_ids": ids(&r, n), "images": imgs})
-        })
-        .collect();
+    let prompts = job_prompts(&r, &names);
     let job = tmp.path().join("job.json");
     let spec = json!({"prompts": prompts, "steps": 32, "batched": true, "prefill_chunk": 256, "block_size": 8});
     std::fs::write(&job, spec.to_string()).unwrap();
