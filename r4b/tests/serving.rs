@@ -192,3 +192,54 @@ fn a_repeated_prompt_is_served_from_the_prefix_cache() {
     assert_eq!(choice_text(&first), choice_text(&second));
     assert!(s.metric("vllm:prefix_cache_hits_total").unwrap_or(0.0) > 0.0);
 }
+
+#[test]
+fn seeded_sampling_repeats_and_logprobs_come_back() {
+    let s = Server::start(&[]);
+    let body = |seed: u64| {
+        json!({
+            "model": "r4b", "messages": [{"role": "user", "content": "Pick some words."}],
+            "max_tokens": 24, "temperature": 1.0, "top_p": 0.9, "top_k": 50, "seed": seed,
+            "presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.1,
+            "ignore_eos": true, "logprobs": true, "top_logprobs": 3
+        })
+    };
+    let run = |seed| {
+        let (st, b) = s.post("/v1/chat/completions", &body(seed));
+        assert_eq!(st, 200, "{b}");
+        b
+    };
+    let (a, b, c) = (run(42), run(42), run(7));
+    assert_eq!(choice_text(&a), choice_text(&b), "same seed, same text");
+    let lp = |v: &Value| {
+        v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    // The second run hits the prefix cache, so its prefill differs by float rounding only.
+    let toks = |v: &Value| lp(v).iter().map(|e| e["bytes"].clone()).collect::<Vec<_>>();
+    assert_eq!(toks(&a), toks(&b), "same seed, same tokens");
+    for (x, y) in lp(&a).iter().zip(lp(&b)) {
+        let d = (x["logprob"].as_f64().unwrap() - y["logprob"].as_f64().unwrap()).abs();
+        assert!(d < 1e-4, "same seed, logprob differs by {d}");
+    }
+    assert_ne!(
+        toks(&a),
+        toks(&c),
+        "another seed should sample other tokens"
+    );
+    let entries = lp(&a);
+    assert_eq!(entries.len(), 24, "one logprobs entry per generated token");
+    for e in &entries {
+        let p = e["logprob"].as_f64().unwrap();
+        assert!(p <= 0.0 && p.is_finite(), "{e}");
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{e}");
+        let best = top[0]["logprob"].as_f64().unwrap();
+        assert!(
+            best >= p - 1e-6,
+            "the top alternative is at least as likely as the choice: {e}"
+        );
+    }
+}
