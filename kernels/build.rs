@@ -1,0 +1,34 @@
+//! With the `cuda` feature, compiles `src/r4b.cu` to sm_90 PTX with nvcc (embedded in the library).
+//! nvcc: `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `/usr/local/cuda/bin/nvcc`, else `nvcc` on PATH.
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=src/r4b.cu");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let nvcc = std::env::var_os("NVCC")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("bin/nvcc")))
+        .filter(|p| p.exists())
+        .or_else(|| Some(PathBuf::from("/usr/local/cuda/bin/nvcc")).filter(|p| p.exists()))
+        .unwrap_or_else(|| PathBuf::from("nvcc"));
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("r4b.ptx");
+    let status = Command::new(&nvcc)
+        .args(["-ptx", "-arch=sm_90", "-O3", "-std=c++17", "-o"])
+        .arg(&out)
+        .arg("src/r4b.cu")
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("nvcc ({}) failed on src/r4b.cu: {s}", nvcc.display()),
+        Err(e) => panic!(
+            "the `cuda` feature needs nvcc ({}: {e}); set NVCC or CUDA_HOME, or install it from PyPI \
+             as ../shared/spec/gpu-build.md and kernels/README.md say",
+            nvcc.display()
+        ),
+    }
+}

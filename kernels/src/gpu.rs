@@ -1,0 +1,1081 @@
+use std::ffi::c_void;
+use std::sync::Arc;
+
+pub use cudarc;
+use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    result as drv, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
+};
+use cudarc::nccl::{result as nccl_result, sys as nccl_sys};
+use cudarc::nvrtc::Ptx;
+
+/// A device address.
+pub type DevPtr = u64;
+
+/// The skinny-GEMM kernel exists for up to this many rows ([`Gpu::gemv`]); [`Gpu::linear`] uses it
+/// where it measured faster than cuBLAS (unless `R4B_NO_GEMV` is set).
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// The PTX of `src/r4b.cu` (nvcc, sm_90).
+pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/r4b.ptx"));
+
+/// Errors of the GPU layer.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    #[error("cuBLAS: {0}")]
+    Blas(#[from] cudarc::cublas::result::CublasError),
+    #[error("NCCL: {0:?}")]
+    Nccl(nccl_result::NcclError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<nccl_result::NcclError> for GpuError {
+    fn from(e: nccl_result::NcclError) -> Self {
+        GpuError::Nccl(e)
+    }
+}
+
+pub type Result<T, E = GpuError> = std::result::Result<T, E>;
+
+/// Number of CUDA devices visible to this process.
+pub fn device_count() -> Result<usize> {
+    Ok(CudaContext::device_count()? as usize)
+}
+
+/// An owned device allocation (freed on drop).
+#[derive(Debug)]
+pub struct DBuf {
+    ptr: DevPtr,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl DBuf {
+    pub fn ptr(&self) -> DevPtr {
+        self.ptr
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    /// Address of element `i` of `elem`-byte elements.
+    pub fn at(&self, i: usize, elem: usize) -> DevPtr {
+        self.ptr + (i * elem) as u64
+    }
+}
+
+impl Drop for DBuf {
+    fn drop(&mut self) {
+        if self.ptr != 0 && self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by `Gpu::alloc` in this context, freed once.
+            unsafe {
+                let _ = drv::free_sync(self.ptr);
+            }
+        }
+    }
+}
+
+struct Funcs {
+    embed_gather: CudaFunction,
+    scatter_rows: CudaFunction,
+    gather_rows: CudaFunction,
+    add_rmsnorm: CudaFunction,
+    layernorm: CudaFunction,
+    qk_norm_rope_kv: CudaFunction,
+    /// `(head_dim, group)` → kernel.
+    decode: Vec<((usize, usize), CudaFunction)>,
+    decode_combine: CudaFunction,
+    gather_kv: CudaFunction,
+    softmax_rows: CudaFunction,
+    silu_mul: CudaFunction,
+    bias_act: CudaFunction,
+    bias_residual: CudaFunction,
+    im2col_patches: CudaFunction,
+    add_pos_embed: CudaFunction,
+    argmax_rows: CudaFunction,
+    /// `gemv[m - 1]` computes M = m rows.
+    gemv: Vec<CudaFunction>,
+    f32_to_bf16: CudaFunction,
+    bf16_to_f32: CudaFunction,
+}
+
+/// One GPU: context, the stream everything runs on, cuBLAS and the loaded kernels.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    /// Small-M GEMMs run the skinny kernel (off with `R4B_NO_GEMV=1`).
+    pub use_gemv: bool,
+    /// When set, [`Gpu::mark`] records a timing event per labelled op (eager steps only).
+    timeline: std::sync::Mutex<Option<Vec<(&'static str, cudarc::driver::CudaEvent)>>>,
+    blas: CudaBlas,
+    f: Funcs,
+    _workspace: DBuf,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("ordinal", &self.ctx.ordinal())
+            .finish()
+    }
+}
+
+/// What [`Gpu::add_rmsnorm`] does to the residual stream before normalising it.
+#[derive(Clone, Copy, Debug)]
+pub enum Residual {
+    Keep,
+    Add(DevPtr),
+    Set(DevPtr),
+}
+
+/// Element type of a GEMM output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutType {
+    Bf16,
+    F32,
+}
+
+/// A column-major cuBLAS GEMM (`C = α·op(A)·op(B) + β·C`), bf16 inputs, f32 accumulation,
+/// strided-batched when `batch > 1`.
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: DevPtr,
+    pub lda: usize,
+    pub stride_a: usize,
+    pub b: DevPtr,
+    pub ldb: usize,
+    pub stride_b: usize,
+    pub c: DevPtr,
+    pub ldc: usize,
+    pub stride_c: usize,
+    pub batch: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub out: OutType,
+}
+
+/// Arguments of [`Gpu::qk_norm_rope_kv`].
+#[derive(Clone, Copy, Debug)]
+pub struct RopeKv {
+    pub qkv: DevPtr,
+    pub q_norm: DevPtr,
+    pub k_norm: DevPtr,
+    /// i32 `[T]`.
+    pub positions: DevPtr,
+    /// i32 `[T]`: KV cache slot of each token.
+    pub slots: DevPtr,
+    pub k_cache: DevPtr,
+    pub v_cache: DevPtr,
+    pub tokens: usize,
+    pub nq: usize,
+    pub nkv: usize,
+    pub head_dim: usize,
+    pub eps: f32,
+    pub theta: f32,
+}
+
+/// Arguments of [`Gpu::decode_attention`].
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeAttn {
+    /// Queries: head `h` of token `t` at `q + (t·q_stride + h·hd)·2`.
+    pub q: DevPtr,
+    pub q_stride: usize,
+    pub k_cache: DevPtr,
+    pub v_cache: DevPtr,
+    /// i32 `[T]`: keys visible to each query.
+    pub ctx_lens: DevPtr,
+    /// i32 `[T]`: the block-table row of each query.
+    pub bt_rows: DevPtr,
+    /// i32 `[rows, max_blocks]`.
+    pub block_tables: DevPtr,
+    pub max_blocks: usize,
+    pub block_size: usize,
+    pub tokens: usize,
+    pub nq: usize,
+    pub nkv: usize,
+    pub head_dim: usize,
+    /// Keys per partition and the number of partitions the scratch holds per (token, head).
+    pub part_size: usize,
+    pub parts: usize,
+    pub scale: f32,
+    /// Scratch: f32 `[T, nq, parts]` ×2 and f32 `[T, nq, parts, hd]`.
+    pub pm: DevPtr,
+    pub pl: DevPtr,
+    pub pacc: DevPtr,
+    /// Output: head `h` of token `t` at `out + (t·out_stride + h·hd)·2`.
+    pub out: DevPtr,
+    pub out_stride: usize,
+}
+
+fn grid1(n: usize, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn grid2(x: usize, y: usize, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x as u32, y as u32, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn i(v: usize) -> i32 {
+    v as i32
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, loads the kernels and sets cuBLAS up on one stream.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let ctx = CudaContext::new(ordinal)?;
+        // One stream, no cross-stream hazards: cudarc's per-allocation events are not needed.
+        // SAFETY: every buffer of this crate is used on `stream` only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        let module = ctx.load_module(Ptx::from_src(PTX))?;
+        let l = |n: &str| module.load_function(n);
+        let f = Funcs {
+            embed_gather: l("embed_gather")?,
+            scatter_rows: l("scatter_rows")?,
+            gather_rows: l("gather_rows")?,
+            add_rmsnorm: l("add_rmsnorm")?,
+            layernorm: l("layernorm")?,
+            qk_norm_rope_kv: l("qk_norm_rope_kv")?,
+            decode: {
+                let mut v = Vec::new();
+                for hd in [16, 32, 64, 128] {
+                    for g in [1, 2, 4, 8] {
+                        v.push(((hd, g), l(&format!("decode_attn_hd{hd}_g{g}"))?));
+                    }
+                }
+                v
+            },
+            decode_combine: l("decode_attn_combine")?,
+            gather_kv: l("gather_kv")?,
+            softmax_rows: l("softmax_rows")?,
+            silu_mul: l("silu_mul")?,
+            bias_act: l("bias_act")?,
+            bias_residual: l("bias_residual")?,
+            im2col_patches: l("im2col_patches")?,
+            add_pos_embed: l("add_pos_embed")?,
+            argmax_rows: l("argmax_rows")?,
+            gemv: (1..=GEMV_MAX_ROWS)
+                .map(|m| l(&format!("gemv_m{m}")))
+                .collect::<Result<_, _>>()?,
+            f32_to_bf16: l("f32_to_bf16")?,
+            bf16_to_f32: l("bf16_to_f32")?,
+        };
+        let blas = CudaBlas::new(stream.clone())?;
+        // A fixed cuBLAS workspace, so that GEMMs allocate nothing (required under graph capture).
+        let ws_bytes = 64 << 20;
+        let workspace = Self::alloc_in(&ctx, ws_bytes)?;
+        // SAFETY: the handle and the workspace live as long as `Gpu`.
+        unsafe {
+            blas_sys::cublasSetWorkspace_v2(*blas.handle(), workspace.ptr as *mut c_void, ws_bytes)
+                .result()?;
+        }
+        Ok(Gpu {
+            ctx,
+            stream,
+            use_gemv: std::env::var_os("R4B_NO_GEMV").is_none(),
+            timeline: std::sync::Mutex::new(None),
+            blas,
+            f,
+            _workspace: workspace,
+        })
+    }
+
+    fn alloc_in(ctx: &Arc<CudaContext>, bytes: usize) -> Result<DBuf> {
+        ctx.bind_to_thread()?;
+        // SAFETY: a plain allocation, freed by DBuf's drop.
+        let ptr = unsafe { drv::malloc_sync(bytes.max(1))? };
+        Ok(DBuf {
+            ptr,
+            bytes,
+            ctx: ctx.clone(),
+        })
+    }
+
+    /// A device allocation of `bytes` (contents undefined).
+    pub fn alloc(&self, bytes: usize) -> Result<DBuf> {
+        Self::alloc_in(&self.ctx, bytes)
+    }
+
+    /// Starts recording a timeline: every later [`Gpu::mark`] records an event.
+    pub fn timeline_start(&self) -> Result<()> {
+        let ev = self
+            .stream
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        if let Ok(mut t) = self.timeline.lock() {
+            *t = Some(vec![("start", ev)]);
+        }
+        Ok(())
+    }
+
+    /// Marks the end of the op labelled `label` (no-op unless a timeline is recording).
+    pub fn mark(&self, label: &'static str) -> Result<()> {
+        if let Ok(mut t) = self.timeline.lock() {
+            if let Some(v) = t.as_mut() {
+                let ev = self
+                    .stream
+                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+                v.push((label, ev));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the timeline and returns milliseconds per label (summed over its occurrences), in
+    /// first-seen order.
+    pub fn timeline_stop(&self) -> Result<Vec<(&'static str, f64)>> {
+        self.sync()?;
+        let v = match self.timeline.lock() {
+            Ok(mut t) => t.take().unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let mut out: Vec<(&'static str, f64)> = Vec::new();
+        for w in v.windows(2) {
+            let ms = f64::from(w[0].1.elapsed_ms(&w[1].1)?);
+            match out.iter_mut().find(|(l, _)| *l == w[1].0) {
+                Some(e) => e.1 += ms,
+                None => out.push((w[1].0, ms)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Free and total device memory, bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx.bind_to_thread()?;
+        Ok(drv::mem_get_info()?)
+    }
+
+    /// Makes this GPU's context current on the calling thread.
+    pub fn bind(&self) -> Result<()> {
+        Ok(self.ctx.bind_to_thread()?)
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// Host → device, ordered on the stream. The host slice must stay untouched until the stream
+    /// reaches the copy (pageable memory: the driver stages it before returning).
+    pub unsafe fn htod<T>(&self, src: &[T], dst: DevPtr) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        drv::memcpy_htod_async(dst, src, self.stream.cu_stream())?;
+        Ok(())
+    }
+
+    /// Device → host; synchronises the stream.
+    pub unsafe fn dtoh<T>(&self, src: DevPtr, dst: &mut [T]) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        drv::memcpy_dtoh_async(dst, src, self.stream.cu_stream())?;
+        self.sync()
+    }
+
+    pub unsafe fn dtod(&self, src: DevPtr, dst: DevPtr, bytes: usize) -> Result<()> {
+        if bytes > 0 {
+            drv::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())?;
+        }
+        Ok(())
+    }
+
+    pub unsafe fn memset0(&self, dst: DevPtr, bytes: usize) -> Result<()> {
+        if bytes > 0 {
+            drv::memset_d8_async(dst, 0, bytes, self.stream.cu_stream())?;
+        }
+        Ok(())
+    }
+
+    // ----- GEMM ----------------------------------------------------------------------------------
+
+    /// A raw column-major GEMM (see [`Gemm`]).
+    pub unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let bf = blas_sys::cudaDataType_t::CUDA_R_16BF;
+        let ct = match g.out {
+            OutType::Bf16 => bf,
+            OutType::F32 => blas_sys::cudaDataType_t::CUDA_R_32F,
+        };
+        let (alpha, beta) = (g.alpha, g.beta);
+        let compute = blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let algo = blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+        if g.batch <= 1 {
+            blas_result::gemm_ex(
+                *self.blas.handle(),
+                op(g.trans_a),
+                op(g.trans_b),
+                i(g.m),
+                i(g.n),
+                i(g.k),
+                (&alpha) as *const f32 as *const c_void,
+                g.a as *const c_void,
+                bf,
+                i(g.lda),
+                g.b as *const c_void,
+                bf,
+                i(g.ldb),
+                (&beta) as *const f32 as *const c_void,
+                g.c as *mut c_void,
+                ct,
+                i(g.ldc),
+                compute,
+                algo,
+            )?;
+        } else {
+            blas_result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                op(g.trans_a),
+                op(g.trans_b),
+                i(g.m),
+                i(g.n),
+                i(g.k),
+                (&alpha) as *const f32 as *const c_void,
+                g.a as *const c_void,
+                bf,
+                i(g.lda),
+                g.stride_a as i64,
+                g.b as *const c_void,
+                bf,
+                i(g.ldb),
+                g.stride_b as i64,
+                (&beta) as *const f32 as *const c_void,
+                g.c as *mut c_void,
+                ct,
+                i(g.ldc),
+                g.stride_c as i64,
+                i(g.batch),
+                compute,
+                algo,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `Y[M, N] = X[M, K] · W[N, K]ᵀ` (row-major; W as a PyTorch Linear weight), `Y += ...` when
+    /// `accumulate`. X and W are bf16, Y bf16 or f32.
+    pub unsafe fn linear(
+        &self,
+        x: DevPtr,
+        w: DevPtr,
+        y: DevPtr,
+        (m, n, k): (usize, usize, usize),
+        out: OutType,
+        accumulate: bool,
+    ) -> Result<()> {
+        // Measured on the H100 (bench/RESULTS.md): the skinny kernel beats cuBLAS at one row and
+        // K ≤ 4096 (qkv, o_proj, gate_up, lm_head); cuBLAS wins for more rows and for down_proj.
+        let aligned = k % 8 == 0 && x % 16 == 0 && w % 16 == 0;
+        if self.use_gemv && !accumulate && m == 1 && k <= 4096 && aligned {
+            return self.gemv(x, w, y, (m, n, k), out);
+        }
+        self.linear_blas(x, w, y, (m, n, k), out, accumulate)
+    }
+
+    /// [`Gpu::linear`] always through cuBLAS.
+    pub unsafe fn linear_blas(
+        &self,
+        x: DevPtr,
+        w: DevPtr,
+        y: DevPtr,
+        (m, n, k): (usize, usize, usize),
+        out: OutType,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.gemm(&Gemm {
+            trans_a: true,
+            trans_b: false,
+            m: n,
+            n: m,
+            k,
+            a: w,
+            lda: k,
+            stride_a: 0,
+            b: x,
+            ldb: k,
+            stride_b: 0,
+            c: y,
+            ldc: n,
+            stride_c: 0,
+            batch: 1,
+            alpha: 1.0,
+            beta: if accumulate { 1.0 } else { 0.0 },
+            out,
+        })
+    }
+
+    /// The skinny-GEMM kernel: `Y[m, n] = X[m, k] · W[n, k]ᵀ`, 1 ≤ m ≤ 8, k a multiple of 8,
+    /// 16-byte aligned X and W.
+    pub unsafe fn gemv(
+        &self,
+        x: DevPtr,
+        w: DevPtr,
+        y: DevPtr,
+        (m, n, k): (usize, usize, usize),
+        out: OutType,
+    ) -> Result<()> {
+        let f = self
+            .f
+            .gemv
+            .get(m.wrapping_sub(1))
+            .ok_or_else(|| GpuError::Invalid(format!("gemv with {m} rows")))?;
+        let (nn, kk) = (i(n), i(k));
+        let of = i32::from(out == OutType::F32);
+        self.stream
+            .launch_builder(f)
+            .arg(&x)
+            .arg(&w)
+            .arg(&y)
+            .arg(&nn)
+            .arg(&kk)
+            .arg(&of)
+            .launch(grid1(n.div_ceil(8), 256))?;
+        Ok(())
+    }
+
+    // ----- kernels ---------------------------------------------------------------------------------
+
+    /// `out[t] = table[ids[t] − start]` for owned ids, else zeros (i32 ids).
+    pub unsafe fn embed_gather(
+        &self,
+        ids: DevPtr,
+        table: DevPtr,
+        out: DevPtr,
+        tokens: usize,
+        hidden: usize,
+        (start, rows): (usize, usize),
+    ) -> Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let (h, s, r) = (i(hidden), i(start), i(rows));
+        self.stream
+            .launch_builder(&self.f.embed_gather)
+            .arg(&ids)
+            .arg(&table)
+            .arg(&out)
+            .arg(&h)
+            .arg(&s)
+            .arg(&r)
+            .launch(grid1(tokens, 128))?;
+        Ok(())
+    }
+
+    /// `out[dst[i]] = src[i]` for `n` rows (i32 `dst`).
+    pub unsafe fn scatter_rows(
+        &self,
+        dst: DevPtr,
+        src: DevPtr,
+        out: DevPtr,
+        n: usize,
+        hidden: usize,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let h = i(hidden);
+        self.stream
+            .launch_builder(&self.f.scatter_rows)
+            .arg(&dst)
+            .arg(&src)
+            .arg(&out)
+            .arg(&h)
+            .launch(grid1(n, 128))?;
+        Ok(())
+    }
+
+    /// `out[i] = src[idx[i]]` for `n` rows (i32 `idx`).
+    pub unsafe fn gather_rows(
+        &self,
+        idx: DevPtr,
+        src: DevPtr,
+        out: DevPtr,
+        n: usize,
+        hidden: usize,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let h = i(hidden);
+        self.stream
+            .launch_builder(&self.f.gather_rows)
+            .arg(&idx)
+            .arg(&src)
+            .arg(&out)
+            .arg(&h)
+            .launch(grid1(n, 128))?;
+        Ok(())
+    }
+
+    /// RMSNorm over an f32 residual stream (`residual` f32 `[T, hidden]`): `Keep` normalises it,
+    /// `Add(x)` adds bf16 `x` first, `Set(x)` replaces it by `x` first.
+    pub unsafe fn add_rmsnorm(
+        &self,
+        residual: DevPtr,
+        x: Residual,
+        w: DevPtr,
+        out: DevPtr,
+        (tokens, hidden): (usize, usize),
+        eps: f32,
+    ) -> Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let (mode, xp) = match x {
+            Residual::Keep => (0i32, 0u64),
+            Residual::Add(p) => (1, p),
+            Residual::Set(p) => (2, p),
+        };
+        let h = i(hidden);
+        self.stream
+            .launch_builder(&self.f.add_rmsnorm)
+            .arg(&residual)
+            .arg(&xp)
+            .arg(&w)
+            .arg(&out)
+            .arg(&h)
+            .arg(&eps)
+            .arg(&mode)
+            .launch(grid1(tokens, 256))?;
+        Ok(())
+    }
+
+    /// LayerNorm rows of `x` into `out`.
+    pub unsafe fn layernorm(
+        &self,
+        x: DevPtr,
+        (w, b): (DevPtr, DevPtr),
+        out: DevPtr,
+        (tokens, hidden): (usize, usize),
+        eps: f32,
+    ) -> Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let h = i(hidden);
+        self.stream
+            .launch_builder(&self.f.layernorm)
+            .arg(&x)
+            .arg(&w)
+            .arg(&b)
+            .arg(&out)
+            .arg(&h)
+            .arg(&eps)
+            .launch(grid1(tokens, 256))?;
+        Ok(())
+    }
+
+    /// q/k RMSNorm + RoPE in place, k and v into the KV cache.
+    pub unsafe fn qk_norm_rope_kv(&self, a: &RopeKv) -> Result<()> {
+        if a.tokens == 0 {
+            return Ok(());
+        }
+        let threads = (a.head_dim / 2).div_ceil(32) * 32;
+        let (nq, nkv, hd) = (i(a.nq), i(a.nkv), i(a.head_dim));
+        self.stream
+            .launch_builder(&self.f.qk_norm_rope_kv)
+            .arg(&a.qkv)
+            .arg(&a.q_norm)
+            .arg(&a.k_norm)
+            .arg(&a.positions)
+            .arg(&a.slots)
+            .arg(&a.k_cache)
+            .arg(&a.v_cache)
+            .arg(&nq)
+            .arg(&nkv)
+            .arg(&hd)
+            .arg(&a.eps)
+            .arg(&a.theta)
+            .launch(grid2(a.tokens, a.nq + 2 * a.nkv, threads as u32))?;
+        Ok(())
+    }
+
+    /// Paged attention of single queries over their cached keys (split over the context, then
+    /// merged).
+    pub unsafe fn decode_attention(&self, a: &DecodeAttn) -> Result<()> {
+        if a.tokens == 0 {
+            return Ok(());
+        }
+        let group = if a.nkv > 0 && a.nq % a.nkv == 0 {
+            a.nq / a.nkv
+        } else {
+            0
+        };
+        let func = self
+            .f
+            .decode
+            .iter()
+            .find(|(k, _)| *k == (a.head_dim, group))
+            .map(|(_, f)| f)
+            .ok_or_else(|| {
+                GpuError::Invalid(format!(
+                    "decode attention: head_dim {} with {} q heads over {} kv heads \
+                     (head_dim 16/32/64/128, group 1/2/4/8)",
+                    a.head_dim, a.nq, a.nkv
+                ))
+            })?;
+        let (qs, mb, bs, nq, nkv) = (
+            i(a.q_stride),
+            i(a.max_blocks),
+            i(a.block_size),
+            i(a.nq),
+            i(a.nkv),
+        );
+        let (ps, parts, hd, os) = (i(a.part_size), i(a.parts), i(a.head_dim), i(a.out_stride));
+        let cfg = LaunchConfig {
+            grid_dim: (a.parts as u32, a.nkv as u32, a.tokens as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.stream
+            .launch_builder(func)
+            .arg(&a.q)
+            .arg(&qs)
+            .arg(&a.k_cache)
+            .arg(&a.v_cache)
+            .arg(&a.ctx_lens)
+            .arg(&a.bt_rows)
+            .arg(&a.block_tables)
+            .arg(&mb)
+            .arg(&bs)
+            .arg(&nq)
+            .arg(&nkv)
+            .arg(&ps)
+            .arg(&parts)
+            .arg(&a.scale)
+            .arg(&a.pm)
+            .arg(&a.pl)
+            .arg(&a.pacc)
+            .launch(cfg)?;
+        self.stream
+            .launch_builder(&self.f.decode_combine)
+            .arg(&a.pm)
+            .arg(&a.pl)
+            .arg(&a.pacc)
+            .arg(&a.ctx_lens)
+            .arg(&a.out)
+            .arg(&os)
+            .arg(&nq)
+            .arg(&hd)
+            .arg(&ps)
+            .arg(&parts)
+            .launch(grid2(a.tokens, a.nq, a.head_dim as u32))?;
+        Ok(())
+    }
+
+    /// Copies positions `0..ctx` of one sequence out of the paged cache into `[ctx, width]`.
+    pub unsafe fn gather_kv(
+        &self,
+        (k_cache, v_cache): (DevPtr, DevPtr),
+        block_table: DevPtr,
+        (block_size, width, ctx): (usize, usize, usize),
+        (k_out, v_out): (DevPtr, DevPtr),
+    ) -> Result<()> {
+        if ctx == 0 {
+            return Ok(());
+        }
+        let (bs, w) = (i(block_size), i(width));
+        self.stream
+            .launch_builder(&self.f.gather_kv)
+            .arg(&k_cache)
+            .arg(&v_cache)
+            .arg(&block_table)
+            .arg(&bs)
+            .arg(&w)
+            .arg(&k_out)
+            .arg(&v_out)
+            .launch(grid1(ctx, 128))?;
+        Ok(())
+    }
+
+    /// Row softmax of bf16 scores `[rows, ctx]`, in place; causal when `causal_base` is set
+    /// (row `r` sees keys `..= causal_base + r % rows_per_head`).
+    pub unsafe fn softmax_rows(
+        &self,
+        s: DevPtr,
+        (rows, ctx): (usize, usize),
+        rows_per_head: usize,
+        causal_base: Option<usize>,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let (c, rph) = (i(ctx), i(rows_per_head.max(1)));
+        let cb = causal_base.map(i).unwrap_or(-1);
+        self.stream
+            .launch_builder(&self.f.softmax_rows)
+            .arg(&s)
+            .arg(&c)
+            .arg(&rph)
+            .arg(&cb)
+            .launch(grid1(rows, 256))?;
+        Ok(())
+    }
+
+    /// `out[t, i] = silu(gu[t, i]) · gu[t, F + i]`.
+    pub unsafe fn silu_mul(&self, gu: DevPtr, out: DevPtr, tokens: usize, f: usize) -> Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let ff = i(f);
+        self.stream
+            .launch_builder(&self.f.silu_mul)
+            .arg(&gu)
+            .arg(&out)
+            .arg(&ff)
+            .launch(grid2(f.div_ceil(256), tokens, 256))?;
+        Ok(())
+    }
+
+    /// `x = act(x + b)`; act 0 none, 1 gelu-tanh, 2 gelu-erf.
+    pub unsafe fn bias_act(
+        &self,
+        x: DevPtr,
+        b: DevPtr,
+        (tokens, d): (usize, usize),
+        act: i32,
+    ) -> Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let dd = i(d);
+        self.stream
+            .launch_builder(&self.f.bias_act)
+            .arg(&x)
+            .arg(&b)
+            .arg(&dd)
+            .arg(&act)
+            .launch(grid2(d.div_ceil(256), tokens, 256))?;
+        Ok(())
+    }
+
+    /// `res += x + b` (b may be 0 = no bias).
+    pub unsafe fn bias_residual(
+        &self,
+        res: DevPtr,
+        x: DevPtr,
+        b: DevPtr,
+        (tokens, d): (usize, usize),
+    ) -> Result<()> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let dd = i(d);
+        self.stream
+            .launch_builder(&self.f.bias_residual)
+            .arg(&res)
+            .arg(&x)
+            .arg(&b)
+            .arg(&dd)
+            .launch(grid2(d.div_ceil(256), tokens, 256))?;
+        Ok(())
+    }
+
+    /// f32 pixels `[V, 3, S, S]` → bf16 patch rows `[V·(S/P)², 3·P·P]`.
+    pub unsafe fn im2col_patches(
+        &self,
+        px: DevPtr,
+        out: DevPtr,
+        views: usize,
+        (s, p): (usize, usize),
+    ) -> Result<()> {
+        let n = s / p;
+        if views == 0 || n == 0 {
+            return Ok(());
+        }
+        let (ss, pp) = (i(s), i(p));
+        self.stream
+            .launch_builder(&self.f.im2col_patches)
+            .arg(&px)
+            .arg(&out)
+            .arg(&ss)
+            .arg(&pp)
+            .launch(grid1(views * n * n, 256))?;
+        Ok(())
+    }
+
+    /// `x[r] = x[r] + b + pos[r % n]`.
+    pub unsafe fn add_pos_embed(
+        &self,
+        x: DevPtr,
+        (b, pos): (DevPtr, DevPtr),
+        (rows, d, n): (usize, usize, usize),
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let (dd, nn) = (i(d), i(n));
+        self.stream
+            .launch_builder(&self.f.add_pos_embed)
+            .arg(&x)
+            .arg(&b)
+            .arg(&pos)
+            .arg(&dd)
+            .arg(&nn)
+            .launch(grid2(d.div_ceil(256), rows, 256))?;
+        Ok(())
+    }
+
+    /// Row max and its lowest index of f32 `[B, V]` into f32 `val[B]`, i32 `idx[B]`.
+    pub unsafe fn argmax_rows(
+        &self,
+        logits: DevPtr,
+        (rows, v): (usize, usize),
+        val: DevPtr,
+        idx: DevPtr,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let vv = i(v);
+        self.stream
+            .launch_builder(&self.f.argmax_rows)
+            .arg(&logits)
+            .arg(&vv)
+            .arg(&val)
+            .arg(&idx)
+            .launch(grid1(rows, 1024))?;
+        Ok(())
+    }
+
+    pub unsafe fn f32_to_bf16(&self, x: DevPtr, y: DevPtr, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.stream
+            .launch_builder(&self.f.f32_to_bf16)
+            .arg(&x)
+            .arg(&y)
+            .arg(&n)
+            .launch(grid1(n.div_ceil(256), 256))?;
+        Ok(())
+    }
+
+    pub unsafe fn bf16_to_f32(&self, x: DevPtr, y: DevPtr, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.stream
+            .launch_builder(&self.f.bf16_to_f32)
+            .arg(&x)
+            .arg(&y)
+            .arg(&n)
+            .launch(grid1(n.div_ceil(256), 256))?;
+        Ok(())
+    }
+}
+
+// ----- NCCL ----------------------------------------------------------------------------------------
+
+/// A new NCCL unique id (128 bytes), made by rank 0 and handed to every rank.
+pub fn nccl_unique_id() -> Result<Vec<u8>> {
+    let id = nccl_result::get_uniqueid()?;
+    Ok(id.internal.iter().map(|&c| c as u8).collect())
+}
+
+/// One rank's NCCL communicator on a [`Gpu`]'s stream.
+#[derive(Debug)]
+pub struct Nccl {
+    comm: nccl_sys::ncclComm_t,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    world: usize,
+}
+
+// SAFETY: the communicator is used from one thread at a time (the worker's executor).
+unsafe impl Send for Nccl {}
+
+impl Nccl {
+    /// Joins the group `id` as `rank` of `world` (blocks until every rank has joined).
+    pub fn new(gpu: &Gpu, id: &[u8], rank: usize, world: usize) -> Result<Self> {
+        if id.len() != 128 {
+            return Err(GpuError::Invalid(format!(
+                "NCCL unique id has {} bytes, want 128",
+                id.len()
+            )));
+        }
+        gpu.bind()?;
+        let mut raw = nccl_sys::ncclUniqueId { internal: [0; 128] };
+        for (d, s) in raw.internal.iter_mut().zip(id) {
+            *d = *s as _;
+        }
+        let mut comm = std::mem::MaybeUninit::uninit();
+        // SAFETY: `comm` is written by NCCL before use.
+        let comm = unsafe {
+            nccl_result::comm_init_rank(comm.as_mut_ptr(), world as i32, raw, rank as i32)?;
+            comm.assume_init()
+        };
+        Ok(Nccl {
+            comm,
+            stream: gpu.stream.clone(),
+            rank,
+            world,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// In-place sum of `count` bf16 values over the group.
+    pub unsafe fn all_reduce_bf16(&self, buf: DevPtr, count: usize) -> Result<()> {
+        nccl_result::all_reduce(
+            buf as *const c_void,
+            buf as *mut c_void,
+            count,
+            nccl_sys::ncclDataType_t::ncclBfloat16,
+            nccl_sys::ncclRedOp_t::ncclSum,
+            self.comm,
+            self.stream.cu_stream() as _,
+        )?;
+        Ok(())
+    }
+
+    /// Gathers `count` 4-byte values from every rank into `recv` (`world · count`, rank order).
+    pub unsafe fn all_gather_u32(&self, send: DevPtr, recv: DevPtr, count: usize) -> Result<()> {
+        nccl_result::all_gather(
+            send as *const c_void,
+            recv as *mut c_void,
+            count,
+            nccl_sys::ncclDataType_t::ncclUint32,
+            self.comm,
+            self.stream.cu_stream() as _,
+        )?;
+        Ok(())
+    }
+}
+
+impl Drop for Nccl {
+    fn drop(&mut self) {
+        // SAFETY: the communicator was initialised in `new` and is dropped once. Abort, not
+        // destroy: a peer may be gone, and destroy would wait for it.
+        unsafe {
+            let _ = nccl_result::comm_abort(self.comm);
+        }
+    }
+}

@@ -1,0 +1,566 @@
+// r4b-serve CUDA kernels (sm_90). bf16 activations, f32 arithmetic.
+// Every kernel is `extern "C"` so the Rust side finds it by name in the PTX module.
+// Layout conventions (row-major):
+//   activations  [T, D]                          one row per token of the step
+//   qkv          [T, (nq + 2·nkv)·hd]            q heads, then k heads, then v heads
+//   KV cache     [num_blocks·block_size, nkv, hd] per layer, separate K and V; slot = block·bs + pos % bs
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float b2f(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ bf16 f2b(float x) { return __float2bfloat16(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024). `red` holds 32 floats.
+__device__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? red[lane] : 0.f;
+  return warp_sum(t);
+}
+__device__ float block_max(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? red[lane] : -INFINITY;
+  return warp_max(t);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding (vocab-parallel): out[t] = table[ids[t] − start] when start ≤ id < start + rows, else 0.
+// grid T, block 128.
+extern "C" __global__ void embed_gather(const int* __restrict__ ids, const bf16* __restrict__ table,
+                                        bf16* __restrict__ out, int hidden, int start, int rows) {
+  const int t = blockIdx.x;
+  const int id = ids[t] - start;
+  const bool own = id >= 0 && id < rows;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+    out[(size_t)t * hidden + i] = own ? table[(size_t)id * hidden + i] : f2b(0.f);
+}
+
+// out[dst[i]] = src[i] (image rows into their `<image>` positions). grid n, block 128.
+extern "C" __global__ void scatter_rows(const int* __restrict__ dst, const bf16* __restrict__ src,
+                                        bf16* __restrict__ out, int hidden) {
+  const int i = blockIdx.x;
+  const size_t d = (size_t)dst[i] * hidden, s = (size_t)i * hidden;
+  for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[d + c] = src[s + c];
+}
+
+// out[i] = rows[idx[i]] (pick rows, e.g. the last token of each sequence). grid n, block 128.
+extern "C" __global__ void gather_rows(const int* __restrict__ idx, const bf16* __restrict__ src,
+                                       bf16* __restrict__ out, int hidden) {
+  const int i = blockIdx.x;
+  const size_t s = (size_t)idx[i] * hidden, d = (size_t)i * hidden;
+  for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[d + c] = src[s + c];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Residual add + RMSNorm (Qwen3), with the residual stream kept in f32:
+//   mode 0: r = residual;  mode 1: r = residual + x;  mode 2: r = x (the embeddings).
+//   residual = r (modes 1, 2); out = w · bf16(r · rsqrt(mean r² + eps)).
+// grid T, block 256.
+extern "C" __global__ void add_rmsnorm(float* __restrict__ residual, const bf16* __restrict__ x,
+                                       const bf16* __restrict__ w, bf16* __restrict__ out,
+                                       int hidden, float eps, int mode) {
+  __shared__ float red[32];
+  const size_t row = (size_t)blockIdx.x * hidden;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    float r = mode == 2 ? b2f(x[row + i]) : residual[row + i];
+    if (mode == 1) r += b2f(x[row + i]);
+    if (mode != 0) residual[row + i] = r;
+    ss += r * r;
+  }
+  const float inv = rsqrtf(block_sum(ss, red) / hidden + eps);
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    const float r = residual[row + i];
+    out[row + i] = f2b(b2f(w[i]) * b2f(f2b(r * inv)));
+  }
+}
+
+// LayerNorm (SigLIP, projector): out = (x − μ)/σ · w + b. grid T, block 256.
+extern "C" __global__ void layernorm(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                     const bf16* __restrict__ b, bf16* __restrict__ out, int hidden,
+                                     float eps) {
+  __shared__ float red[32];
+  const size_t row = (size_t)blockIdx.x * hidden;
+  float s = 0.f;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) s += b2f(x[row + i]);
+  const float mean = block_sum(s, red) / hidden;
+  float v = 0.f;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    const float d = b2f(x[row + i]) - mean;
+    v += d * d;
+  }
+  const float inv = rsqrtf(block_sum(v, red) / hidden + eps);
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+    out[row + i] = f2b((b2f(x[row + i]) - mean) * inv * b2f(w[i]) + b2f(b[i]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Qwen3 attention prologue, per (token, head):
+//   q heads: RMSNorm(q_norm) then RoPE, in place;
+//   k heads: RMSNorm(k_norm) then RoPE, written to the K cache at slot[t];
+//   v heads: copied to the V cache at slot[t].
+// RoPE is NeoX style (rotate_half), angle = pos · theta^(−2i/hd), in f32.
+// grid (T, nq + 2·nkv), block hd/2 (pairs i, i + hd/2).
+extern "C" __global__ void qk_norm_rope_kv(bf16* __restrict__ qkv, const bf16* __restrict__ qn_w,
+                                           const bf16* __restrict__ kn_w,
+                                           const int* __restrict__ positions,
+                                           const int* __restrict__ slots, bf16* __restrict__ k_cache,
+                                           bf16* __restrict__ v_cache, int nq, int nkv, int hd,
+                                           float eps, float theta) {
+  __shared__ float red[32];
+  // blockDim.x = hd/2 rounded up to whole warps; threads past hd/2 only join the reduction.
+  const int t = blockIdx.x, h = blockIdx.y, half = hd / 2;
+  const bool active = (int)threadIdx.x < half;
+  const int i = active ? threadIdx.x : 0;
+  const int stride = (nq + 2 * nkv) * hd;
+  bf16* row = qkv + (size_t)t * stride + (size_t)h * hd;
+  const size_t cache_off = ((size_t)slots[t] * nkv) * hd;
+  if (h >= nq + nkv) {  // v head
+    if (!active) return;
+    const int kvh = h - nq - nkv;
+    v_cache[cache_off + (size_t)kvh * hd + i] = row[i];
+    v_cache[cache_off + (size_t)kvh * hd + i + half] = row[i + half];
+    return;
+  }
+  const bf16* w = h < nq ? qn_w : kn_w;
+  float x1 = b2f(row[i]), x2 = b2f(row[i + half]);
+  const float ss = active ? x1 * x1 + x2 * x2 : 0.f;
+  const float inv = rsqrtf(block_sum(ss, red) / hd + eps);
+  if (!active) return;
+  x1 = b2f(w[i]) * b2f(f2b(x1 * inv));
+  x2 = b2f(w[i + half]) * b2f(f2b(x2 * inv));
+  // bf16 rounding of the normed value, as the reference does before RoPE.
+  x1 = b2f(f2b(x1));
+  x2 = b2f(f2b(x2));
+  const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+  const float ang = (float)positions[t] * inv_freq;
+  float s, c;
+  sincosf(ang, &s, &c);
+  const bf16 o1 = f2b(x1 * c - x2 * s), o2 = f2b(x2 * c + x1 * s);
+  if (h < nq) {
+    row[i] = o1;
+    row[i + half] = o2;
+  } else {
+    const int kvh = h - nq;
+    k_cache[cache_off + (size_t)kvh * hd + i] = o1;
+    k_cache[cache_off + (size_t)kvh * hd + i + half] = o2;
+    row[i] = o1;
+    row[i + half] = o2;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paged attention of single query tokens, split over the context (flash-decoding).
+// One CTA per (partition, kv head, query token); 4 warps; a group of L = HD/8 lanes handles one
+// key per iteration (8 dims per lane, 16-byte loads), for all G query heads of the kv head at once.
+// Query token t sees keys 0 .. ctx_lens[t]-1 of block-table row bt_rows[t] (so a prefill chunk's
+// tokens can share one row). Partial results: m, l [Tq, nq, parts], acc [Tq, nq, parts, HD].
+#define DEC_WARPS 4
+template <int HD, int MAX_G>
+__device__ void decode_attn_part(const bf16* __restrict__ q, int q_stride,
+                                 const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
+                                 const int* __restrict__ ctx_lens, const int* __restrict__ bt_rows,
+                                 const int* __restrict__ block_tables, int max_blocks,
+                                 int block_size, int nq, int nkv, int part_size, int parts,
+                                 float scale, float* __restrict__ pm, float* __restrict__ pl,
+                                 float* __restrict__ pacc) {
+  constexpr int L = HD / 8;       // lanes per key
+  constexpr int KPW = 32 / L;     // keys per warp iteration
+  const int part = blockIdx.x, kvh = blockIdx.y, t = blockIdx.z;
+  constexpr int G = MAX_G;  // query heads per kv head (the launcher picks the instantiation)
+  const int ctx = ctx_lens[t];
+  const int k0 = part * part_size;
+  if (k0 >= ctx) return;
+  const int k1 = min(ctx, k0 + part_size);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane / L, sl = lane % L;
+  const int d0 = sl * 8;
+
+  float qv[MAX_G][8];
+#pragma unroll
+  for (int g = 0; g < MAX_G; ++g) {
+    if (g < G) {
+      const uint4 qr = *reinterpret_cast<const uint4*>(q + (size_t)t * q_stride +
+                                                       (size_t)(kvh * G + g) * HD + d0);
+      const bf16* qb = reinterpret_cast<const bf16*>(&qr);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) qv[g][j] = b2f(qb[j]) * scale;
+    }
+  }
+  float m[MAX_G], l[MAX_G], acc[MAX_G][8];
+#pragma unroll
+  for (int g = 0; g < MAX_G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
+  }
+  const int* bt = block_tables + (size_t)bt_rows[t] * max_blocks;
+  // U keys per sub-group are loaded before any is used (bytes in flight); the loop bound is
+  // uniform across the warp (the shuffles need every lane): a lane whose key is past the end
+  // computes on a clamped key and discards the result.
+  constexpr int U = 4;
+  constexpr int STEP = DEC_WARPS * KPW;
+  for (int base = k0 + warp * KPW; base < k1; base += STEP * U) {
+    uint4 kr[U], vr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int key = min(base + u * STEP + sub, k1 - 1);
+      const int slot = bt[key / block_size] * block_size + key % block_size;
+      const size_t off = ((size_t)slot * nkv + kvh) * HD + d0;
+      kr[u] = *reinterpret_cast<const uint4*>(k_cache + off);
+      vr[u] = *reinterpret_cast<const uint4*>(v_cache + off);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool valid = base + u * STEP + sub < k1;
+      const bf16* kb = reinterpret_cast<const bf16*>(&kr[u]);
+      const bf16* vb = reinterpret_cast<const bf16*>(&vr[u]);
+      float kf[8], vf[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        kf[j] = b2f(kb[j]);
+        vf[j] = b2f(vb[j]);
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) s += qv[g][j] * kf[j];
+#pragma unroll
+        for (int o = L / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (valid) {
+          const float mn = fmaxf(m[g], s);
+          const float corr = __expf(m[g] - mn);
+          const float p = __expf(s - mn);
+          l[g] = l[g] * corr + p;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[g][j] = acc[g][j] * corr + p * vf[j];
+          m[g] = mn;
+        }
+      }
+    }
+  }
+  // Merge the KPW·DEC_WARPS key streams through shared memory: stream id = warp·KPW + sub.
+  constexpr int STREAMS = DEC_WARPS * KPW;
+  __shared__ float sm_m[STREAMS][MAX_G], sm_l[STREAMS][MAX_G];
+  __shared__ float sm_acc[STREAMS][MAX_G][HD];
+  const int stream = warp * KPW + sub;
+#pragma unroll
+  for (int g = 0; g < MAX_G; ++g) {
+    if (g < G) {
+      if (sl == 0) {
+        sm_m[stream][g] = m[g];
+        sm_l[stream][g] = l[g];
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sm_acc[stream][g][d0 + j] = acc[g][j];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * HD; idx += blockDim.x) {
+    const int g = idx / HD, d = idx % HD;
+    float M = -INFINITY;
+    for (int s = 0; s < STREAMS; ++s) M = fmaxf(M, sm_m[s][g]);
+    float Ls = 0.f, A = 0.f;
+    for (int s = 0; s < STREAMS; ++s) {
+      const float ms = sm_m[s][g];
+      if (ms == -INFINITY) continue;
+      const float c = __expf(ms - M);
+      Ls += sm_l[s][g] * c;
+      A += sm_acc[s][g][d] * c;
+    }
+    const int h = kvh * G + g;
+    const size_t base = ((size_t)t * nq + h) * parts + part;
+    pacc[base * HD + d] = A;
+    if (d == 0) {
+      pm[base] = M;
+      pl[base] = Ls;
+    }
+  }
+}
+
+#define DECODE_KERNEL(HD, G)                                                                       \
+  extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)                                      \
+      decode_attn_hd##HD##_g##G(const bf16* q, int q_stride, const bf16* k_cache,                   \
+                                const bf16* v_cache, const int* ctx_lens, const int* bt_rows,       \
+                                const int* block_tables, int max_blocks, int block_size, int nq,    \
+                                int nkv, int part_size, int parts, float scale, float* pm,          \
+                                float* pl, float* pacc) {                                           \
+    decode_attn_part<HD, G>(q, q_stride, k_cache, v_cache, ctx_lens, bt_rows, block_tables,         \
+                            max_blocks, block_size, nq, nkv, part_size, parts, scale, pm, pl,       \
+                            pacc);                                                                  \
+  }
+#define DECODE_KERNELS(HD) \
+  DECODE_KERNEL(HD, 1)     \
+  DECODE_KERNEL(HD, 2)     \
+  DECODE_KERNEL(HD, 4)     \
+  DECODE_KERNEL(HD, 8)
+DECODE_KERNELS(16)
+DECODE_KERNELS(32)
+DECODE_KERNELS(64)
+DECODE_KERNELS(128)
+
+// Merge of the partitions: out[t, h·hd + d] = Σ_p e^{m_p − M} acc_p[d] / Σ_p e^{m_p − M} l_p.
+// grid (Tq, nq), block hd.
+extern "C" __global__ void decode_attn_combine(const float* __restrict__ pm,
+                                               const float* __restrict__ pl,
+                                               const float* __restrict__ pacc,
+                                               const int* __restrict__ ctx_lens, bf16* __restrict__ out,
+                                               int out_stride, int nq, int hd, int part_size,
+                                               int parts) {
+  const int t = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+  const int used = min(parts, (ctx_lens[t] + part_size - 1) / part_size);
+  const size_t base = ((size_t)t * nq + h) * parts;
+  float M = -INFINITY;
+  for (int p = 0; p < used; ++p) M = fmaxf(M, pm[base + p]);
+  float Ls = 0.f, A = 0.f;
+  for (int p = 0; p < used; ++p) {
+    const float c = __expf(pm[base + p] - M);
+    Ls += pl[base + p] * c;
+    A += pacc[(base + p) * hd + d] * c;
+  }
+  out[(size_t)t * out_stride + (size_t)h * hd + d] = f2b(Ls > 0.f ? A / Ls : 0.f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill attention helpers (the two products run on cuBLAS).
+// Gather one sequence's keys/values [0, ctx) from the paged cache into contiguous [ctx, nkv·hd].
+// grid ctx, block 128.
+extern "C" __global__ void gather_kv(const bf16* __restrict__ k_cache,
+                                     const bf16* __restrict__ v_cache,
+                                     const int* __restrict__ block_table, int block_size, int width,
+                                     bf16* __restrict__ k_out, bf16* __restrict__ v_out) {
+  const int p = blockIdx.x;
+  const size_t slot = (size_t)block_table[p / block_size] * block_size + p % block_size;
+  for (int c = threadIdx.x; c < width; c += blockDim.x) {
+    k_out[(size_t)p * width + c] = k_cache[slot * width + c];
+    v_out[(size_t)p * width + c] = v_cache[slot * width + c];
+  }
+}
+
+// Row softmax of scores S [rows, ctx] (bf16, already scaled), in place. Causal when
+// causal_base ≥ 0: row r of a head sees keys 0 ..= causal_base + (r % rows_per_head).
+// grid rows, block 256.
+extern "C" __global__ void softmax_rows(bf16* __restrict__ s, int ctx, int rows_per_head,
+                                        int causal_base) {
+  __shared__ float red[32];
+  const int r = blockIdx.x;
+  const int valid = causal_base >= 0 ? min(ctx, causal_base + (r % rows_per_head) + 1) : ctx;
+  bf16* row = s + (size_t)r * ctx;
+  float mx = -INFINITY;
+  for (int i = threadIdx.x; i < valid; i += blockDim.x) mx = fmaxf(mx, b2f(row[i]));
+  mx = block_max(mx, red);
+  float sum = 0.f;
+  for (int i = threadIdx.x; i < valid; i += blockDim.x) sum += __expf(b2f(row[i]) - mx);
+  sum = block_sum(sum, red);
+  const float inv = 1.f / sum;
+  // Each thread rewrites only the elements it read: in place is safe.
+  for (int i = threadIdx.x; i < ctx; i += blockDim.x)
+    row[i] = f2b(i < valid ? __expf(b2f(row[i]) - mx) * inv : 0.f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise.
+// SwiGLU: out[t, i] = silu(gu[t, i]) · gu[t, F + i]. grid (ceil(F/256), T), block 256.
+extern "C" __global__ void silu_mul(const bf16* __restrict__ gu, bf16* __restrict__ out, int F) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+  if (i >= F) return;
+  const float g = b2f(gu[(size_t)t * 2 * F + i]), u = b2f(gu[(size_t)t * 2 * F + F + i]);
+  const float sg = b2f(f2b(g / (1.f + __expf(-g))));
+  out[(size_t)t * F + i] = f2b(sg * u);
+}
+
+// x[t, i] = act(x[t, i] + b[i]); act 0 none, 1 gelu (tanh approx), 2 gelu (erf).
+// grid (ceil(D/256), T), block 256.
+extern "C" __global__ void bias_act(bf16* __restrict__ x, const bf16* __restrict__ b, int D, int act) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+  if (i >= D) return;
+  const size_t o = (size_t)t * D + i;
+  float v = b2f(f2b(b2f(x[o]) + b2f(b[i])));
+  if (act == 1) {
+    const float k = 0.7978845608028654f;
+    v = 0.5f * v * (1.f + tanhf(k * (v + 0.044715f * v * v * v)));
+  } else if (act == 2) {
+    v = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+  }
+  x[o] = f2b(v);
+}
+
+// res[t, i] = bf16(res + bf16(x + b)) (bias may be null). grid (ceil(D/256), T), block 256.
+extern "C" __global__ void bias_residual(bf16* __restrict__ res, const bf16* __restrict__ x,
+                                         const bf16* __restrict__ b, int D) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+  if (i >= D) return;
+  const size_t o = (size_t)t * D + i;
+  const float xb = b ? b2f(f2b(b2f(x[o]) + b2f(b[i]))) : b2f(x[o]);
+  res[o] = f2b(b2f(res[o]) + xb);
+}
+
+// SigLIP patch embedding input: normalised pixels [V, 3, S, S] (f32) → patch rows
+// [V·(S/P)², 3·P·P] (bf16) in the conv weight's (c, ky, kx) order. grid (V·n², ), block 256.
+extern "C" __global__ void im2col_patches(const float* __restrict__ px, bf16* __restrict__ out,
+                                          int S, int P) {
+  const int n = S / P, row = blockIdx.x, v = row / (n * n), pi = row % (n * n);
+  const int py = pi / n, pxi = pi % n, K = 3 * P * P;
+  for (int c = threadIdx.x; c < K; c += blockDim.x) {
+    const int ch = c / (P * P), ky = (c / P) % P, kx = c % P;
+    const size_t src = (((size_t)v * 3 + ch) * S + (py * P + ky)) * S + (pxi * P + kx);
+    out[(size_t)row * K + c] = f2b(px[src]);
+  }
+}
+
+// x[v·n + p, i] = bf16(bf16(x + b[i]) + pos[p, i]) (patch bias then position embedding).
+// grid (ceil(D/256), V·n), block 256.
+extern "C" __global__ void add_pos_embed(bf16* __restrict__ x, const bf16* __restrict__ b,
+                                         const bf16* __restrict__ pos, int D, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
+  if (i >= D) return;
+  const size_t o = (size_t)r * D + i;
+  const float v = b2f(f2b(b2f(x[o]) + b2f(b[i])));
+  x[o] = f2b(v + b2f(pos[(size_t)(r % n) * D + i]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Skinny GEMM (decode): Y[m, n] = Σ_k X[m, k] · W[n, k] for M ≤ 8 rows, W [N, K] bf16 row-major
+// (a Linear weight), K a multiple of 8. One warp per output column n, 16-byte loads, 4 loads of W
+// in flight per lane; X comes through L1 (shared by the block's 8 warps).
+// grid ceil(N / 8), block 256. out_f32: Y is f32, else bf16.
+template <int M>
+__device__ void gemv_rows(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                          void* __restrict__ y, int N, int K, int out_f32) {
+  const int lane = threadIdx.x & 31;
+  const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (n >= N) return;
+  const bf16* wr = w + (size_t)n * K;
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  constexpr int U = 4;
+  for (int k0 = lane * 8; k0 < K; k0 += 32 * 8 * U) {
+    uint4 wv[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * 256;
+      wv[u] = k < K ? __ldg(reinterpret_cast<const uint4*>(wr + k)) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * 256;
+      if (k >= K) break;
+      const bf16* wb = reinterpret_cast<const bf16*>(&wv[u]);
+      float wf[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) wf[j] = b2f(wb[j]);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k));
+        const bf16* xb = reinterpret_cast<const bf16*>(&xv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[m] += wf[j] * b2f(xb[j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float v = warp_sum(acc[m]);
+    if (lane == 0) {
+      if (out_f32)
+        reinterpret_cast<float*>(y)[(size_t)m * N + n] = v;
+      else
+        reinterpret_cast<bf16*>(y)[(size_t)m * N + n] = f2b(v);
+    }
+  }
+}
+#define GEMV_KERNEL(M)                                                                          \
+  extern "C" __global__ void __launch_bounds__(256)                                              \
+      gemv_m##M(const bf16* x, const bf16* w, void* y, int N, int K, int out_f32) {              \
+    gemv_rows<M>(x, w, y, N, K, out_f32);                                                        \
+  }
+GEMV_KERNEL(1)
+GEMV_KERNEL(2)
+GEMV_KERNEL(3)
+GEMV_KERNEL(4)
+GEMV_KERNEL(5)
+GEMV_KERNEL(6)
+GEMV_KERNEL(7)
+GEMV_KERNEL(8)
+
+// ---------------------------------------------------------------------------------------------
+// Greedy: per row of f32 logits [B, V], the max value and its lowest index. grid B, block 1024.
+extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int V,
+                                       float* __restrict__ out_val, int* __restrict__ out_idx) {
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  const float* row = logits + (size_t)blockIdx.x * V;
+  float best = -INFINITY;
+  int bi = 0x7fffffff;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    const float v = row[i];
+    if (v > best) {
+      best = v;
+      bi = i;
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (ov > best || (ov == best && oi < bi)) {
+      best = ov;
+      bi = oi;
+    }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  if (lane == 0) {
+    sv[warp] = best;
+    si[warp] = bi;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < nw ? sv[lane] : -INFINITY;
+    bi = lane < nw ? si[lane] : 0x7fffffff;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > best || (ov == best && oi < bi)) {
+        best = ov;
+        bi = oi;
+      }
+    }
+    if (lane == 0) {
+      out_val[blockIdx.x] = best;
+      out_idx[blockIdx.x] = bi;
+    }
+  }
+}
+
+// f32 → bf16 and back (host transfers, tests).
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, size_t n) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = f2b(x[i]);
+}
+extern "C" __global__ void bf16_to_f32(const bf16* __restrict__ x, float* __restrict__ y, size_t n) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = b2f(x[i]);
+}
