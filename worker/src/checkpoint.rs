@@ -422,6 +422,49 @@ impl Checkpoint {
         Ok(Tensor::from_vec(out, (rows, local), device)?)
     }
 
+    /// This rank's slice of a tensor as stored bytes (no conversion): the whole tensor
+    /// (`split` None), its rows (`Some(0)`: one contiguous range, straight out of the mapping) or
+    /// its columns of a 2-D tensor (`Some(1)`: one range per row, gathered).
+    pub fn raw_slice(
+        &self,
+        canonical: &str,
+        shape: &[usize],
+        shard: Shard,
+        split: Option<usize>,
+    ) -> Result<(Dtype, std::borrow::Cow<'_, [u8]>)> {
+        let e = self.lookup(canonical, shape)?;
+        let es = elem_size(e.dtype);
+        match split {
+            None => Ok((e.dtype, self.read(e.file, e.start, e.end).into())),
+            Some(0) => {
+                let rows = split_len(canonical, shape[0], shard)?;
+                let row_bytes = shape[1..].iter().product::<usize>() * es;
+                let start = e.start + shard.rank * rows * row_bytes;
+                Ok((
+                    e.dtype,
+                    self.read(e.file, start, start + rows * row_bytes).into(),
+                ))
+            }
+            Some(_) => {
+                if shape.len() != 2 {
+                    return Err(Error::TensorShape {
+                        name: canonical.to_string(),
+                        found: e.shape.clone(),
+                        expected: shape.to_vec(),
+                    });
+                }
+                let (rows, cols) = (shape[0], shape[1]);
+                let local = split_len(canonical, cols, shard)?;
+                let mut out = Vec::with_capacity(rows * local * es);
+                for r in 0..rows {
+                    let start = e.start + (r * cols + shard.rank * local) * es;
+                    out.extend_from_slice(self.read(e.file, start, start + local * es));
+                }
+                Ok((e.dtype, out.into()))
+            }
+        }
+    }
+
     /// Names of all stored tensors (stored names, not canonical).
     pub fn stored_names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(|s| s.as_str())

@@ -40,6 +40,9 @@ pub enum Error {
     /// The KV cache has no room for the step.
     #[error("kv cache: {0}")]
     Kv(String),
+    /// The GPU (driver, cuBLAS, NCCL, out of memory) failed or refused the request.
+    #[error("gpu: {0}")]
+    Gpu(String),
     /// A tensor operation failed.
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),

@@ -3,9 +3,12 @@
 //! One tensor-parallel rank of R-4B (SigLIP vision tower + projector + Qwen3 decoder).
 //!
 //! Design decisions:
-//! - One model code path over `candle-core` tensors; the CPU backend (f32) is the reference and
-//!   what CI runs. Parallelism lives in the layer types of [`parallel`] (column-, row- and
-//!   vocab-parallel), never in `if rank == 0` branches in the model.
+//! - The CPU model (`model`, f32 over `candle-core`) is the reference and what CI runs.
+//!   Parallelism lives in the layer types of [`parallel`] (column-, row- and vocab-parallel), never
+//!   in `if rank == 0` branches in the model.
+//! - The GPU engine (`gpu`, feature `cuda`) runs the same math in bf16 on fixed device buffers
+//!   with the `r4b-kernels` kernels, cuBLAS, NCCL and CUDA graphs; its TP plan is the same (each
+//!   rank loads its row / column / vocabulary slices).
 //! - A rank memory-maps the checkpoint and reads only the byte ranges of its own slices
 //!   ([`checkpoint`]).
 //! - The vision side (`encode_images`) and the LLM side (`forward_embeds`) are separate: the
@@ -19,6 +22,8 @@ pub mod config;
 pub mod embedded;
 pub mod engine;
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod kv;
 pub mod model;
 pub mod parallel;

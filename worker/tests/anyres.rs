@@ -4,7 +4,8 @@
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 use r4b_worker::model::anyres::{
-    pack_features, preprocess, resize, views_u8, AnyresError, ImageGeometry, Normalize, Resample,
+    pack_features, pack_selection, preprocess, resize, views_u8, AnyresError, ImageGeometry,
+    Normalize, Resample,
 };
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
@@ -460,5 +461,56 @@ fn bad_inputs_are_errors() {
             Err(AnyresError::Geometry(_))
         ));
         let _ = broken.num_image_tokens(3, 3); // must not panic
+    }
+}
+
+/// The GPU packs image features with one row gather when `pack_selection` says the packing is a
+/// selection: gathering by it must give exactly `pack_features`' rows, and an interpolating
+/// packing must be refused.
+#[test]
+fn pack_selection_reproduces_pack_features() {
+    let geom = r4b_geometry();
+    let tokens = geom.tokens_per_tile();
+    let c = 3;
+    // (w, h) → expect a selection?
+    for ((w, h), selection) in [
+        ((640, 480), true),
+        ((384, 384), true),
+        ((1, 1), true),
+        ((10000, 20), true),
+        ((1280, 720), true),
+        ((4032, 3024), false),
+        ((2304, 2304), false),
+    ] {
+        let layout = geom.layout(h, w);
+        let views = 1 + layout.grid.0 * layout.grid.1;
+        let mut x = 0x9E3779B97F4A7C15u64;
+        let data: Vec<f32> = (0..views * tokens * c)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect();
+        let feats = Tensor::from_vec(data.clone(), (views, tokens, c), &Device::Cpu).unwrap();
+        let newline = Tensor::from_vec(vec![7.0f32, 8.0, 9.0], c, &Device::Cpu).unwrap();
+        let want: Vec<Vec<f32>> = pack_features(&feats, (h, w), &geom, &newline)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let sel = pack_selection(views, tokens, (h, w), &geom).unwrap();
+        assert_eq!(sel.is_some(), selection, "{w}x{h}");
+        if let Some(src) = sel {
+            assert_eq!(src.len(), want.len(), "{w}x{h}");
+            for (i, &s) in src.iter().enumerate() {
+                let row: Vec<f32> = if s as usize == views * tokens {
+                    vec![7.0, 8.0, 9.0]
+                } else {
+                    data[s as usize * c..(s as usize + 1) * c].to_vec()
+                };
+                assert_eq!(row, want[i], "{w}x{h} row {i}");
+            }
+        }
     }
 }

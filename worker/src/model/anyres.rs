@@ -316,15 +316,22 @@ pub fn views_u8(
     let (h, w) = (height as usize, width as usize);
     let (ph, pw) = geom.select_best_resolution(h, w);
     let (rh, rw) = patch_output_size(h, w, (ph, pw));
-    let resized = resize(img, to_u32(rw, rh)?, to_u32(rh, rw)?, resample)?;
+    let tile = to_u32(geom.tile, geom.tile)?;
+    // The base view and the pinpoint-sized image are independent resizes: run them side by side.
+    let (resized, base) = std::thread::scope(|s| {
+        let base = s.spawn(|| resize(img, tile, tile, resample));
+        let resized = resize(img, to_u32(rw, rh)?, to_u32(rh, rw)?, resample);
+        let base = base
+            .join()
+            .unwrap_or(Err(AnyresError::Geometry("base view resize panicked")));
+        Ok::<_, AnyresError>((resized?, base?))
+    })?;
 
     // Zero-pad to the pinpoint, centered: [ph, pw, 3] with the image at (top, left).
     let (top, left) = ((ph - rh) / 2, (pw - rw) / 2);
     let mut canvas = blank(pw, ph)?;
     image::imageops::replace(&mut canvas, &resized, left as i64, top as i64);
 
-    let tile = to_u32(geom.tile, geom.tile)?;
-    let base = resize(img, tile, tile, resample)?;
     let (rows, cols) = (ph / geom.tile, pw / geom.tile);
     let mut views = Vec::with_capacity(1 + rows * cols);
     views.push(base);
@@ -609,6 +616,35 @@ fn interpolate_bilinear(
     let map = rows.matmul(&map)?.reshape((out_h, w, c))?;
     // [out_w, w] x [out_h, w, C] -> [out_h, out_w, C]
     cols.broadcast_matmul(&map)
+}
+
+/// [`pack_features`] as a row selection, when it is one: the source row of every packed row, rows
+/// numbered `view · tokens + token`, with `views · tokens` standing for the newline row. None
+/// when the packing interpolates (more tiles than `max_tiles`). Lets a GPU pack the features with
+/// one gather. Found by packing two index channels (the row id and a hash of it) with
+/// [`pack_features`] itself: a packed row is a selection exactly when both channels come out as
+/// one row's pair.
+pub fn pack_selection(
+    views: usize,
+    tokens: usize,
+    image_size: (usize, usize),
+    geom: &ImageGeometry,
+) -> candle_core::Result<Option<Vec<i32>>> {
+    let total = views * tokens;
+    let hash = |i: usize| ((i * 7919) % 65521) as f32;
+    let idx: Vec<f32> = (0..total).flat_map(|i| [i as f32, hash(i)]).collect();
+    let t = Tensor::from_vec(idx, (views, tokens, 2), &Device::Cpu)?;
+    let newline = Tensor::from_vec(vec![total as f32, hash(total)], 2, &Device::Cpu)?;
+    let rows: Vec<Vec<f32>> = pack_features(&t, image_size, geom, &newline)?.to_vec2()?;
+    let mut src = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let i = r[0];
+        if i.fract() != 0.0 || i < 0.0 || i as usize > total || r[1] != hash(i as usize) {
+            return Ok(None);
+        }
+        src.push(i as i32);
+    }
+    Ok(Some(src))
 }
 
 /// Packs one image's vision features `[views, tokens_per_tile, C]` into `[num_image_tokens, C]`:

@@ -1,0 +1,633 @@
+//! `r4b-gpu-check`: the GPU engine against HF transformers, and engine-level figures (feature
+//! `cuda`, TP = 1).
+//!
+//! ```text
+//! r4b-gpu-check logits CKPT REF_DIR OUT.safetensors     # teacher-forced logits of REF_DIR/prompts.json
+//! r4b-gpu-check decode CKPT [--batches 1,8,32,64,128,256] [--prompt 128] [--output 512] [--eager]
+//! r4b-gpu-check profile                                  # copy bandwidth, GEMMs, attention, norms
+//! ```
+//! `logits` writes `logits.<name>` `[scored, vocab]` f32 for `bench/gpu/compare.py`.
+//! `decode` prints load GB/s, KV capacity and decode tok/s at each batch size (greedy, every
+//! sequence `prompt` random tokens then `output` decode steps, one engine step per token).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use r4b_kernels::{DBuf, DecodeAttn, Gpu, OutType, Residual};
+use r4b_worker::checkpoint::Checkpoint;
+use r4b_worker::collective::SingleRank;
+use r4b_worker::config::{ImagePreprocessing, RConfig};
+use r4b_worker::gpu::{GpuLimits, GpuModel};
+use r4b_worker::model::{anyres, SeqChunk};
+use r4b_worker::sampling::{SampleRow, SamplingParams, TokenHistory};
+
+fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn load(dir: &Path, limits: GpuLimits) -> Result<(RConfig, GpuModel)> {
+    let cfg = RConfig::from_file(&dir.join("config.json"))?;
+    let ckpt = Checkpoint::open(dir)?;
+    let t = Instant::now();
+    let model = GpuModel::load(&ckpt, &cfg, Arc::new(SingleRank), None, limits)?;
+    let (bytes, secs, gbps) = model.load_report;
+    println!(
+        "load: {:.2} GB of weights in {secs:.2} s = {gbps:.2} GB/s (whole load incl. buffers {:.2} s)",
+        bytes as f64 / 1e9,
+        t.elapsed().as_secs_f64()
+    );
+    println!(
+        "kv: {} blocks x {} tokens = {} tokens ({} KiB/token)",
+        model.num_blocks(),
+        limits.block_size,
+        model.num_blocks() * limits.block_size,
+        model.kv_bytes_per_token() / 1024
+    );
+    Ok((cfg, model))
+}
+
+fn limits(max_model_len: usize, max_seqs: usize, eager: bool) -> GpuLimits {
+    GpuLimits {
+        max_tokens: 8192,
+        max_seqs,
+        max_model_len,
+        block_size: 16,
+        memory_utilization: 0.9,
+        num_blocks: 0,
+        enforce_eager: eager,
+    }
+}
+
+fn logits(args: &[String]) -> Result<()> {
+    let (dir, refdir, out) = match args {
+        [d, r, o, ..] => (Path::new(d), Path::new(r), Path::new(o)),
+        _ => bail!("usage: logits CKPT REF_DIR OUT.safetensors"),
+    };
+    let prompts: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(refdir.join("prompts.json")).context("prompts.json")?,
+    )?;
+    let (cfg, mut model) = load(dir, limits(8192, 256, false))?;
+    let pre = ImagePreprocessing::from_dir(dir)?;
+    let mut tensors: HashMap<String, (Vec<u8>, Vec<usize>)> = HashMap::new();
+    let list = prompts["prompts"]
+        .as_array()
+        .context("prompts.json: no `prompts` array")?;
+    for p in list {
+        let name = p["name"].as_str().context("prompt name")?;
+        let ids: Vec<u32> = p["ids"]
+            .as_array()
+            .context("ids")?
+            .iter()
+            .map(|v| v.as_u64().unwrap_or(0) as u32)
+            .collect();
+        let from = p["logits_from"].as_u64().unwrap_or(0) as usize;
+        let image_rows = match p["image"].as_str() {
+            Some(f) => {
+                let img = image::open(refdir.join(f))
+                    .with_context(|| format!("opening {f}"))?
+                    .to_rgb8();
+                let views =
+                    anyres::preprocess(&img, &cfg.image_geometry(), pre.resample, &pre.norm)?;
+                let t = Instant::now();
+                let rows = model.encode_image(&views)?;
+                println!(
+                    "{name}: image {}x{} -> {} views, {} rows, encoded in {:.1} ms",
+                    img.width(),
+                    img.height(),
+                    views.views,
+                    rows.dim(0)?,
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+                Some(rows)
+            }
+            None => None,
+        };
+        let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
+        let chunk = SeqChunk {
+            tokens: &ids,
+            start_pos: 0,
+            block_table: &blocks,
+            prompt_tokens: ids.len(),
+            image_rows,
+        };
+        let t = Instant::now();
+        model.timeline_start()?;
+        let all = model.logits_all(&chunk)?;
+        print_timeline(
+            &format!("{name} prefill ({} tokens)", ids.len()),
+            &model.timeline_stop()?,
+        );
+        println!(
+            "{name}: {} tokens, forward + all logits {:.1} ms",
+            ids.len(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        let v = cfg.text.vocab_size;
+        let rows = ids.len() - from;
+        let bytes: Vec<u8> = all[from * v..]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        tensors.insert(format!("logits.{name}"), (bytes, vec![rows, v]));
+    }
+    decode_check(&mut model, &cfg, refdir, list)?;
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(k, (b, s))| {
+            Ok((
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize_to_file(views, None, out)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// The decode path against the reference: the first text prompt's first half as one prefill, then
+/// one token per step (graphs, skinny GEMMs, paged attention); the logits of each decode step
+/// against the reference rows of the same positions.
+fn decode_check(
+    model: &mut GpuModel,
+    cfg: &RConfig,
+    refdir: &Path,
+    list: &[serde_json::Value],
+) -> Result<()> {
+    let p = list
+        .iter()
+        .find(|p| p["image"].is_null() && p["logits_from"].as_u64() == Some(0))
+        .context("no text prompt scored from position 0")?;
+    let name = p["name"].as_str().unwrap_or("?");
+    let ids: Vec<u32> = p["ids"]
+        .as_array()
+        .context("ids")?
+        .iter()
+        .map(|v| v.as_u64().unwrap_or(0) as u32)
+        .collect();
+    let bytes = std::fs::read(refdir.join("reference.safetensors"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let r = st.tensor(&format!("logits.{name}"))?;
+    let v = cfg.text.vocab_size;
+    let reference: Vec<f32> = r
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let half = ids.len() / 2;
+    // A block range of its own (the teacher-forced runs used blocks from 0).
+    let first = 4096u32;
+    let blocks: Vec<u32> = (first..first + ids.len().div_ceil(16) as u32).collect();
+    let pre = SeqChunk {
+        tokens: &ids[..half],
+        start_pos: 0,
+        block_table: &blocks,
+        prompt_tokens: half,
+        image_rows: None,
+    };
+    model.last_logits(std::slice::from_ref(&pre))?;
+    let (mut num, mut den, mut agree, mut checked) = (0f64, 0f64, 0, 0);
+    let t = Instant::now();
+    for i in half..ids.len() {
+        let c = SeqChunk {
+            tokens: &ids[i..i + 1],
+            start_pos: i,
+            block_table: &blocks,
+            prompt_tokens: 0,
+            image_rows: None,
+        };
+        let ours = model.last_logits(std::slice::from_ref(&c))?;
+        let want = &reference[i * v..(i + 1) * v];
+        for (a, b) in ours.iter().zip(want) {
+            num += f64::from(a - b).powi(2);
+            den += f64::from(*b).powi(2);
+        }
+        let top = |x: &[f32]| {
+            let mut idx: Vec<usize> = (0..x.len()).collect();
+            idx.sort_by(|&a, &b| x[b].total_cmp(&x[a]));
+            (idx[0], x[idx[0]] - x[idx[1]])
+        };
+        let (rt, margin) = top(want);
+        if margin > 0.05 {
+            checked += 1;
+            agree += usize::from(top(&ours).0 == rt);
+        }
+    }
+    println!(
+        "decode path ({name}, positions {half}..{}, one token per step): rel err vs HF {:.3e}, \
+         top-1 {agree}/{checked} (margin > 0.05), {:.2} ms/step incl. logits download",
+        ids.len(),
+        (num / den.max(1e-30)).sqrt(),
+        t.elapsed().as_secs_f64() * 1e3 / (ids.len() - half) as f64
+    );
+    Ok(())
+}
+
+fn print_timeline(what: &str, t: &[(&'static str, f64)]) {
+    let total: f64 = t.iter().map(|(_, ms)| ms).sum();
+    let parts: Vec<String> = t
+        .iter()
+        .map(|(l, ms)| format!("{l} {ms:.3} ({:.0}%)", ms / total.max(1e-12) * 100.0))
+        .collect();
+    println!(
+        "breakdown {what}: {total:.3} ms GPU time = {}",
+        parts.join(", ")
+    );
+}
+
+fn decode(args: &[String]) -> Result<()> {
+    let dir = Path::new(args.first().context("usage: decode CKPT")?);
+    let batches: Vec<usize> = arg(args, "--batches", "1,8,32,64,128,256")
+        .split(',')
+        .map(|s| s.parse().context("--batches"))
+        .collect::<Result<_>>()?;
+    let prompt: usize = arg(args, "--prompt", "128").parse()?;
+    let output: usize = arg(args, "--output", "512").parse()?;
+    let eager = args.iter().any(|a| a == "--eager");
+    let max_b = *batches.iter().max().unwrap_or(&1);
+    let (cfg, mut model) = load(dir, limits(prompt + output + 16, max_b.max(8), eager))?;
+    let bs = 16;
+    let per_seq = (prompt + output).div_ceil(bs);
+    if per_seq * max_b > model.num_blocks() {
+        bail!("{max_b} sequences need {} KV blocks", per_seq * max_b);
+    }
+    let params = SamplingParams::default();
+    let history = TokenHistory::default();
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % 150_000) as u32
+    };
+    println!("| streams | decode tok/s (engine) | ms/step | prefill ms |");
+    println!("|---|---|---|---|");
+    for &b in &batches {
+        let tables: Vec<Vec<u32>> = (0..b)
+            .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+            .collect();
+        let prompts: Vec<Vec<u32>> = (0..b)
+            .map(|_| (0..prompt).map(|_| next()).collect())
+            .collect();
+        // Prefill in chunks of ≤ 8192 tokens.
+        let t = Instant::now();
+        let mut last: Vec<u32> = vec![0; b];
+        let per_step = (8192 / prompt).max(1);
+        for first in (0..b).step_by(per_step) {
+            let n = per_step.min(b - first);
+            let chunks: Vec<SeqChunk> = (first..first + n)
+                .map(|s| SeqChunk {
+                    tokens: &prompts[s],
+                    start_pos: 0,
+                    block_table: &tables[s],
+                    prompt_tokens: prompt,
+                    image_rows: None,
+                })
+                .collect();
+            let rows: Vec<(usize, SampleRow)> = (0..n)
+                .map(|i| {
+                    (
+                        i,
+                        SampleRow {
+                            params: &params,
+                            history: &history,
+                            seed: 0,
+                        },
+                    )
+                })
+                .collect();
+            let out = model.step(&chunks, &rows)?;
+            for (i, t) in out.iter().enumerate() {
+                last[first + i] = t.id;
+            }
+        }
+        let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
+        // Warm-up step (captures the graph), then time `output − 1` steps.
+        let mut step_times = Vec::new();
+        let t_all = Instant::now();
+        for k in 0..output.saturating_sub(1) {
+            let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
+            let chunks: Vec<SeqChunk> = (0..b)
+                .map(|s| SeqChunk {
+                    tokens: &toks[s],
+                    start_pos: prompt + k,
+                    block_table: &tables[s],
+                    prompt_tokens: 0,
+                    image_rows: None,
+                })
+                .collect();
+            let rows: Vec<(usize, SampleRow)> = (0..b)
+                .map(|i| {
+                    (
+                        i,
+                        SampleRow {
+                            params: &params,
+                            history: &history,
+                            seed: 0,
+                        },
+                    )
+                })
+                .collect();
+            let ts = Instant::now();
+            let out = model.step(&chunks, &rows)?;
+            if k > 0 {
+                step_times.push(ts.elapsed().as_secs_f64());
+            }
+            for (i, t) in out.iter().enumerate() {
+                last[i] = t.id.min(cfg.text.vocab_size as u32 - 1);
+            }
+        }
+        let _ = t_all;
+        // One more step, eager, with a per-op timeline.
+        {
+            let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
+            let chunks: Vec<SeqChunk> = (0..b)
+                .map(|s| SeqChunk {
+                    tokens: &toks[s],
+                    start_pos: prompt + output - 1,
+                    block_table: &tables[s],
+                    prompt_tokens: 0,
+                    image_rows: None,
+                })
+                .collect();
+            let rows: Vec<(usize, SampleRow)> = (0..b)
+                .map(|i| {
+                    (
+                        i,
+                        SampleRow {
+                            params: &params,
+                            history: &history,
+                            seed: 0,
+                        },
+                    )
+                })
+                .collect();
+            model.set_enforce_eager(true);
+            let ts = Instant::now();
+            model.step(&chunks, &rows)?;
+            let eager_ms = ts.elapsed().as_secs_f64() * 1e3;
+            model.timeline_start()?;
+            model.step(&chunks, &rows)?;
+            print_timeline(
+                &format!("decode step, {b} streams (eager {eager_ms:.2} ms wall)"),
+                &model.timeline_stop()?,
+            );
+            model.set_enforce_eager(eager);
+        }
+        step_times.sort_by(|a, b| a.total_cmp(b));
+        let mean = step_times.iter().sum::<f64>() / step_times.len().max(1) as f64;
+        println!(
+            "| {b} | {:.0} | {:.3} (median {:.3}) | {prefill_ms:.1} |",
+            b as f64 / mean,
+            mean * 1e3,
+            step_times.get(step_times.len() / 2).copied().unwrap_or(0.0) * 1e3
+        );
+    }
+    Ok(())
+}
+
+/// Times `f` (which enqueues work) over `reps` runs after 3 warm-ups; seconds per run.
+fn time_it(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> r4b_kernels::Result<()>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    gpu.sync()?;
+    let t = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    gpu.sync()?;
+    Ok(t.elapsed().as_secs_f64() / reps as f64)
+}
+
+/// A device buffer of `n` random bf16 values in [-1, 1).
+fn random_bf16(gpu: &Gpu, n: usize, seed: u64) -> Result<DBuf> {
+    let mut x = seed | 1;
+    let chunk: Vec<half::bf16> = (0..(1 << 22))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            half::bf16::from_f32((x >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+        })
+        .collect();
+    let buf = gpu.alloc(n * 2)?;
+    let mut at = 0;
+    while at < n {
+        let m = chunk.len().min(n - at);
+        // SAFETY: `buf` holds `n` bf16 values.
+        unsafe { gpu.htod(&chunk[..m], buf.at(at, 2))? };
+        at += m;
+    }
+    Ok(buf)
+}
+
+/// max |a − b| / max |b| over `n` outputs of two GEMM results.
+fn max_rel_diff(gpu: &Gpu, (a, b): (u64, u64), n: usize, out: OutType) -> Result<f64> {
+    let read = |p: u64| -> Result<Vec<f32>> {
+        Ok(match out {
+            OutType::F32 => {
+                let mut v = vec![0f32; n];
+                // SAFETY: `p` holds n f32.
+                unsafe { gpu.dtoh(p, &mut v)? };
+                v
+            }
+            OutType::Bf16 => {
+                let mut v = vec![half::bf16::ZERO; n];
+                // SAFETY: `p` holds n bf16.
+                unsafe { gpu.dtoh(p, &mut v)? };
+                v.iter().map(|x| x.to_f32()).collect()
+            }
+        })
+    };
+    let (va, vb) = (read(a)?, read(b)?);
+    let scale = vb.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    let d = va
+        .iter()
+        .zip(&vb)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64;
+    Ok(if va.iter().any(|x| !x.is_finite()) {
+        f64::NAN
+    } else {
+        d / scale.max(1e-30)
+    })
+}
+
+fn profile() -> Result<()> {
+    let gpu = Gpu::new(0)?;
+    // Copy bandwidth (bytes read + written).
+    let n = 1usize << 30;
+    let a = random_bf16(&gpu, n / 2, 1)?;
+    let b = gpu.alloc(n)?;
+    // SAFETY: both buffers hold n bytes.
+    let t = time_it(&gpu, 20, || unsafe { gpu.dtod(a.ptr(), b.ptr(), n) })?;
+    let copy = 2.0 * n as f64 / t / 1e9;
+    println!("copy: {copy:.0} GB/s (1 GiB device-to-device, read + write)");
+    // GEMMs of the decoder at TP = 1: Y[M, N] = X[M, K] · W[N, K]ᵀ.
+    let shapes = [
+        ("qkv", 6144, 2560, OutType::Bf16),
+        ("o_proj", 2560, 4096, OutType::Bf16),
+        ("gate_up", 19456, 2560, OutType::Bf16),
+        ("down", 2560, 9728, OutType::Bf16),
+        ("lm_head", 151936, 2560, OutType::F32),
+    ];
+    println!("| GEMM | M | µs | weight GB/s | % of copy | TFLOP/s | cuBLAS µs | max rel diff vs cuBLAS |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let y2 = gpu.alloc(256 * 151936 * 4)?;
+    let x = random_bf16(&gpu, 256 * 9728, 2)?;
+    let y = gpu.alloc(256 * 151936 * 4)?;
+    let mut per_layer = HashMap::new();
+    for (name, nn, k, out) in shapes {
+        let w = random_bf16(&gpu, nn * k, 3)?;
+        for m in [1usize, 8, 64, 256] {
+            // SAFETY: x holds 256·9728 ≥ m·k values, y 256·151936 f32 ≥ m·n outputs.
+            let t = time_it(&gpu, 20, || unsafe {
+                gpu.linear(x.ptr(), w.ptr(), y.ptr(), (m, nn, k), out, false)
+            })?;
+            // SAFETY: as above.
+            let tb = time_it(&gpu, 20, || unsafe {
+                gpu.linear_blas(x.ptr(), w.ptr(), y2.ptr(), (m, nn, k), out, false)
+            })?;
+            let diff = max_rel_diff(&gpu, (y.ptr(), y2.ptr()), m * nn, out)?;
+            let gbs = (nn * k * 2) as f64 / t / 1e9;
+            println!(
+                "| {name} | {m} | {:.1} | {gbs:.0} | {:.0}% | {:.1} | {:.1} | {diff:.2e} |",
+                t * 1e6,
+                gbs / copy * 100.0,
+                2.0 * (m * nn * k) as f64 / t / 1e12,
+                tb * 1e6
+            );
+            *per_layer.entry(m).or_insert(0.0) += if name == "lm_head" { t / 36.0 } else { t };
+        }
+    }
+    for m in [1usize, 8, 64, 256] {
+        println!(
+            "GEMMs per decode step at M = {m}: {:.3} ms (36 layers + head)",
+            per_layer[&m] * 36.0 * 1e3
+        );
+    }
+    // Paged attention, one layer: nq 32, nkv 8, hd 128, block 16.
+    let (nq, nkv, hd, bs) = (32usize, 8usize, 128usize, 16usize);
+    println!("| attention | queries | ctx | part | µs/layer | KV GB/s |");
+    println!("|---|---|---|---|---|---|");
+    for (bsz, ctx) in [
+        (1usize, 640usize),
+        (1, 4096),
+        (64, 640),
+        (256, 384),
+        (256, 640),
+    ] {
+        let blocks_per = ctx.div_ceil(bs);
+        let nblocks = bsz * blocks_per;
+        let kc = random_bf16(&gpu, nblocks * bs * nkv * hd, 4)?;
+        let vc = random_bf16(&gpu, nblocks * bs * nkv * hd, 5)?;
+        let q = random_bf16(&gpu, bsz * (nq + 2 * nkv) * hd, 6)?;
+        let out = gpu.alloc(bsz * nq * hd * 2)?;
+        let tables: Vec<i32> = (0..nblocks as i32).collect();
+        let ctx_lens = vec![ctx as i32; bsz];
+        let rows: Vec<i32> = (0..bsz as i32).collect();
+        let (bt_d, cl_d, rw_d) = (
+            gpu.alloc(nblocks * 4)?,
+            gpu.alloc(bsz * 4)?,
+            gpu.alloc(bsz * 4)?,
+        );
+        let max_parts = ctx.div_ceil(32);
+        let (pm, pl, pacc) = (
+            gpu.alloc(bsz * nq * max_parts * 4)?,
+            gpu.alloc(bsz * nq * max_parts * 4)?,
+            gpu.alloc(bsz * nq * max_parts * hd * 4)?,
+        );
+        // SAFETY: sizes as allocated above.
+        unsafe {
+            gpu.htod(&tables, bt_d.ptr())?;
+            gpu.htod(&ctx_lens, cl_d.ptr())?;
+            gpu.htod(&rows, rw_d.ptr())?;
+        }
+        for ps in [32usize, 64, 128, 256, 512] {
+            let parts = ctx.div_ceil(ps);
+            let args = DecodeAttn {
+                q: q.ptr(),
+                q_stride: (nq + 2 * nkv) * hd,
+                k_cache: kc.ptr(),
+                v_cache: vc.ptr(),
+                ctx_lens: cl_d.ptr(),
+                bt_rows: rw_d.ptr(),
+                block_tables: bt_d.ptr(),
+                max_blocks: blocks_per,
+                block_size: bs,
+                tokens: bsz,
+                nq,
+                nkv,
+                head_dim: hd,
+                part_size: ps,
+                parts,
+                scale: 0.088,
+                pm: pm.ptr(),
+                pl: pl.ptr(),
+                pacc: pacc.ptr(),
+                out: out.ptr(),
+                out_stride: nq * hd,
+            };
+            // SAFETY: as above (scratch sized for 32-key partitions).
+            let t = time_it(&gpu, 50, || unsafe { gpu.decode_attention(&args) })?;
+            let bytes = (bsz * ctx * nkv * hd * 2 * 2) as f64;
+            let chosen = if ps == r4b_worker::gpu::part_size(bsz) {
+                " (used)"
+            } else {
+                ""
+            };
+            println!(
+                "| paged | {bsz} | {ctx} | {ps}{chosen} | {:.1} | {:.0} |",
+                t * 1e6,
+                bytes / t / 1e9
+            );
+        }
+    }
+    // Small kernels at 1 and 256 tokens.
+    let h = 2560;
+    let res = random_bf16(&gpu, 256 * h * 2, 7)?; // f32 residual: 2 bf16 slots per value
+    let xx = random_bf16(&gpu, 256 * h, 8)?;
+    let wn = random_bf16(&gpu, h, 9)?;
+    let o = gpu.alloc(256 * h * 2)?;
+    let gu = random_bf16(&gpu, 256 * 2 * 9728, 10)?;
+    let act = gpu.alloc(256 * 9728 * 2)?;
+    for t in [1usize, 256] {
+        // SAFETY: buffers hold 256 rows.
+        let a = time_it(&gpu, 100, || unsafe {
+            gpu.add_rmsnorm(
+                res.ptr(),
+                Residual::Add(xx.ptr()),
+                wn.ptr(),
+                o.ptr(),
+                (t, h),
+                1e-6,
+            )
+        })?;
+        let s = time_it(&gpu, 100, || unsafe {
+            gpu.silu_mul(gu.ptr(), act.ptr(), t, 9728)
+        })?;
+        println!(
+            "small kernels at {t} tokens: add_rmsnorm {:.1} µs, silu_mul {:.1} µs",
+            a * 1e6,
+            s * 1e6
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("logits") => logits(&args[1..]),
+        Some("decode") => decode(&args[1..]),
+        Some("profile") => profile(),
+        _ => bail!("usage: r4b-gpu-check logits|decode ..."),
+    }
+}
