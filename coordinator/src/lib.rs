@@ -30,7 +30,7 @@ use std::time::Duration;
 use r4b_proto::v1 as pb;
 
 pub use service::CoordinatorService;
-pub use workers::{GroupConfig, Launch, WorkerGroup};
+pub use workers::{GpuOptions, GroupConfig, Launch, WorkerGroup};
 
 /// Limits and policy of one replica (the `r4b serve` / `r4b coordinator` flags).
 #[derive(Clone, Debug)]

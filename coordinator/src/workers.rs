@@ -80,6 +80,25 @@ pub struct GroupConfig {
     pub num_blocks: Option<u32>,
     /// How long ranks wait for each other (collective timeout).
     pub peer_timeout: Duration,
+    /// Where the workers run the model: "cpu" or "cuda".
+    pub device: String,
+    /// GPU engine sizing and options (ignored on CPU).
+    pub gpu: GpuOptions,
+}
+
+/// What a GPU worker sizes its buffers and KV cache for.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Most sequences per step.
+    pub max_num_seqs: u32,
+    /// Most tokens per step.
+    pub max_num_batched_tokens: u32,
+    /// Longest sequence (0 = the model's max positions).
+    pub max_model_len: u32,
+    /// Fraction of device memory for weights, KV cache and scratch.
+    pub gpu_memory_utilization: f32,
+    /// No CUDA graphs.
+    pub enforce_eager: bool,
 }
 
 /// Timings of one step.
@@ -203,6 +222,20 @@ impl WorkerGroup {
             .as_nanos();
         let rendezvous =
             std::env::temp_dir().join(format!("r4b-{}-{stamp}.sock", std::process::id()));
+        // GPU groups: rank 0 makes the NCCL id, every rank's Init carries it.
+        let nccl_id = if cfg.device == "cuda" && world > 1 {
+            let mut c0 = clients[0].clone();
+            c0.nccl_id(pb::NcclIdRequest {})
+                .await
+                .map_err(|s| GroupError::Rpc {
+                    rank: 0,
+                    status: Box::new(s),
+                })?
+                .into_inner()
+                .id
+        } else {
+            Vec::new()
+        };
         let inits = clients.iter().enumerate().map(|(rank, c)| {
             let mut c = c.clone();
             let req = pb::InitRequest {
@@ -214,6 +247,13 @@ impl WorkerGroup {
                 kv_cache_bytes: cfg.kv_cache_bytes,
                 timeout_s: cfg.peer_timeout.as_secs().max(1) as u32,
                 num_blocks: cfg.num_blocks.unwrap_or(0),
+                device: cfg.device.clone(),
+                nccl_id: nccl_id.clone(),
+                max_num_seqs: cfg.gpu.max_num_seqs,
+                max_num_batched_tokens: cfg.gpu.max_num_batched_tokens,
+                max_model_len: cfg.gpu.max_model_len,
+                gpu_memory_utilization: cfg.gpu.gpu_memory_utilization,
+                enforce_eager: cfg.gpu.enforce_eager,
             };
             async move {
                 c.init(req)

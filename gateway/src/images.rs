@@ -158,8 +158,18 @@ impl ImagePipeline {
         let bytes = self.bytes_of(&image.url).await.map_err(at)?;
         let (max_pixels, resample) = (self.max_pixels, self.resample);
         let task = tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
             let rgb = decode_rgb(&bytes, max_pixels)?;
-            to_proto(&rgb, &geometry, resample)
+            let decoded = t.elapsed();
+            let out = to_proto(&rgb, &geometry, resample);
+            tracing::debug!(
+                "image {}x{}: decoded in {:.1} ms, views in {:.1} ms",
+                rgb.width(),
+                rgb.height(),
+                decoded.as_secs_f64() * 1e3,
+                (t.elapsed() - decoded).as_secs_f64() * 1e3
+            );
+            out
         });
         match task.await {
             Ok(result) => result.map_err(at),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use r4b_coordinator::{GroupConfig, Launch, ReplicaConfig};
+use r4b_coordinator::{GpuOptions, GroupConfig, Launch, ReplicaConfig};
 use r4b_gateway::{AppState, GatewayConfig, ModelFiles};
 
 /// Which checkpoint to serve.
@@ -49,9 +49,13 @@ pub struct ReplicaArgs {
     /// Most sequences in one batch.
     #[arg(long, default_value_t = 256)]
     max_num_seqs: usize,
-    /// Token budget of one step (prefill chunks + decodes).
-    #[arg(long, default_value_t = 2048)]
-    max_num_batched_tokens: usize,
+    /// Token budget of one step (prefill chunks + decodes); default 2048 on CPU, 8192 on CUDA.
+    #[arg(long)]
+    max_num_batched_tokens: Option<usize>,
+    /// Where the workers run the model: `cpu` (f32 reference) or `cuda` (bf16 GPU engine, one GPU
+    /// per rank; needs a binary built with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
     /// KV block size in tokens.
     #[arg(long, default_value_t = 16)]
     block_size: u32,
@@ -70,10 +74,11 @@ pub struct ReplicaArgs {
     /// Accepted for vLLM compatibility (prefix caching is on by default).
     #[arg(long)]
     enable_prefix_caching: bool,
-    /// Accepted for vLLM compatibility; CPU workers size the KV cache with --kv-cache-space.
+    /// Fraction of each GPU's memory for weights, KV cache and scratch (CUDA; CPU workers size
+    /// the KV cache with --kv-cache-space).
     #[arg(long, default_value_t = 0.9)]
     gpu_memory_utilization: f32,
-    /// Accepted for vLLM compatibility (CPU workers have no CUDA graphs).
+    /// No CUDA graphs for decode steps (CUDA).
     #[arg(long)]
     enforce_eager: bool,
     /// Attach to running workers (host:port, rank order) instead of starting them.
@@ -177,6 +182,12 @@ fn replica_config(r: &ReplicaArgs, m: &ModelArgs, checkpoint: PathBuf) -> Result
     if r.kv_cache_space.is_nan() || r.kv_cache_space <= 0.0 {
         bail!("--kv-cache-space must be positive");
     }
+    if !(r.gpu_memory_utilization > 0.0 && r.gpu_memory_utilization <= 1.0) {
+        bail!("--gpu-memory-utilization must be in (0, 1]");
+    }
+    let max_num_batched_tokens =
+        r.max_num_batched_tokens
+            .unwrap_or(if r.device == "cuda" { 8192 } else { 2048 });
     Ok(ReplicaConfig {
         group: GroupConfig {
             launch,
@@ -185,11 +196,19 @@ fn replica_config(r: &ReplicaArgs, m: &ModelArgs, checkpoint: PathBuf) -> Result
             kv_cache_bytes: (r.kv_cache_space * (1u64 << 30) as f64) as u64,
             num_blocks: r.num_kv_blocks,
             peer_timeout: Duration::from_secs(600),
+            device: r.device.clone(),
+            gpu: GpuOptions {
+                max_num_seqs: r.max_num_seqs as u32,
+                max_num_batched_tokens: max_num_batched_tokens as u32,
+                max_model_len: r.max_model_len.unwrap_or(0) as u32,
+                gpu_memory_utilization: r.gpu_memory_utilization,
+                enforce_eager: r.enforce_eager,
+            },
         },
         served_model_name: served_name(r.served_model_name.as_deref(), m),
         max_model_len: r.max_model_len,
         max_num_seqs: r.max_num_seqs,
-        max_num_batched_tokens: r.max_num_batched_tokens,
+        max_num_batched_tokens,
         max_queue: r.max_queue,
         enable_prefix_caching: !r.no_enable_prefix_caching,
     })

@@ -74,10 +74,80 @@ struct SeqState {
     prompt_len: usize,
 }
 
+/// Where the model runs.
+enum Backend {
+    /// The f32 reference on the CPU (candle).
+    Cpu {
+        model: Box<R4bModel>,
+        kv: PagedKvCache,
+    },
+    /// The bf16 engine on a CUDA GPU.
+    #[cfg(feature = "cuda")]
+    Gpu(Box<crate::gpu::GpuModel>),
+}
+
+impl Backend {
+    fn config(&self) -> &RConfig {
+        match self {
+            Backend::Cpu { model, .. } => model.config(),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(m) => m.config(),
+        }
+    }
+
+    fn shard(&self) -> crate::parallel::Shard {
+        match self {
+            Backend::Cpu { model, .. } => model.shard(),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(m) => m.shard(),
+        }
+    }
+
+    fn encode_image(&self, views: &PixelViews) -> Result<Tensor> {
+        match self {
+            Backend::Cpu { model, .. } => model.encode_image(views),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(m) => m.encode_image(views),
+        }
+    }
+
+    /// Runs the step and samples one token per `(chunk index, row)`.
+    fn step(
+        &mut self,
+        chunks: &[SeqChunk],
+        rows: &[(usize, SampleRow)],
+    ) -> Result<Vec<crate::sampling::SampledToken>> {
+        match self {
+            Backend::Cpu { model, kv } => {
+                let hidden = model.forward_step(chunks, kv, OutputRows::Last)?;
+                if rows.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let idx = Tensor::from_vec(
+                    rows.iter().map(|&(i, _)| i as u32).collect::<Vec<_>>(),
+                    rows.len(),
+                    hidden.device(),
+                )?;
+                let hidden = hidden.index_select(&idx, 0)?;
+                let srows: Vec<SampleRow> = rows
+                    .iter()
+                    .map(|(_, r)| SampleRow {
+                        params: r.params,
+                        history: r.history,
+                        seed: r.seed,
+                    })
+                    .collect();
+                model.sample(&hidden, &srows)
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(m) => m.step(chunks, rows),
+        }
+    }
+}
+
 /// Executes steps for one rank.
 pub struct StepExecutor {
-    model: R4bModel,
-    kv: PagedKvCache,
+    model: Backend,
     pre: ImagePreprocessing,
     comm: Arc<Timed>,
     seqs: HashMap<u64, SeqState>,
@@ -131,14 +201,26 @@ impl StepExecutor {
             ns: AtomicU64::new(0),
         });
         let ckpt = Checkpoint::open(dir)?;
-        let model = R4bModel::load(&ckpt, &cfg, comm.clone(), &Device::Cpu)?;
         let block_size = req.block_size as usize;
-        let per_token = model.kv_shape(1, 1).bytes_per_token();
-        let num_blocks = match req.num_blocks {
-            0 => (req.kv_cache_bytes as usize / (per_token * block_size.max(1))).max(1),
-            n => n as usize,
+        let (model, num_blocks, per_token) = match req.device.as_str() {
+            "" | "cpu" => {
+                let model = R4bModel::load(&ckpt, &cfg, comm.clone(), &Device::Cpu)?;
+                let per_token = model.kv_shape(1, 1).bytes_per_token();
+                let num_blocks = match req.num_blocks {
+                    0 => (req.kv_cache_bytes as usize / (per_token * block_size.max(1))).max(1),
+                    n => n as usize,
+                };
+                let kv = model.new_kv_cache(num_blocks, block_size)?;
+                let model = Box::new(model);
+                (Backend::Cpu { model, kv }, num_blocks, per_token)
+            }
+            "cuda" => Self::load_gpu(req, &ckpt, &cfg, comm.clone())?,
+            other => {
+                return Err(Error::Step(format!(
+                    "device `{other}`: expected `cpu` or `cuda`"
+                )))
+            }
         };
-        let kv = model.new_kv_cache(num_blocks, block_size)?;
         let pre = ImagePreprocessing::from_dir(dir)?;
         let geom = cfg.image_geometry();
         let facts = pb::ModelFacts {
@@ -164,12 +246,58 @@ impl StepExecutor {
         Ok((
             StepExecutor {
                 model,
-                kv,
                 pre,
                 comm,
                 seqs: HashMap::new(),
             },
             resp,
+        ))
+    }
+
+    /// Loads this rank on GPU `rank` (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    fn load_gpu(
+        req: &pb::InitRequest,
+        ckpt: &Checkpoint,
+        cfg: &RConfig,
+        comm: Arc<dyn Collective>,
+    ) -> Result<(Backend, usize, usize)> {
+        let or = |v: u32, d: usize| if v == 0 { d } else { v as usize };
+        let limits = crate::gpu::GpuLimits {
+            max_seqs: or(req.max_num_seqs, 256),
+            max_tokens: or(req.max_num_batched_tokens, 8192),
+            max_model_len: or(req.max_model_len, cfg.text.max_position_embeddings),
+            block_size: req.block_size.max(1) as usize,
+            memory_utilization: if req.gpu_memory_utilization > 0.0 {
+                f64::from(req.gpu_memory_utilization)
+            } else {
+                0.9
+            },
+            num_blocks: req.num_blocks as usize,
+            enforce_eager: req.enforce_eager,
+        };
+        let id = (!req.nccl_id.is_empty()).then_some(req.nccl_id.as_slice());
+        let model = crate::gpu::GpuModel::load(ckpt, cfg, comm, id, limits)?;
+        let (bytes, secs, gbps) = model.load_report;
+        tracing::info!(
+            rank = req.rank,
+            "weights on GPU: {:.2} GB in {secs:.2} s ({gbps:.2} GB/s); {} KV blocks",
+            bytes as f64 / 1e9,
+            model.num_blocks()
+        );
+        let (n, per_token) = (model.num_blocks(), model.kv_bytes_per_token());
+        Ok((Backend::Gpu(Box::new(model)), n, per_token))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn load_gpu(
+        _: &pb::InitRequest,
+        _: &Checkpoint,
+        _: &RConfig,
+        _: Arc<dyn Collective>,
+    ) -> Result<(Backend, usize, usize)> {
+        Err(Error::Gpu(
+            "this binary was built without the `cuda` feature (cargo build --features cuda)".into(),
         ))
     }
 
@@ -194,53 +322,55 @@ impl StepExecutor {
             .iter()
             .map(|s| self.chunk(s))
             .collect::<Result<Vec<_>>>()?;
-        let hidden = self
-            .model
-            .forward_step(&chunks, &mut self.kv, OutputRows::Last)?;
-        drop(chunks);
-        let sample_rows: Vec<usize> = (0..req.seqs.len())
+        let states: Vec<(usize, &SeqState)> = (0..req.seqs.len())
             .filter(|&i| req.seqs[i].sample)
+            .map(|i| {
+                self.seqs
+                    .get(&req.seqs[i].seq_id)
+                    .map(|s| (i, s))
+                    .ok_or_else(|| Error::Step("unknown sequence".into()))
+            })
+            .collect::<Result<_>>()?;
+        let rows: Vec<(usize, SampleRow)> = states
+            .iter()
+            .map(|&(i, s)| {
+                (
+                    i,
+                    SampleRow {
+                        params: &s.params,
+                        history: &s.history,
+                        seed: s.seed,
+                    },
+                )
+            })
             .collect();
-        let mut sampled = Vec::with_capacity(sample_rows.len());
-        if !sample_rows.is_empty() {
-            let idx = Tensor::from_vec(
-                sample_rows.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                sample_rows.len(),
-                hidden.device(),
-            )?;
-            let hidden = hidden.index_select(&idx, 0)?;
-            let states: Vec<&SeqState> = sample_rows
-                .iter()
-                .map(|&i| {
-                    self.seqs
-                        .get(&req.seqs[i].seq_id)
-                        .ok_or_else(|| Error::Step("unknown sequence".into()))
-                })
-                .collect::<Result<_>>()?;
-            let rows: Vec<SampleRow> = states
-                .iter()
-                .map(|s| SampleRow {
-                    params: &s.params,
-                    history: &s.history,
-                    seed: s.seed,
-                })
-                .collect();
-            let tokens = self.model.sample(&hidden, &rows)?;
-            for (&i, t) in sample_rows.iter().zip(tokens) {
-                sampled.push(pb::Sampled {
-                    seq_id: req.seqs[i].seq_id,
-                    token: Some(pb::Token {
-                        id: t.id,
-                        logprob: t.logprob,
-                        top: t
-                            .top
-                            .into_iter()
-                            .map(|(id, logprob)| pb::TopLogprob { id, logprob })
-                            .collect(),
-                        forced: false,
-                    }),
-                });
-            }
+        let t_fwd = Instant::now();
+        let tokens = self.model.step(&chunks, &rows)?;
+        let n_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        if n_tokens > chunks.len() {
+            tracing::debug!(
+                "step {}: {} sequences, {n_tokens} tokens, forward + sample {:.1} ms",
+                req.step_id,
+                chunks.len(),
+                t_fwd.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        drop(chunks);
+        let mut sampled = Vec::with_capacity(rows.len());
+        for (&(i, _), t) in rows.iter().zip(tokens) {
+            sampled.push(pb::Sampled {
+                seq_id: req.seqs[i].seq_id,
+                token: Some(pb::Token {
+                    id: t.id,
+                    logprob: t.logprob,
+                    top: t
+                        .top
+                        .into_iter()
+                        .map(|(id, logprob)| pb::TopLogprob { id, logprob })
+                        .collect(),
+                    forced: false,
+                }),
+            });
         }
         if self.model.shard().rank != 0 {
             sampled.clear();
@@ -258,7 +388,16 @@ impl StepExecutor {
         if let Some(p) = &s.sampling {
             let params = sampling_from_proto(p);
             params.validate()?;
+            let t = Instant::now();
             let image_rows = self.encode_images(&s.images)?;
+            if !s.images.is_empty() {
+                tracing::debug!(
+                    seq = s.seq_id,
+                    "encoded {} image(s) in {:.1} ms",
+                    s.images.len(),
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+            }
             let prompt_len = s.prompt_len as usize;
             let mut history = TokenHistory::default();
             for (i, &t) in s.history.iter().enumerate() {
@@ -509,5 +648,21 @@ impl Worker for WorkerService {
     ) -> std::result::Result<Response<pb::ShutdownResponse>, Status> {
         self.shutdown.notify_one();
         Ok(Response::new(pb::ShutdownResponse {}))
+    }
+
+    async fn nccl_id(
+        &self,
+        _: Request<pb::NcclIdRequest>,
+    ) -> std::result::Result<Response<pb::NcclIdResponse>, Status> {
+        #[cfg(feature = "cuda")]
+        {
+            let id = r4b_kernels::nccl_unique_id()
+                .map_err(|e| Status::internal(format!("NCCL unique id: {e}")))?;
+            Ok(Response::new(pb::NcclIdResponse { id }))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Err(Status::failed_precondition(
+            "this worker was built without the `cuda` feature",
+        ))
     }
 }
