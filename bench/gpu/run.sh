@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One scripted GPU run (see bench/gpu/README.md): full-size random checkpoint → HF reference logits →
+# our logits → comparison → engine decode figures → HTTP TTFT/throughput → HF generate baseline.
+#   bash bench/gpu/run.sh BIN_DIR OUT_DIR [stages]   (stages: comma list, default all)
+# BIN_DIR holds `r4b` and `r4b-gpu-check` built with `--features cuda` on the build machine.
+set -uo pipefail
+BIN=$(realpath "${1:-dist}"); OUT=${2:-/tmp/r4b-out}; STAGES=${3:-ckpt,ref,logits,compare,profile,decode,eager,nccl,http,hf}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 R4B_LOG=${R4B_LOG:-info,r4b_worker=debug,r4b_gateway::images=debug}
+CK=/tmp/r4b-ckpt; REF=/tmp/r4b-ref; REF32=/tmp/r4b-ref32
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+stamp() { echo "== $(date +%T) $*"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+if has ckpt && [ ! -f $CK/config.json ]; then
+  stamp checkpoint; python3 bench/gpu/make_checkpoint.py $CK 2>&1 | tail -8
+fi
+if has ref; then stamp hf_reference; python3 bench/gpu/hf_reference.py $CK $REF 2>&1 | tail -12; fi
+if has ref32; then
+  stamp hf_reference fp32; python3 bench/gpu/hf_reference.py $CK $REF32 --dtype fp32 2>&1 | tail -6
+fi
+if has logits; then stamp our logits; timeout 180 "$BIN/r4b-gpu-check" logits $CK $REF /tmp/ours.safetensors; fi
+if has compare; then
+  stamp compare: ours vs HF bf16; python3 bench/gpu/compare.py $REF /tmp/ours.safetensors --json "$OUT/correctness.json"
+  if [ -d $REF32 ]; then
+    stamp compare: ours vs HF fp32
+    python3 bench/gpu/compare.py $REF32 /tmp/ours.safetensors --json "$OUT/correctness_fp32.json"
+    stamp compare: HF bf16 vs HF fp32 "(the reference's own bf16 error)"
+    python3 bench/gpu/compare.py $REF32 $REF/reference.safetensors --json "$OUT/hf_bf16_vs_fp32.json"
+  fi
+fi
+if has profile; then stamp profile; timeout 120 "$BIN/r4b-gpu-check" profile 2>&1 | tee "$OUT/profile.txt"; fi
+if has decode; then
+  stamp engine decode
+  timeout 240 "$BIN/r4b-gpu-check" decode $CK --batches ${BATCHES:-1,8,32,64,128,256} 2>&1 | tee "$OUT/decode.txt"
+fi
+if has eager; then
+  stamp engine decode eager
+  timeout 120 "$BIN/r4b-gpu-check" decode $CK --batches 1,64 --output 128 --eager 2>&1 | tee "$OUT/decode_eager.txt"
+fi
+if has nccl; then
+  stamp NCCL forced at TP=1
+  R4B_FORCE_NCCL=1 timeout 120 "$BIN/r4b-gpu-check" logits $CK $REF /tmp/ours_nccl.safetensors 2>&1 | grep -E "decode path|NCCL|rror"
+  R4B_FORCE_NCCL=1 timeout 120 "$BIN/r4b-gpu-check" decode $CK --batches 1,64 --output 128 2>&1 | grep -E "^\| [0-9]|rror"
+fi
+if has http; then
+  stamp http
+  t0=$(date +%s.%N)
+  "$BIN/r4b" serve $CK --device cuda --port 8000 > "$OUT/serve.log" 2>&1 &
+  SERVE=$!
+  for _ in $(seq 1 240); do
+    curl -sf localhost:8000/ready > /dev/null && break
+    kill -0 $SERVE 2>/dev/null || break
+    sleep 0.5
+  done
+  echo "serve ready after $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s"
+  timeout 300 python3 bench/gpu/http_bench.py --image $REF/image_640x480.png --streams ${STREAMS:-1 256} \
+    --json "$OUT/http.json" 2>&1 | tail -8
+  kill $SERVE; wait $SERVE 2>/dev/null
+  grep -iE "error|panic|weights on GPU|encoded|image [0-9]" "$OUT/serve.log" | head -14
+  grep -E "step [0-9]+: 1 sequences, 29" "$OUT/serve.log" | head -4
+fi
+if has hf; then stamp hf_generate; python3 bench/gpu/hf_generate.py $CK --json "$OUT/hf.json" 2>&1 | tail -8; fi
+stamp done
