@@ -97,8 +97,6 @@ struct Funcs {
     argmax_rows: CudaFunction,
     /// `gemv[m - 1]` computes M = m rows.
     gemv: Vec<CudaFunction>,
-    f32_to_bf16: CudaFunction,
-    bf16_to_f32: CudaFunction,
 }
 
 /// One GPU: context, the stream everything runs on, cuBLAS and the loaded kernels.
@@ -272,8 +270,6 @@ impl Gpu {
             gemv: (1..=GEMV_MAX_ROWS)
                 .map(|m| l(&format!("gemv_m{m}")))
                 .collect::<Result<_, _>>()?,
-            f32_to_bf16: l("f32_to_bf16")?,
-            bf16_to_f32: l("bf16_to_f32")?,
         };
         let blas = CudaBlas::new(stream.clone())?;
         // A fixed cuBLAS workspace, so that GEMMs allocate nothing (required under graph capture).
@@ -956,32 +952,6 @@ impl Gpu {
             .arg(&val)
             .arg(&idx)
             .launch(grid1(rows, 1024))?;
-        Ok(())
-    }
-
-    pub unsafe fn f32_to_bf16(&self, x: DevPtr, y: DevPtr, n: usize) -> Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
-        self.stream
-            .launch_builder(&self.f.f32_to_bf16)
-            .arg(&x)
-            .arg(&y)
-            .arg(&n)
-            .launch(grid1(n.div_ceil(256), 256))?;
-        Ok(())
-    }
-
-    pub unsafe fn bf16_to_f32(&self, x: DevPtr, y: DevPtr, n: usize) -> Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
-        self.stream
-            .launch_builder(&self.f.bf16_to_f32)
-            .arg(&x)
-            .arg(&y)
-            .arg(&n)
-            .launch(grid1(n.div_ceil(256), 256))?;
         Ok(())
     }
 }

@@ -554,13 +554,3 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int V,
     }
   }
 }
-
-// f32 → bf16 and back (host transfers, tests).
-extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, size_t n) {
-  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) y[i] = f2b(x[i]);
-}
-extern "C" __global__ void bf16_to_f32(const bf16* __restrict__ x, float* __restrict__ y, size_t n) {
-  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) y[i] = b2f(x[i]);
-}

@@ -375,18 +375,11 @@ impl Checkpoint {
         shard: Shard,
         device: &Device,
     ) -> Result<Tensor> {
-        let e = self.lookup(canonical, shape)?;
-        let rows = split_len(canonical, shape[0], shard)?;
-        let row_bytes = shape[1..].iter().product::<usize>() * elem_size(e.dtype);
-        let start = e.start + shard.rank * rows * row_bytes;
-        let mut out = Vec::with_capacity(rows * row_bytes / elem_size(e.dtype));
-        decode_into(
-            e.dtype,
-            self.read(e.file, start, start + rows * row_bytes),
-            &mut out,
-        );
+        let (dtype, bytes) = self.raw_slice(canonical, shape, shard, Some(0))?;
+        let mut out = Vec::with_capacity(bytes.len() / elem_size(dtype));
+        decode_into(dtype, &bytes, &mut out);
         let mut local = shape.to_vec();
-        local[0] = rows;
+        local[0] /= shard.world;
         Ok(Tensor::from_vec(out, local, device)?)
     }
 
@@ -399,27 +392,14 @@ impl Checkpoint {
         shard: Shard,
         device: &Device,
     ) -> Result<Tensor> {
-        let e = self.lookup(canonical, shape)?;
-        if shape.len() != 2 {
-            return Err(Error::TensorShape {
-                name: canonical.to_string(),
-                found: e.shape.clone(),
-                expected: shape.to_vec(),
-            });
-        }
-        let (rows, cols) = (shape[0], shape[1]);
-        let local = split_len(canonical, cols, shard)?;
-        let es = elem_size(e.dtype);
-        let mut out = Vec::with_capacity(rows * local);
-        for r in 0..rows {
-            let start = e.start + (r * cols + shard.rank * local) * es;
-            decode_into(
-                e.dtype,
-                self.read(e.file, start, start + local * es),
-                &mut out,
-            );
-        }
-        Ok(Tensor::from_vec(out, (rows, local), device)?)
+        let (dtype, bytes) = self.raw_slice(canonical, shape, shard, Some(1))?;
+        let mut out = Vec::with_capacity(bytes.len() / elem_size(dtype));
+        decode_into(dtype, &bytes, &mut out);
+        Ok(Tensor::from_vec(
+            out,
+            (shape[0], shape[1] / shard.world),
+            device,
+        )?)
     }
 
     /// This rank's slice of a tensor as stored bytes (no conversion): the whole tensor

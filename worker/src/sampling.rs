@@ -195,6 +195,7 @@ impl TokenHistory {
 }
 
 /// One row to sample.
+#[derive(Clone, Copy, Debug)]
 pub struct SampleRow<'a> {
     /// The sequence's sampling parameters.
     pub params: &'a SamplingParams,

@@ -129,14 +129,7 @@ impl Backend {
                     hidden.device(),
                 )?;
                 let hidden = hidden.index_select(&idx, 0)?;
-                let srows: Vec<SampleRow> = rows
-                    .iter()
-                    .map(|(_, r)| SampleRow {
-                        params: r.params,
-                        history: r.history,
-                        seed: r.seed,
-                    })
-                    .collect();
+                let srows: Vec<SampleRow> = rows.iter().map(|(_, r)| *r).collect();
                 model.sample(&hidden, &srows)
             }
             #[cfg(feature = "cuda")]

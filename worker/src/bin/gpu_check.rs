@@ -242,6 +242,38 @@ fn print_timeline(what: &str, t: &[(&'static str, f64)]) {
     );
 }
 
+/// `n` greedy sample rows for chunks `0..n`.
+fn greedy_rows<'a>(
+    n: usize,
+    params: &'a SamplingParams,
+    history: &'a TokenHistory,
+) -> Vec<(usize, SampleRow<'a>)> {
+    let row = SampleRow {
+        params,
+        history,
+        seed: 0,
+    };
+    (0..n).map(|i| (i, row)).collect()
+}
+
+/// One decode chunk per sequence: token `toks[s]` at `pos` with block table `tables[s]`.
+fn decode_chunks<'a>(
+    toks: &'a [[u32; 1]],
+    pos: usize,
+    tables: &'a [Vec<u32>],
+) -> Vec<SeqChunk<'a>> {
+    toks.iter()
+        .zip(tables)
+        .map(|(t, table)| SeqChunk {
+            tokens: t,
+            start_pos: pos,
+            block_table: table,
+            prompt_tokens: 0,
+            image_rows: None,
+        })
+        .collect()
+}
+
 fn decode(args: &[String]) -> Result<()> {
     let dir = Path::new(args.first().context("usage: decode CKPT")?);
     let batches: Vec<usize> = arg(args, "--batches", "1,8,32,64,128,256")
@@ -291,18 +323,7 @@ fn decode(args: &[String]) -> Result<()> {
                     image_rows: None,
                 })
                 .collect();
-            let rows: Vec<(usize, SampleRow)> = (0..n)
-                .map(|i| {
-                    (
-                        i,
-                        SampleRow {
-                            params: &params,
-                            history: &history,
-                            seed: 0,
-                        },
-                    )
-                })
-                .collect();
+            let rows = greedy_rows(n, &params, &history);
             let out = model.step(&chunks, &rows)?;
             for (i, t) in out.iter().enumerate() {
                 last[first + i] = t.id;
@@ -314,27 +335,8 @@ fn decode(args: &[String]) -> Result<()> {
         let t_all = Instant::now();
         for k in 0..output.saturating_sub(1) {
             let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
-            let chunks: Vec<SeqChunk> = (0..b)
-                .map(|s| SeqChunk {
-                    tokens: &toks[s],
-                    start_pos: prompt + k,
-                    block_table: &tables[s],
-                    prompt_tokens: 0,
-                    image_rows: None,
-                })
-                .collect();
-            let rows: Vec<(usize, SampleRow)> = (0..b)
-                .map(|i| {
-                    (
-                        i,
-                        SampleRow {
-                            params: &params,
-                            history: &history,
-                            seed: 0,
-                        },
-                    )
-                })
-                .collect();
+            let chunks = decode_chunks(&toks, prompt + k, &tables);
+            let rows = greedy_rows(b, &params, &history);
             let ts = Instant::now();
             let out = model.step(&chunks, &rows)?;
             if k > 0 {
@@ -348,27 +350,8 @@ fn decode(args: &[String]) -> Result<()> {
         // One more step, eager, with a per-op timeline.
         {
             let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
-            let chunks: Vec<SeqChunk> = (0..b)
-                .map(|s| SeqChunk {
-                    tokens: &toks[s],
-                    start_pos: prompt + output - 1,
-                    block_table: &tables[s],
-                    prompt_tokens: 0,
-                    image_rows: None,
-                })
-                .collect();
-            let rows: Vec<(usize, SampleRow)> = (0..b)
-                .map(|i| {
-                    (
-                        i,
-                        SampleRow {
-                            params: &params,
-                            history: &history,
-                            seed: 0,
-                        },
-                    )
-                })
-                .collect();
+            let chunks = decode_chunks(&toks, prompt + output - 1, &tables);
+            let rows = greedy_rows(b, &params, &history);
             model.set_enforce_eager(true);
             let ts = Instant::now();
             model.step(&chunks, &rows)?;

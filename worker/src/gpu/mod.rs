@@ -355,18 +355,7 @@ impl GpuModel {
                 *d = b as i32;
             }
             p.block_tables.extend_from_slice(&row_bt);
-            let count = c.image_count(image_id);
-            let have = c
-                .image_rows
-                .as_ref()
-                .map(|r| r.dim(0))
-                .transpose()?
-                .unwrap_or(0);
-            if have != count {
-                return Err(Error::Step(format!(
-                    "chunk has {count} `<image>` tokens but {have} image rows"
-                )));
-            }
+            c.checked_image_count(image_id)?;
             if let Some(r) = &c.image_rows {
                 let flat: Vec<half::bf16> = r
                     .to_dtype(candle_core::DType::BF16)?
@@ -505,14 +494,7 @@ impl GpuModel {
                     picked.extend_from_slice(&host[ci * width..(ci + 1) * width]);
                 }
                 let t = Tensor::from_vec(picked, (rows.len(), width), &Device::Cpu)?;
-                let srows: Vec<SampleRow> = rows
-                    .iter()
-                    .map(|(_, r)| SampleRow {
-                        params: r.params,
-                        history: r.history,
-                        seed: r.seed,
-                    })
-                    .collect();
+                let srows: Vec<SampleRow> = rows.iter().map(|(_, r)| *r).collect();
                 sampling::sample_logits(&t, self.comm.as_ref(), &srows)
             }
         }

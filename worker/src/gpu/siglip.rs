@@ -234,28 +234,15 @@ impl VisionGpu {
                 let (w, bb) = (&self.pre_norm.0, &self.pre_norm.1);
                 gpu.layernorm(b.x.ptr(), (w.ptr(), bb.ptr()), b.n.ptr(), (rows, c), 1e-6)
                     .map_err(gpu_err)?;
-                gpu.linear(
+                linear_bias(
+                    gpu,
                     b.n.ptr(),
-                    self.linear_1.0.ptr(),
+                    &self.linear_1,
                     b.proj1.ptr(),
                     (rows, h, c),
-                    OutType::Bf16,
-                    false,
-                )
-                .map_err(gpu_err)?;
-                gpu.bias_act(b.proj1.ptr(), self.linear_1.1.ptr(), (rows, h), 2)
-                    .map_err(gpu_err)?;
-                gpu.linear(
-                    b.proj1.ptr(),
-                    self.linear_2.0.ptr(),
-                    out,
-                    (rows, h, h),
-                    OutType::Bf16,
-                    false,
-                )
-                .map_err(gpu_err)?;
-                gpu.bias_act(out, self.linear_2.1.ptr(), (rows, h), 0)
-                    .map_err(gpu_err)?;
+                    2,
+                )?;
+                linear_bias(gpu, b.proj1.ptr(), &self.linear_2, out, (rows, h, h), 0)?;
             }
         }
         let total = views.views * n;
@@ -319,17 +306,7 @@ impl VisionGpu {
             self.eps,
         )
         .map_err(gpu_err)?;
-        gpu.linear(
-            b.n.ptr(),
-            l.qkv.0.ptr(),
-            b.qkv.ptr(),
-            (rows, 3 * c, c),
-            OutType::Bf16,
-            false,
-        )
-        .map_err(gpu_err)?;
-        gpu.bias_act(b.qkv.ptr(), l.qkv.1.ptr(), (rows, 3 * c), 0)
-            .map_err(gpu_err)?;
+        linear_bias(gpu, b.n.ptr(), &l.qkv, b.qkv.ptr(), (rows, 3 * c, c), 0)?;
         for v in 0..nv {
             let q = b.qkv.at(v * n * 3 * c, 2);
             attention_gemm(
@@ -353,17 +330,13 @@ impl VisionGpu {
                 },
             )?;
         }
-        gpu.linear(
+        linear_bias_residual(
+            gpu,
             b.attn.ptr(),
-            l.out.0.ptr(),
-            b.tmp.ptr(),
+            &l.out,
+            (b.tmp.ptr(), b.x.ptr()),
             (rows, c, c),
-            OutType::Bf16,
-            false,
-        )
-        .map_err(gpu_err)?;
-        gpu.bias_residual(b.x.ptr(), b.tmp.ptr(), l.out.1.ptr(), (rows, c))
-            .map_err(gpu_err)?;
+        )?;
         gpu.layernorm(
             b.x.ptr(),
             (l.ln2.0.ptr(), l.ln2.1.ptr()),
@@ -372,28 +345,42 @@ impl VisionGpu {
             self.eps,
         )
         .map_err(gpu_err)?;
-        gpu.linear(
-            b.n.ptr(),
-            l.fc1.0.ptr(),
+        linear_bias(gpu, b.n.ptr(), &l.fc1, b.f.ptr(), (rows, f, c), 1)?;
+        linear_bias_residual(
+            gpu,
             b.f.ptr(),
-            (rows, f, c),
-            OutType::Bf16,
-            false,
-        )
-        .map_err(gpu_err)?;
-        gpu.bias_act(b.f.ptr(), l.fc1.1.ptr(), (rows, f), 1)
-            .map_err(gpu_err)?;
-        gpu.linear(
-            b.f.ptr(),
-            l.fc2.0.ptr(),
-            b.tmp.ptr(),
+            &l.fc2,
+            (b.tmp.ptr(), b.x.ptr()),
             (rows, c, f),
-            OutType::Bf16,
-            false,
-        )
-        .map_err(gpu_err)?;
-        gpu.bias_residual(b.x.ptr(), b.tmp.ptr(), l.fc2.1.ptr(), (rows, c))
-            .map_err(gpu_err)?;
+        )?;
         Ok(())
     }
+}
+
+/// `y = act(x · Wᵀ + b)` (act as in [`Gpu::bias_act`]).
+unsafe fn linear_bias(
+    gpu: &Gpu,
+    x: u64,
+    (w, b): &(DBuf, DBuf),
+    y: u64,
+    (rows, out, inp): (usize, usize, usize),
+    act: i32,
+) -> Result<()> {
+    gpu.linear(x, w.ptr(), y, (rows, out, inp), OutType::Bf16, false)
+        .map_err(gpu_err)?;
+    gpu.bias_act(y, b.ptr(), (rows, out), act).map_err(gpu_err)
+}
+
+/// `res += x · Wᵀ + b`, through the scratch `tmp`.
+unsafe fn linear_bias_residual(
+    gpu: &Gpu,
+    x: u64,
+    (w, b): &(DBuf, DBuf),
+    (tmp, res): (u64, u64),
+    (rows, out, inp): (usize, usize, usize),
+) -> Result<()> {
+    gpu.linear(x, w.ptr(), tmp, (rows, out, inp), OutType::Bf16, false)
+        .map_err(gpu_err)?;
+    gpu.bias_residual(res, tmp, b.ptr(), (rows, out))
+        .map_err(gpu_err)
 }

@@ -51,6 +51,23 @@ impl SeqChunk<'_> {
             .filter(|&&t| t == image_token)
             .count()
     }
+
+    /// The chunk's `<image>` placeholder count, checked against its image rows.
+    pub fn checked_image_count(&self, image_token: u32) -> Result<usize> {
+        let count = self.image_count(image_token);
+        let have = self
+            .image_rows
+            .as_ref()
+            .map(|r| r.dim(0))
+            .transpose()?
+            .unwrap_or(0);
+        if have != count {
+            return Err(Error::Step(format!(
+                "chunk has {count} `<image>` tokens but {have} image rows"
+            )));
+        }
+        Ok(count)
+    }
 }
 
 /// Which rows of a step come back.
@@ -188,18 +205,7 @@ impl R4bModel {
         let mut pieces = Vec::new();
         let mut row = 0;
         for c in chunks {
-            let count = c.image_count(image_id);
-            let have = c
-                .image_rows
-                .as_ref()
-                .map(|r| r.dim(0))
-                .transpose()?
-                .unwrap_or(0);
-            if have != count {
-                return Err(Error::Step(format!(
-                    "chunk has {count} `<image>` tokens but {have} image rows"
-                )));
-            }
+            c.checked_image_count(image_id)?;
             let is_img = |i: usize| i < c.prompt_tokens && c.tokens[i] == image_id;
             let mut used = 0;
             let mut i = 0;
