@@ -561,14 +561,15 @@ pub fn resize(
 fn horizontal_pass(src: &[u8], width: usize, rows: Range<usize>, taps: &Taps) -> Vec<u8> {
     let out_w = taps.bounds.len();
     let mut out = vec![0u8; rows.len() * out_w * 3];
-    for (line, y) in out.chunks_exact_mut(out_w * 3).zip(rows) {
+    for_each_row(&mut out, out_w * 3, |i, line| {
+        let y = rows.start + i;
         let src_line = &src[y * width * 3..][..width * 3];
         for (x, px) in line.chunks_exact_mut(3).enumerate() {
             for (c, v) in px.iter_mut().enumerate() {
                 *v = taps.apply(x, |k| src_line[k * 3 + c]);
             }
         }
-    }
+    });
     out
 }
 
@@ -577,12 +578,40 @@ fn horizontal_pass(src: &[u8], width: usize, rows: Range<usize>, taps: &Taps) ->
 fn vertical_pass(src: &[u8], width: usize, taps: &Taps, first_row: usize) -> Vec<u8> {
     let row_len = width * 3;
     let mut out = vec![0u8; taps.bounds.len() * row_len];
-    for (y, line) in out.chunks_exact_mut(row_len).enumerate() {
+    for_each_row(&mut out, row_len, |y, line| {
         for (i, v) in line.iter_mut().enumerate() {
             *v = taps.apply(y, |k| src[(k - first_row) * row_len + i]);
         }
-    }
+    });
     out
+}
+
+/// Calls `f(row, line)` for every `row_len`-byte row of `out`; large images are split into bands
+/// of rows on scoped threads (every output byte is computed the same way either way).
+fn for_each_row(out: &mut [u8], row_len: usize, f: impl Fn(usize, &mut [u8]) + Sync) {
+    let rows = out.len() / row_len.max(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    // Below ~64k output pixels a thread costs more than it saves.
+    if threads < 2 || out.len() < 3 * 65536 || row_len == 0 {
+        for (y, line) in out.chunks_exact_mut(row_len.max(1)).enumerate() {
+            f(y, line);
+        }
+        return;
+    }
+    let band = rows.div_ceil(threads);
+    std::thread::scope(|s| {
+        for (b, chunk) in out.chunks_mut(band * row_len).enumerate() {
+            let f = &f;
+            s.spawn(move || {
+                for (i, line) in chunk.chunks_exact_mut(row_len).enumerate() {
+                    f(b * band + i, line);
+                }
+            });
+        }
+    });
 }
 
 /// Bilinear interpolation matrix `[out_size, in_size]` (torch `upsample_bilinear2d`,
