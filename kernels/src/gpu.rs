@@ -375,6 +375,47 @@ impl Gpu {
         Ok(())
     }
 
+    /// Host `[rows, width]` i32 → device rows of `pitch` i32 (`pitch ≥ width`; the rest of each
+    /// device row is left as it was), one pitched copy.
+    pub unsafe fn htod_rows_i32(
+        &self,
+        src: &[i32],
+        (rows, width): (usize, usize),
+        dst: DevPtr,
+        pitch: usize,
+    ) -> Result<()> {
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        if src.len() < rows * width || pitch < width {
+            return Err(GpuError::Invalid(format!(
+                "pitched copy of {rows}×{width} from {} values into pitch {pitch}",
+                src.len()
+            )));
+        }
+        use cudarc::driver::sys as cu;
+        let copy = cu::CUDA_MEMCPY2D_st {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: cu::CUmemorytype::CU_MEMORYTYPE_HOST,
+            srcHost: src.as_ptr() as *const c_void,
+            srcDevice: 0,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: width * 4,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: cu::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: dst,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: pitch * 4,
+            WidthInBytes: width * 4,
+            Height: rows,
+        };
+        cu::cuMemcpy2DAsync_v2(&copy, self.stream.cu_stream()).result()?;
+        Ok(())
+    }
+
     /// Device → host; synchronises the stream.
     pub unsafe fn dtoh<T>(&self, src: DevPtr, dst: &mut [T]) -> Result<()> {
         if dst.is_empty() {

@@ -171,8 +171,10 @@ struct StepPlan {
     /// Keys visible to each paged token, and its block-table row.
     ctx_lens: Vec<i32>,
     bt_rows: Vec<i32>,
-    /// `[order.len(), max_blocks]`.
+    /// `[order.len(), table_width]`: each chunk's blocks, zero-padded to the widest chunk's
+    /// (uploaded into device rows of `max_blocks`).
     block_tables: Vec<i32>,
+    table_width: usize,
     /// Row of each chunk's last token, by ORIGINAL chunk index.
     last_rows: Vec<i32>,
     /// Image rows and their destination rows.
@@ -298,7 +300,6 @@ impl GpuModel {
     fn plan(&self, chunks: &[SeqChunk]) -> Result<StepPlan> {
         let lim = &self.limits;
         let bs = lim.block_size;
-        let max_blocks = lim.max_model_len.div_ceil(bs);
         let image_id = self.cfg.image_token_index;
         let mut p = StepPlan {
             last_rows: vec![0; chunks.len()],
@@ -350,11 +351,7 @@ impl GpuModel {
                     self.llm.num_blocks
                 )));
             }
-            let mut row_bt = vec![0i32; max_blocks];
-            for (d, &b) in row_bt.iter_mut().zip(&c.block_table[..need]) {
-                *d = b as i32;
-            }
-            p.block_tables.extend_from_slice(&row_bt);
+            p.table_width = p.table_width.max(need);
             c.checked_image_count(image_id)?;
             if let Some(r) = &c.image_rows {
                 let flat: Vec<half::bf16> = r
@@ -393,6 +390,20 @@ impl GpuModel {
                 }
                 p.paged_tokens += c.tokens.len();
                 p.max_paged_ctx = p.max_paged_ctx.max(end);
+            }
+        }
+        // Block tables at the widest chunk's width (the device rows are `max_blocks` wide).
+        let width = p.table_width.max(1);
+        p.table_width = width;
+        p.block_tables = vec![0i32; p.order.len() * width];
+        for (j, &ci) in p.order.iter().enumerate() {
+            let c = &chunks[ci];
+            let need = (c.start_pos + c.tokens.len()).div_ceil(bs);
+            for (d, &b) in p.block_tables[j * width..]
+                .iter_mut()
+                .zip(&c.block_table[..need])
+            {
+                *d = b as i32;
             }
         }
         p.tokens = p.ids.len();

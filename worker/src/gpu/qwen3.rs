@@ -341,11 +341,12 @@ impl Qwen3Gpu {
         let ctx_lens = ext(&p.ctx_lens, 1);
         let mut bt_rows = p.bt_rows.clone();
         bt_rows.extend((p.order.len()..p.order.len() + pad).map(|r| r as i32));
+        // Padded rows read the scratch block only.
+        let width = p.table_width.max(1);
         let mut bt = p.block_tables.clone();
         for _ in 0..pad {
-            let mut row = vec![0i32; self.max_blocks];
-            row[0] = self.num_blocks as i32;
-            bt.extend_from_slice(&row);
+            bt.push(self.num_blocks as i32);
+            bt.extend(std::iter::repeat_n(0, width - 1));
         }
         let mut last = p.last_rows.clone();
         last.extend((p.tokens..n).map(|r| r as i32));
@@ -355,7 +356,19 @@ impl Qwen3Gpu {
         gpu.htod(&slots, b.slots.ptr()).map_err(map)?;
         gpu.htod(&ctx_lens, b.ctx_lens.ptr()).map_err(map)?;
         gpu.htod(&bt_rows, b.bt_rows.ptr()).map_err(map)?;
-        gpu.htod(&bt, b.block_tables.ptr()).map_err(map)?;
+        if width > self.max_blocks {
+            return Err(Error::Kv(format!(
+                "block tables of {width} blocks, the worker holds {}",
+                self.max_blocks
+            )));
+        }
+        gpu.htod_rows_i32(
+            &bt,
+            (p.order.len() + pad, width),
+            b.block_tables.ptr(),
+            self.max_blocks,
+        )
+        .map_err(map)?;
         gpu.htod(&last, b.last_rows.ptr()).map_err(map)?;
         gpu.htod(&p.image_dst, b.image_dst.ptr()).map_err(map)?;
         gpu.htod(&p.image_rows, b.image_rows.ptr()).map_err(map)?;
