@@ -87,6 +87,8 @@ struct Funcs {
     /// `(head_dim, group)` → kernel.
     decode: Vec<((usize, usize), CudaFunction)>,
     decode_combine: CudaFunction,
+    /// `head_dim` → tensor-core prefill attention kernel.
+    flash: Vec<(usize, CudaFunction)>,
     gather_kv: CudaFunction,
     softmax_rows: CudaFunction,
     silu_mul: CudaFunction,
@@ -97,6 +99,17 @@ struct Funcs {
     argmax_rows: CudaFunction,
     /// `gemv[m - 1]` computes M = m rows.
     gemv: Vec<CudaFunction>,
+    gemv_r4: CudaFunction,
+}
+
+/// How [`Gpu::linear`] runs a one-row product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearImpl {
+    Blas,
+    /// The skinny kernel, one output column per warp.
+    Gemv,
+    /// The skinny kernel, four output columns per warp.
+    Gemv4,
 }
 
 /// One GPU: context, the stream everything runs on, cuBLAS and the loaded kernels.
@@ -105,6 +118,11 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     /// Small-M GEMMs run the skinny kernel (off with `R4B_NO_GEMV=1`).
     pub use_gemv: bool,
+    /// Prefill attention runs the tensor-core kernel where it exists (off with `R4B_NO_FLASH=1`).
+    pub use_flash: bool,
+    /// One-row products: the implementation measured fastest per `(n, k, f32 out)` (see
+    /// [`Gpu::set_linear_impl`]); shapes not in it follow a fixed rule.
+    linear_impl: std::sync::Mutex<std::collections::HashMap<(usize, usize, bool), LinearImpl>>,
     /// When set, [`Gpu::mark`] records a timing event per labelled op (eager steps only).
     timeline: std::sync::Mutex<Option<Vec<(&'static str, cudarc::driver::CudaEvent)>>>,
     blas: CudaBlas,
@@ -212,6 +230,47 @@ pub struct DecodeAttn {
     pub out_stride: usize,
 }
 
+/// Head dims the tensor-core prefill attention is built for ([`Gpu::flash_attention`]).
+pub const FLASH_HEAD_DIMS: [usize; 5] = [64, 72, 80, 96, 128];
+
+/// Dynamic shared memory of the tensor-core attention kernel: two stages of a 64-key K tile and
+/// a V tile, rows padded to a multiple of 16 plus 8 bf16.
+fn flash_smem_bytes(head_dim: usize) -> usize {
+    2 * 2 * 64 * (head_dim.div_ceil(16) * 16 + 8) * 2
+}
+
+/// Arguments of [`Gpu::flash_attention`]: `rows` queries of each of `batch` independent sequences
+/// (strides in elements) attend to their keys, causally or not.
+#[derive(Clone, Copy, Debug)]
+pub struct FlashAttn {
+    /// Head `h` of query row `r` of sequence `z` at `q + (z·q_z + r·q_ld + h·hd)·2`.
+    pub q: DevPtr,
+    pub q_ld: usize,
+    pub q_z: usize,
+    /// Keys/values of kv head `g` at row `r`: `k + (z·kv_z + r·kv_ld + g·hd)·2` (same for `v`).
+    pub k: DevPtr,
+    pub v: DevPtr,
+    pub kv_ld: usize,
+    pub kv_z: usize,
+    /// Paged keys: i32 block table of the sequence and the block size (key `i` is row
+    /// `table[i / bs]·bs + i % bs`); `None`: row = key.
+    pub block_table: Option<(DevPtr, usize)>,
+    pub out: DevPtr,
+    pub out_ld: usize,
+    pub out_z: usize,
+    pub rows: usize,
+    pub batch: usize,
+    /// Keys before the first query row (causal: query `i` sees keys `..= ctx_base + i`).
+    pub ctx_base: usize,
+    /// Keys per sequence (causal: `ctx_base + rows`).
+    pub nkeys: usize,
+    pub nq: usize,
+    pub nkv: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    pub scale: f32,
+}
+
 fn grid1(n: usize, block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n as u32, 1, 1),
@@ -259,6 +318,20 @@ impl Gpu {
                 v
             },
             decode_combine: l("decode_attn_combine")?,
+            flash: FLASH_HEAD_DIMS
+                .iter()
+                .map(|&hd| {
+                    let occ2 = hd == 128 && std::env::var_os("R4B_FLASH_OCC2").is_some();
+                    let name = if occ2 { "flash_attn_occ2_hd128".into() } else { format!("flash_attn_hd{hd}") };
+                    let f = l(&name)?;
+                    // Two stages of K and V tiles in dynamic shared memory (above the 48 KB default).
+                    f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        flash_smem_bytes(hd) as i32,
+                    )?;
+                    Ok((hd, f))
+                })
+                .collect::<Result<_>>()?,
             gather_kv: l("gather_kv")?,
             softmax_rows: l("softmax_rows")?,
             silu_mul: l("silu_mul")?,
@@ -270,6 +343,7 @@ impl Gpu {
             gemv: (1..=GEMV_MAX_ROWS)
                 .map(|m| l(&format!("gemv_m{m}")))
                 .collect::<Result<_, _>>()?,
+            gemv_r4: l("gemv_r4")?,
         };
         let blas = CudaBlas::new(stream.clone())?;
         // A fixed cuBLAS workspace, so that GEMMs allocate nothing (required under graph capture).
@@ -284,7 +358,9 @@ impl Gpu {
             ctx,
             stream,
             use_gemv: std::env::var_os("R4B_NO_GEMV").is_none(),
+            use_flash: std::env::var_os("R4B_NO_FLASH").is_none(),
             timeline: std::sync::Mutex::new(None),
+            linear_impl: std::sync::Mutex::new(std::collections::HashMap::new()),
             blas,
             f,
             _workspace: workspace,
@@ -521,13 +597,107 @@ impl Gpu {
         out: OutType,
         accumulate: bool,
     ) -> Result<()> {
-        // Measured on the H100 (bench/RESULTS.md): the skinny kernel beats cuBLAS at one row and
-        // K ≤ 4096 (qkv, o_proj, gate_up, lm_head); cuBLAS wins for more rows and for down_proj.
         let aligned = k % 8 == 0 && x % 16 == 0 && w % 16 == 0;
-        if self.use_gemv && !accumulate && m == 1 && k <= 4096 && aligned {
-            return self.gemv(x, w, y, (m, n, k), out);
+        if self.use_gemv && !accumulate && m == 1 && aligned {
+            let chosen = self
+                .linear_impl
+                .lock()
+                .ok()
+                .and_then(|t| t.get(&(n, k, out == OutType::F32)).copied());
+            // Without a measurement: the skinny kernel at K ≤ 4096 (measured faster there on
+            // the H100, bench/RESULTS.md), cuBLAS above.
+            let imp = chosen.unwrap_or(if k <= 4096 {
+                LinearImpl::Gemv
+            } else {
+                LinearImpl::Blas
+            });
+            return self.linear_with(imp, x, w, y, (m, n, k), out);
         }
         self.linear_blas(x, w, y, (m, n, k), out, accumulate)
+    }
+
+    /// Records the implementation [`Gpu::linear`] uses for one-row `(n, k, out)` products.
+    pub fn set_linear_impl(&self, (n, k): (usize, usize), out: OutType, imp: LinearImpl) {
+        if let Ok(mut t) = self.linear_impl.lock() {
+            t.insert((n, k, out == OutType::F32), imp);
+        }
+    }
+
+    /// `Y = X · Wᵀ` through a given implementation (the skinny kernels: 16-byte aligned X and W,
+    /// k a multiple of 8; `Gemv4` one row only).
+    pub unsafe fn linear_with(
+        &self,
+        imp: LinearImpl,
+        x: DevPtr,
+        w: DevPtr,
+        y: DevPtr,
+        (m, n, k): (usize, usize, usize),
+        out: OutType,
+    ) -> Result<()> {
+        match imp {
+            LinearImpl::Blas => self.linear_blas(x, w, y, (m, n, k), out, false),
+            LinearImpl::Gemv => self.gemv(x, w, y, (m, n, k), out),
+            LinearImpl::Gemv4 if m == 1 => self.gemv4(x, w, y, (n, k), out, false),
+            LinearImpl::Gemv4 => Err(GpuError::Invalid(format!("gemv4 with {m} rows"))),
+        }
+    }
+
+    /// One row of `down_proj(silu(gate) · up)`: `y[n] = Σ_k x[k] · W[n, k]` with
+    /// `x[k] = bf16(bf16(silu(gu[k])) · gu[K + k])` computed on the fly from `gu = [gate | up]`
+    /// (the same values `silu_mul` writes).
+    pub unsafe fn gemv_gated(
+        &self,
+        gu: DevPtr,
+        w: DevPtr,
+        y: DevPtr,
+        (n, k): (usize, usize),
+        out: OutType,
+    ) -> Result<()> {
+        self.gemv4(gu, w, y, (n, k), out, true)
+    }
+
+    unsafe fn gemv4(
+        &self,
+        x: DevPtr,
+        w: DevPtr,
+        y: DevPtr,
+        (n, k): (usize, usize),
+        out: OutType,
+        gated: bool,
+    ) -> Result<()> {
+        if k % 8 != 0 || x % 16 != 0 || w % 16 != 0 {
+            return Err(GpuError::Invalid(format!(
+                "gemv4: k = {k} must be a multiple of 8, x and w 16-byte aligned"
+            )));
+        }
+        let (nn, kk) = (i(n), i(k));
+        let of = i32::from(out == OutType::F32);
+        let g = i32::from(gated);
+        self.stream
+            .launch_builder(&self.f.gemv_r4)
+            .arg(&x)
+            .arg(&w)
+            .arg(&y)
+            .arg(&nn)
+            .arg(&kk)
+            .arg(&of)
+            .arg(&g)
+            .launch(grid1(n.div_ceil(32), 256))?;
+        Ok(())
+    }
+
+    /// Milliseconds per run of `f` (which enqueues work on this GPU's stream), over `reps` runs
+    /// after one warm-up, timed with events.
+    pub fn time_ms(&self, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        f()?;
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let a = self.stream.record_event(flags)?;
+        for _ in 0..reps {
+            f()?;
+        }
+        let b = self.stream.record_event(flags)?;
+        self.sync()?;
+        Ok(f64::from(a.elapsed_ms(&b)?) / reps.max(1) as f64)
     }
 
     /// [`Gpu::linear`] always through cuBLAS.
@@ -818,6 +988,70 @@ impl Gpu {
             .arg(&ps)
             .arg(&parts)
             .launch(grid2(a.tokens, a.nq, a.head_dim as u32))?;
+        Ok(())
+    }
+
+    /// Whether [`Gpu::flash_attention`] exists for this head dim (and is not switched off).
+    pub fn has_flash(&self, head_dim: usize) -> bool {
+        self.use_flash && self.f.flash.iter().any(|(hd, _)| *hd == head_dim)
+    }
+
+    /// Prefill attention on tensor cores (see [`FlashAttn`]).
+    pub unsafe fn flash_attention(&self, a: &FlashAttn) -> Result<()> {
+        if a.rows == 0 || a.batch == 0 {
+            return Ok(());
+        }
+        let func = self
+            .f
+            .flash
+            .iter()
+            .find(|(hd, _)| *hd == a.head_dim)
+            .map(|(_, f)| f)
+            .ok_or_else(|| {
+                GpuError::Invalid(format!(
+                    "flash attention: head_dim {} (built for {FLASH_HEAD_DIMS:?})",
+                    a.head_dim
+                ))
+            })?;
+        if a.nkv == 0 || a.nq % a.nkv != 0 || a.nkeys == 0 {
+            return Err(GpuError::Invalid(format!(
+                "flash attention: {} q heads over {} kv heads, {} keys",
+                a.nq, a.nkv, a.nkeys
+            )));
+        }
+        let ll = |v: usize| v as i64;
+        let (bt, bs) = a.block_table.unwrap_or((0, 1));
+        let (q_ld, kv_ld, out_ld, bs) = (i(a.q_ld), i(a.kv_ld), i(a.out_ld), i(bs));
+        let (q_z, kv_z, out_z) = (ll(a.q_z), ll(a.kv_z), ll(a.out_z));
+        let (rows, base, nkeys, group) = (i(a.rows), i(a.ctx_base), i(a.nkeys), i(a.nq / a.nkv));
+        let causal = i32::from(a.causal);
+        let scale_log2 = a.scale * std::f32::consts::LOG2_E;
+        let cfg = LaunchConfig {
+            grid_dim: (a.rows.div_ceil(64) as u32, a.nq as u32, a.batch as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: flash_smem_bytes(a.head_dim) as u32,
+        };
+        self.stream
+            .launch_builder(func)
+            .arg(&a.q)
+            .arg(&q_ld)
+            .arg(&q_z)
+            .arg(&a.k)
+            .arg(&a.v)
+            .arg(&kv_ld)
+            .arg(&kv_z)
+            .arg(&bt)
+            .arg(&bs)
+            .arg(&a.out)
+            .arg(&out_ld)
+            .arg(&out_z)
+            .arg(&rows)
+            .arg(&base)
+            .arg(&nkeys)
+            .arg(&group)
+            .arg(&causal)
+            .arg(&scale_log2)
+            .launch(cfg)?;
         Ok(())
     }
 

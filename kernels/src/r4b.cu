@@ -380,6 +380,264 @@ extern "C" __global__ void softmax_rows(bf16* __restrict__ s, int ctx, int rows_
 }
 
 // ---------------------------------------------------------------------------------------------
+// Prefill attention on tensor cores (flash style, mma.sync m16n8k16 bf16 → f32).
+// A CTA owns 64 query rows (16 per warp) of one q head and walks the keys in tiles of 64:
+// S = Q·Kᵀ (f32), online softmax in base 2, O += bf16(P)·V, O / l at the end. K/V tiles come
+// into shared memory with cp.async, two stages (tile j + 1 loads while tile j is used; dynamic
+// shared memory: 2 · 2 · 64 · (HDP + 8) bf16). Keys come from a paged cache (block_table ≠ null:
+// key → slot = block_table[key / bs]·bs + key % bs, row = slot) or a contiguous buffer (row =
+// key); row `r` of kv head g is at base + r·kv_ld + g·HD. Causal: query row i (position
+// ctx_base + i) sees keys 0 ..= ctx_base + i; else every key < nkeys. Head dims that are not a
+// multiple of 16 are zero-padded in registers and shared memory (SigLIP: 72 → 80).
+// grid (ceil(rows / 64), nq, batch), block 128; batch z offsets q/kv/out by z·(q_z, kv_z, out_z).
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// c[16×8] += a[16×16] · b[16×8] (fragments as the PTX ISA lays them out).
+__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+#define FA_ROWS 64
+#define FA_KEYS 64
+#define FA_BT_SMEM 1024  // block-table entries a CTA keeps in shared memory (the rest: global)
+// Keys [key0, key0 + 64) of kv head `kvh` into smem rows of LDS bf16 (zeros past `limit` / HD).
+template <int HD, int HDP, int LDS>
+__device__ __forceinline__ void fa_load_tile(bf16* sm, const bf16* __restrict__ base, int kv_ld,
+                                             int kvh, const int* sbt, const int* __restrict__ bt,
+                                             int bs, int key0, int limit) {
+  constexpr int CH = HDP / 8, VALID = HD / 8;
+  for (int c = threadIdx.x; c < FA_KEYS * CH; c += blockDim.x) {
+    const int r = c / CH, ch = c % CH, key = key0 + r;
+    const bool ok = key < limit && ch < VALID;
+    const bf16* src = base;
+    if (ok) {
+      size_t row = key;
+      if (bt) {
+        const int b = key / bs;
+        row = (size_t)(b < FA_BT_SMEM ? sbt[b] : bt[b]) * bs + key % bs;
+      }
+      src = base + row * kv_ld + (size_t)kvh * HD + ch * 8;
+    }
+    cp_async16(smem_u32(sm + r * LDS + ch * 8), src, ok ? 16 : 0);
+  }
+}
+
+template <int HD>
+__device__ void flash_attn(const bf16* __restrict__ q, int q_ld, long long q_z,
+                           const bf16* __restrict__ k, const bf16* __restrict__ v, int kv_ld,
+                           long long kv_z, const int* __restrict__ bt, int bs,
+                           bf16* __restrict__ out, int out_ld, long long out_z, int rows,
+                           int ctx_base, int nkeys, int group, int causal, float scale_log2) {
+  constexpr int HDP = (HD + 15) / 16 * 16;  // padded head dim
+  constexpr int LDS = HDP + 8;              // smem row pitch: conflict-free ldmatrix
+  constexpr int KC = HDP / 16;              // k-steps of Q·Kᵀ
+  constexpr int NT = HDP / 8;               // n-tiles of O
+  constexpr int TILE = FA_KEYS * LDS;
+  // Two stages of (K, V) tiles: tile j + 1 loads while tile j is used.
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  bf16* const kv_sm = reinterpret_cast<bf16*>(fa_smem);
+  __shared__ int sbt[FA_BT_SMEM];
+  const int rb = gridDim.x - 1 - blockIdx.x;  // the longest (last) row blocks start first
+  const int h = blockIdx.y, z = blockIdx.z, kvh = h / group;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r0 = rb * FA_ROWS;
+  q += z * q_z;
+  k += z * kv_z;
+  v += z * kv_z;
+  out += z * out_z;
+  const int kmax = causal ? min(nkeys, ctx_base + r0 + FA_ROWS) : nkeys;
+  const int tiles = (kmax + FA_KEYS - 1) / FA_KEYS;
+  // Tiles below `full` need no mask: every key exists and every row of the CTA sees it.
+  const int full = causal ? min(nkeys, ctx_base + r0 + 1) / FA_KEYS : nkeys / FA_KEYS;
+  if (bt) {
+    const int nb = min(FA_BT_SMEM, (kmax + bs - 1) / bs);
+    for (int i = threadIdx.x; i < nb; i += blockDim.x) sbt[i] = bt[i];
+    __syncthreads();
+  }
+  // Keys at or past kmax are masked for every row of the CTA: they load as zeros.
+  auto load = [&](int j) {
+    bf16* st = kv_sm + (j & 1) * 2 * TILE;
+    fa_load_tile<HD, HDP, LDS>(st, k, kv_ld, kvh, sbt, bt, bs, j * FA_KEYS, kmax);
+    fa_load_tile<HD, HDP, LDS>(st + TILE, v, kv_ld, kvh, sbt, bt, bs, j * FA_KEYS, kmax);
+  };
+  load(0);
+  cp_commit();
+
+  // This thread's rows of the warp's 16: g and g + 8.
+  const int g = lane >> 2, qc = (lane & 3) * 2;
+  const int qr = r0 + warp * 16 + g;
+  uint32_t qf[KC][4];
+#pragma unroll
+  for (int kc = 0; kc < KC; ++kc) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = qr + (i & 1) * 8, col = kc * 16 + qc + (i >> 1) * 8;
+      qf[kc][i] = row < rows && col < HD
+                      ? *reinterpret_cast<const uint32_t*>(q + (size_t)row * q_ld +
+                                                           (size_t)h * HD + col)
+                      : 0u;
+    }
+  }
+  float o[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  for (int j = 0; j < tiles; ++j) {
+    if (j + 1 < tiles) load(j + 1);
+    cp_commit();
+    cp_wait1();  // tile j is in (tile j + 1 may still be loading)
+    __syncthreads();
+    const bf16* ks = kv_sm + (j & 1) * 2 * TILE;
+    const bf16* vs = ks + TILE;
+    float s[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, smem_u32(ks + ((np * 2 + (lane >> 4)) * 8 + (lane & 7)) * LDS + kc * 16 +
+                            ((lane >> 3) & 1) * 8));
+        mma_bf16(s[np * 2], qf[kc], b[0], b[1]);
+        mma_bf16(s[np * 2 + 1], qf[kc], b[2], b[3]);
+      }
+    }
+    // Scale (base 2), mask where needed, running max over the row (4 lanes share a row).
+    float mx[2] = {m[0], m[1]};
+    if (j >= full) {
+      const int kb = j * FA_KEYS + qc;
+      const int qp0 = ctx_base + qr;
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = kb + n * 8 + (e & 1);
+          const bool ok = key < nkeys && (!causal || key <= qp0 + (e >> 1) * 8);
+          s[n][e] = ok ? s[n][e] * scale_log2 : -INFINITY;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] *= scale_log2;
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[n][0], s[n][1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[n][2], s[n][3]));
+    }
+    float corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      corr[r] = exp2f(m[r] - mx[r]);  // 0 on the first tile (m = −∞)
+      m[r] = mx[r];
+      l[r] *= corr[r];
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      o[n][0] *= corr[0];
+      o[n][1] *= corr[0];
+      o[n][2] *= corr[1];
+      o[n][3] *= corr[1];
+    }
+    uint32_t pa[4][4];  // P as A fragments: keys 16·c .. 16·c + 15
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      const float p0 = exp2f(s[n][0] - m[0]), p1 = exp2f(s[n][1] - m[0]);
+      const float p2 = exp2f(s[n][2] - m[1]), p3 = exp2f(s[n][3] - m[1]);
+      l[0] += p0 + p1;
+      l[1] += p2 + p3;
+      pa[n >> 1][(n & 1) * 2] = pack_bf16(p0, p1);
+      pa[n >> 1][(n & 1) * 2 + 1] = pack_bf16(p2, p3);
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b[4];
+        ldsm_x4_t(b, smem_u32(vs + (c * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS +
+                              (np * 2 + (lane >> 4)) * 8));
+        mma_bf16(o[np * 2], pa[c], b[0], b[1]);
+        mma_bf16(o[np * 2 + 1], pa[c], b[2], b[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+  // Row sums over the 4 lanes of a row, then O / l.
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int col = n * 8 + qc;
+    if (col >= HD) continue;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = qr + r * 8;
+      if (row < rows)
+        *reinterpret_cast<uint32_t*>(out + (size_t)row * out_ld + (size_t)h * HD + col) =
+            pack_bf16(o[n][r * 2] * inv[r], o[n][r * 2 + 1] * inv[r]);
+    }
+  }
+}
+
+#define FLASH_KERNEL(HD)                                                                         \
+  extern "C" __global__ void __launch_bounds__(128, 3) flash_attn_hd##HD(                            \
+      const bf16* q, int q_ld, long long q_z, const bf16* k, const bf16* v, int kv_ld,            \
+      long long kv_z, const int* bt, int bs, bf16* out, int out_ld, long long out_z, int rows,    \
+      int ctx_base, int nkeys, int group, int causal, float scale_log2) {                         \
+    flash_attn<HD>(q, q_ld, q_z, k, v, kv_ld, kv_z, bt, bs, out, out_ld, out_z, rows, ctx_base, \
+                   nkeys, group, causal, scale_log2);                                             \
+  }
+// The same at 2 CTAs per SM (more registers, no spills): `R4B_FLASH_OCC2=1` picks it (experiment).
+extern "C" __global__ void __launch_bounds__(128, 2) flash_attn_occ2_hd128(
+    const bf16* q, int q_ld, long long q_z, const bf16* k, const bf16* v, int kv_ld,
+    long long kv_z, const int* bt, int bs, bf16* out, int out_ld, long long out_z, int rows,
+    int ctx_base, int nkeys, int group, int causal, float scale_log2) {
+  flash_attn<128>(q, q_ld, q_z, k, v, kv_ld, kv_z, bt, bs, out, out_ld, out_z, rows, ctx_base,
+                  nkeys, group, causal, scale_log2);
+}
+FLASH_KERNEL(64)
+FLASH_KERNEL(72)
+FLASH_KERNEL(80)
+FLASH_KERNEL(96)
+FLASH_KERNEL(128)
+
+// ---------------------------------------------------------------------------------------------
 // Elementwise.
 // SwiGLU: out[t, i] = silu(gu[t, i]) · gu[t, F + i]. grid (ceil(F/256), T), block 256.
 extern "C" __global__ void silu_mul(const bf16* __restrict__ gu, bf16* __restrict__ out, int F) {
@@ -504,6 +762,73 @@ GEMV_KERNEL(5)
 GEMV_KERNEL(6)
 GEMV_KERNEL(7)
 GEMV_KERNEL(8)
+
+// Skinny GEMM at one row, 4 output columns per warp (each x load feeds 4 weight rows; 8 loads of
+// W in flight per lane). Same per-lane summation order as gemv_m1. With `gated`, x is
+// [gate | up] of 2K values and x[k] = bf16(bf16(silu(gate[k])) · up[k]) (SwiGLU as silu_mul
+// rounds it, fused into down_proj). grid ceil(N / 32), block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    gemv_r4(const bf16* __restrict__ x, const bf16* __restrict__ w, void* __restrict__ y, int N,
+            int K, int out_f32, int gated) {
+  constexpr int R = 4, U = 2;
+  const int lane = threadIdx.x & 31;
+  const int n0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * R;
+  if (n0 >= N) return;
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  for (int k0 = lane * 8; k0 < K; k0 += 32 * 8 * U) {
+    uint4 wv[U][R];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * 256;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        wv[u][r] = k < K && n0 + r < N
+                       ? __ldg(reinterpret_cast<const uint4*>(w + (size_t)(n0 + r) * K + k))
+                       : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * 256;
+      if (k >= K) break;
+      float xf[8];
+      if (gated) {
+        const uint4 gv = __ldg(reinterpret_cast<const uint4*>(x + k));
+        const uint4 uv = __ldg(reinterpret_cast<const uint4*>(x + K + k));
+        const bf16* gb = reinterpret_cast<const bf16*>(&gv);
+        const bf16* ub = reinterpret_cast<const bf16*>(&uv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float g = b2f(gb[j]);
+          const float sg = b2f(f2b(g / (1.f + __expf(-g))));
+          xf[j] = b2f(f2b(sg * b2f(ub[j])));
+        }
+      } else {
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + k));
+        const bf16* xb = reinterpret_cast<const bf16*>(&xv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) xf[j] = b2f(xb[j]);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const bf16* wb = reinterpret_cast<const bf16*>(&wv[u][r]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[r] += b2f(wb[j]) * xf[j];
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float v = warp_sum(acc[r]);
+    if (lane == 0 && n0 + r < N) {
+      if (out_f32)
+        reinterpret_cast<float*>(y)[n0 + r] = v;
+      else
+        reinterpret_cast<bf16*>(y)[n0 + r] = f2b(v);
+    }
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Greedy: per row of f32 logits [B, V], the max value and its lowest index. grid B, block 1024.

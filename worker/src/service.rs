@@ -453,7 +453,10 @@ impl StepExecutor {
             }
             rows.push(r);
         }
-        Ok(Some(Tensor::cat(&rows, 0)?))
+        Ok(Some(match rows.len() {
+            1 => rows.remove(0),
+            _ => Tensor::cat(&rows, 0)?,
+        }))
     }
 
     fn chunk<'a>(&self, s: &'a pb::SeqStep) -> Result<SeqChunk<'a>> {

@@ -5,6 +5,7 @@
 //! r4b-gpu-check logits CKPT REF_DIR OUT.safetensors     # teacher-forced logits of REF_DIR/prompts.json
 //! r4b-gpu-check decode CKPT [--batches 1,8,32,64,128,256] [--prompt 128] [--output 512] [--eager]
 //! r4b-gpu-check profile                                  # copy bandwidth, GEMMs, attention, norms
+//! r4b-gpu-check attn                                     # tensor-core prefill attention vs cuBLAS path
 //! ```
 //! `logits` writes `logits.<name>` `[scored, vocab]` f32 for `bench/gpu/compare.py`.
 //! `decode` prints load GB/s, KV capacity and decode tok/s at each batch size (greedy, every
@@ -16,11 +17,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use r4b_kernels::{DBuf, DecodeAttn, Gpu, OutType, Residual};
+use r4b_kernels::{DBuf, DecodeAttn, FlashAttn, Gpu, OutType, Residual};
 use r4b_worker::checkpoint::Checkpoint;
 use r4b_worker::collective::SingleRank;
 use r4b_worker::config::{ImagePreprocessing, RConfig};
-use r4b_worker::gpu::{GpuLimits, GpuModel};
+use r4b_worker::gpu::{attention_gemm, AttnGemm, GpuLimits, GpuModel};
 use r4b_worker::model::{anyres, SeqChunk};
 use r4b_worker::sampling::{SampleRow, SamplingParams, TokenHistory};
 
@@ -43,6 +44,9 @@ fn load(dir: &Path, limits: GpuLimits) -> Result<(RConfig, GpuModel)> {
         bytes as f64 / 1e9,
         t.elapsed().as_secs_f64()
     );
+    for line in &model.tuning {
+        println!("{line}");
+    }
     println!(
         "kv: {} blocks x {} tokens = {} tokens ({} KiB/token)",
         model.num_blocks(),
@@ -95,8 +99,12 @@ fn logits(args: &[String]) -> Result<()> {
                     .to_rgb8();
                 let views =
                     anyres::preprocess(&img, &cfg.image_geometry(), pre.resample, &pre.norm)?;
+                // Once untimed (first-use costs), then with a timeline.
+                model.encode_image(&views)?;
                 let t = Instant::now();
+                model.timeline_start()?;
                 let rows = model.encode_image(&views)?;
+                print_timeline(&format!("{name} vision"), &model.timeline_stop()?);
                 println!(
                     "{name}: image {}x{} -> {} views, {} rows, encoded in {:.1} ms",
                     img.width(),
@@ -605,12 +613,216 @@ fn profile() -> Result<()> {
     Ok(())
 }
 
+/// Relative L2 error and max |a − b| / max |b| of two bf16 device arrays of `n` values.
+fn bf16_diff(gpu: &Gpu, (a, b): (u64, u64), n: usize) -> Result<(f64, f64)> {
+    let read = |p: u64| -> Result<Vec<f32>> {
+        let mut v = vec![half::bf16::ZERO; n];
+        // SAFETY: `p` holds n bf16.
+        unsafe { gpu.dtoh(p, &mut v)? };
+        Ok(v.iter().map(|x| x.to_f32()).collect())
+    };
+    let (va, vb) = (read(a)?, read(b)?);
+    if va.iter().any(|x| !x.is_finite()) {
+        return Ok((f64::NAN, f64::NAN));
+    }
+    let (mut num, mut den, mut dmax, mut bmax) = (0f64, 0f64, 0f64, 0f64);
+    for (x, y) in va.iter().zip(&vb) {
+        let d = f64::from(x - y);
+        num += d * d;
+        den += f64::from(*y) * f64::from(*y);
+        dmax = dmax.max(d.abs());
+        bmax = bmax.max(f64::from(y.abs()));
+    }
+    Ok(((num / den.max(1e-30)).sqrt(), dmax / bmax.max(1e-30)))
+}
+
+/// The tensor-core prefill attention against the cuBLAS path (gathered keys, two products, a
+/// bf16 row softmax — the path that matched HF), on random inputs: the decoder's shapes over a
+/// shuffled paged cache, and SigLIP's (head dim 72, every view at once, not causal).
+fn attn() -> Result<()> {
+    let gpu = Gpu::new(0)?;
+    println!("| case | flash µs | cuBLAS path µs | flash TFLOP/s | rel L2 | max diff / max |");
+    println!("|---|---|---|---|---|---|");
+    let (nq, nkv, hd, bs) = (32usize, 8usize, 128usize, 16usize);
+    let qkv_w = (nq + 2 * nkv) * hd;
+    // (query rows, keys before them, score scale × 1/√hd)
+    for (rows, base, sharp) in [
+        (2998usize, 0usize, 1.0f32),
+        (2998, 0, 8.0),
+        (1000, 1500, 1.0),
+        (200, 3000, 4.0),
+        (64, 0, 1.0),
+        (8192, 0, 1.0),
+    ] {
+        let ctx = base + rows;
+        let nblocks = ctx.div_ceil(bs);
+        let pool = 2 * nblocks + 1;
+        // Blocks far apart and in reverse order.
+        let table: Vec<i32> = (0..nblocks).map(|i| (pool - 1 - 2 * i) as i32).collect();
+        let kc = random_bf16(&gpu, pool * bs * nkv * hd, 11)?;
+        let vc = random_bf16(&gpu, pool * bs * nkv * hd, 12)?;
+        let q = random_bf16(&gpu, rows * qkv_w, 13)?;
+        let (of, or) = (
+            gpu.alloc(rows * nq * hd * 2)?,
+            gpu.alloc(rows * nq * hd * 2)?,
+        );
+        let (kg, vg) = (
+            gpu.alloc(ctx * nkv * hd * 2)?,
+            gpu.alloc(ctx * nkv * hd * 2)?,
+        );
+        let bt = gpu.alloc(nblocks * 4)?;
+        // SAFETY: `bt` holds nblocks i32.
+        unsafe { gpu.htod(&table, bt.ptr())? };
+        let scale = sharp / (hd as f32).sqrt();
+        let fa = FlashAttn {
+            q: q.ptr(),
+            q_ld: qkv_w,
+            q_z: 0,
+            k: kc.ptr(),
+            v: vc.ptr(),
+            kv_ld: nkv * hd,
+            kv_z: 0,
+            block_table: Some((bt.ptr(), bs)),
+            out: of.ptr(),
+            out_ld: nq * hd,
+            out_z: 0,
+            rows,
+            batch: 1,
+            ctx_base: base,
+            nkeys: ctx,
+            nq,
+            nkv,
+            head_dim: hd,
+            causal: true,
+            scale,
+        };
+        // Score rows per cuBLAS product that fit 512 MB.
+        let block = ((512usize << 20) / (nkv * ctx * 2)).clamp(1, rows);
+        let s = gpu.alloc(nkv * block * ctx * 2)?;
+        // SAFETY: buffers sized above for `rows` queries over `ctx` keys.
+        let tf = time_it(&gpu, 10, || unsafe { gpu.flash_attention(&fa) })?;
+        let tr = time_it(&gpu, 3, || unsafe {
+            gpu.gather_kv(
+                (kc.ptr(), vc.ptr()),
+                bt.ptr(),
+                (bs, nkv * hd, ctx),
+                (kg.ptr(), vg.ptr()),
+            )?;
+            for r0 in (0..rows).step_by(block) {
+                let n = block.min(rows - r0);
+                attention_gemm(
+                    &gpu,
+                    &AttnGemm {
+                        q: q.at(r0 * qkv_w, 2),
+                        q_ld: qkv_w,
+                        k: kg.ptr(),
+                        k_ld: nkv * hd,
+                        v: vg.ptr(),
+                        v_ld: nkv * hd,
+                        out: or.at(r0 * nq * hd, 2),
+                        out_ld: nq * hd,
+                        rows: n,
+                        ctx: base + r0 + n,
+                        nkv,
+                        group: nq / nkv,
+                        hd,
+                        causal_base: Some(base + r0),
+                        scale,
+                        s: s.ptr(),
+                    },
+                )
+                .map_err(|e| r4b_kernels::GpuError::Invalid(e.to_string()))?;
+            }
+            Ok(())
+        })?;
+        let (l2, mx) = bf16_diff(&gpu, (of.ptr(), or.ptr()), rows * nq * hd)?;
+        let flops = 4.0 * (hd * nq) as f64 * (rows * base + rows * (rows + 1) / 2) as f64;
+        println!(
+            "| decoder {rows} rows after {base} keys, scale ×{sharp} | {:.1} | {:.1} | {:.0} | {l2:.2e} | {mx:.2e} |",
+            tf * 1e6,
+            tr * 1e6,
+            flops / tf / 1e12
+        );
+    }
+    // SigLIP: 5 views of 729 patches, 16 heads of 72, q|k|v rows of 3·1152.
+    let (views, n, heads, vhd) = (5usize, 729usize, 16usize, 72usize);
+    let c = heads * vhd;
+    let qkv = random_bf16(&gpu, views * n * 3 * c, 14)?;
+    let (of, or) = (gpu.alloc(views * n * c * 2)?, gpu.alloc(views * n * c * 2)?);
+    let s = gpu.alloc(heads * n * n * 2)?;
+    for sharp in [1.0f32, 8.0] {
+        let scale = sharp / (vhd as f32).sqrt();
+        let fa = FlashAttn {
+            q: qkv.ptr(),
+            q_ld: 3 * c,
+            q_z: n * 3 * c,
+            k: qkv.at(c, 2),
+            v: qkv.at(2 * c, 2),
+            kv_ld: 3 * c,
+            kv_z: n * 3 * c,
+            block_table: None,
+            out: of.ptr(),
+            out_ld: c,
+            out_z: n * c,
+            rows: n,
+            batch: views,
+            ctx_base: 0,
+            nkeys: n,
+            nq: heads,
+            nkv: heads,
+            head_dim: vhd,
+            causal: false,
+            scale,
+        };
+        // SAFETY: buffers sized above.
+        let tf = time_it(&gpu, 10, || unsafe { gpu.flash_attention(&fa) })?;
+        let tr = time_it(&gpu, 3, || unsafe {
+            for v in 0..views {
+                let qv = qkv.at(v * n * 3 * c, 2);
+                attention_gemm(
+                    &gpu,
+                    &AttnGemm {
+                        q: qv,
+                        q_ld: 3 * c,
+                        k: qv + (c * 2) as u64,
+                        k_ld: 3 * c,
+                        v: qv + (2 * c * 2) as u64,
+                        v_ld: 3 * c,
+                        out: or.at(v * n * c, 2),
+                        out_ld: c,
+                        rows: n,
+                        ctx: n,
+                        nkv: heads,
+                        group: 1,
+                        hd: vhd,
+                        causal_base: None,
+                        scale,
+                        s: s.ptr(),
+                    },
+                )
+                .map_err(|e| r4b_kernels::GpuError::Invalid(e.to_string()))?;
+            }
+            Ok(())
+        })?;
+        let (l2, mx) = bf16_diff(&gpu, (of.ptr(), or.ptr()), views * n * c)?;
+        let flops = 4.0 * (vhd * heads * views * n * n) as f64;
+        println!(
+            "| SigLIP {views} views × {n}, hd {vhd}, scale ×{sharp} | {:.1} | {:.1} | {:.0} | {l2:.2e} | {mx:.2e} |",
+            tf * 1e6,
+            tr * 1e6,
+            flops / tf / 1e12
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("logits") => logits(&args[1..]),
         Some("decode") => decode(&args[1..]),
         Some("profile") => profile(),
+        Some("attn") => attn(),
         _ => bail!("usage: r4b-gpu-check logits|decode ..."),
     }
 }

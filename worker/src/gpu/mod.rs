@@ -77,7 +77,7 @@ pub struct GpuLimits {
 
 /// Arguments of [`attention_gemm`]: causal (or full) attention of `rows` queries over `ctx`
 /// contiguous keys, as two strided-batched cuBLAS products and a row softmax.
-pub(crate) struct AttnGemm {
+pub struct AttnGemm {
     pub q: DevPtr,
     pub q_ld: usize,
     pub k: DevPtr,
@@ -93,15 +93,24 @@ pub(crate) struct AttnGemm {
     pub hd: usize,
     /// Position of the first query row (causal), or None (every query sees every key).
     pub causal_base: Option<usize>,
+    /// Score scale (1/√hd).
+    pub scale: f32,
     /// Scratch: bf16 `[nkv, rows, ctx]` (scores, then probabilities in place, as HF's eager
     /// attention rounds them).
     pub s: DevPtr,
 }
 
-/// `out[r, h] = softmax(q[r, h] · K[g]ᵀ / √hd) · V[g]` for every head `h = g·group + j`.
-pub(crate) unsafe fn attention_gemm(gpu: &Gpu, a: &AttnGemm) -> Result<()> {
+/// `out[r, h] = softmax(q[r, h] · K[g]ᵀ · scale) · V[g]` for every head `h = g·group + j`
+/// (the path for head dims without the tensor-core kernel, and its reference in
+/// `r4b-gpu-check attn`).
+///
+/// # Safety
+/// Every pointer must address device memory on `gpu` large enough for the strides and sizes in
+/// `a` (queries `rows × q_ld`, keys/values `ctx × ld`, output `rows × out_ld`, scratch
+/// `nkv · rows · ctx` bf16).
+pub unsafe fn attention_gemm(gpu: &Gpu, a: &AttnGemm) -> Result<()> {
     let (rows, ctx, hd, g) = (a.rows, a.ctx, a.hd, a.group);
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = a.scale;
     for j in 0..g {
         // S[g] (row-major [rows, ctx]) = Q_h · K_gᵀ, batched over kv heads g (h = g·group + j).
         gpu.gemm(&Gemm {
@@ -177,9 +186,9 @@ struct StepPlan {
     table_width: usize,
     /// Row of each chunk's last token, by ORIGINAL chunk index.
     last_rows: Vec<i32>,
-    /// Image rows and their destination rows.
+    /// Image rows (bf16, contiguous, in step order) and their destination rows.
     image_dst: Vec<i32>,
-    image_rows: Vec<half::bf16>,
+    image_rows: Vec<Tensor>,
     /// Longest context of the paged tokens.
     max_paged_ctx: usize,
     tokens: usize,
@@ -196,6 +205,8 @@ pub struct GpuModel {
     graphs: HashMap<(usize, usize), CudaGraph>,
     /// Report of the load: bytes, seconds, GB/s.
     pub load_report: (u64, f64, f64),
+    /// The one-row product implementations measured and chosen at load.
+    pub tuning: Vec<String>,
     // `gpu` last: buffers above free before the context goes.
     gpu: Gpu,
 }
@@ -260,6 +271,10 @@ impl GpuModel {
         gpu.sync().map_err(gpu_err)?;
         let load_report = (loader.bytes, loader.elapsed_s(), loader.gbps());
         llm.alloc_kv(&gpu, &limits)?;
+        let tuning = llm.tune_one_row(&gpu)?;
+        for line in &tuning {
+            tracing::debug!(rank = shard.rank, "{line}");
+        }
         Ok(GpuModel {
             cfg: cfg.clone(),
             shard,
@@ -269,6 +284,7 @@ impl GpuModel {
             comm,
             graphs: HashMap::new(),
             load_report,
+            tuning,
             gpu,
         })
     }
@@ -354,15 +370,9 @@ impl GpuModel {
             p.table_width = p.table_width.max(need);
             c.checked_image_count(image_id)?;
             if let Some(r) = &c.image_rows {
-                let flat: Vec<half::bf16> = r
-                    .to_dtype(candle_core::DType::BF16)?
-                    .flatten_all()?
-                    .to_vec1()?;
-                if p.image_rows.is_empty() {
-                    p.image_rows = flat;
-                } else {
-                    p.image_rows.extend_from_slice(&flat);
-                }
+                // Uploaded straight from the tensor's storage (no host copy).
+                p.image_rows
+                    .push(r.to_dtype(candle_core::DType::BF16)?.contiguous()?);
             }
             for (i, &t) in c.tokens.iter().enumerate() {
                 let pos = c.start_pos + i;
@@ -549,13 +559,26 @@ impl GpuModel {
         }
         self.gpu.bind().map_err(gpu_err)?;
         let p = self.plan(std::slice::from_ref(chunk))?;
+        self.gpu.mark("host plan").map_err(gpu_err)?;
         // SAFETY: as in `forward`.
         unsafe {
             self.llm.upload_plan(&self.gpu, &p, None)?;
+            self.gpu.mark("plan upload").map_err(gpu_err)?;
             let split = self.llm.split_for(p.paged_tokens, p.max_paged_ctx, false);
             self.llm.run_hidden(&self.gpu, &p, p.tokens, split)?;
             self.llm.logits_all(&self.gpu, p.tokens)
         }
+    }
+}
+
+/// The bf16 values of a contiguous CPU tensor, borrowed from its storage.
+fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> Result<R>) -> Result<R> {
+    let (st, layout) = t.storage_and_layout();
+    match (&*st, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)), Some((a, b))) => f(&v[a..b]),
+        _ => Err(Error::Step(
+            "image rows must be a contiguous bf16 CPU tensor".into(),
+        )),
     }
 }
 

@@ -2,12 +2,12 @@
 //! Shapes per rank (TP = w): nq = 32/w q heads, nkv = 8/w kv heads, hd = 128, F = 9728/w,
 //! V = 151936/w vocabulary rows; H = 2560 is whole on every rank.
 
-use r4b_kernels::{DBuf, DecodeAttn, Gpu, Nccl, OutType, Residual, RopeKv};
+use r4b_kernels::{DBuf, DecodeAttn, FlashAttn, Gpu, LinearImpl, Nccl, OutType, Residual, RopeKv};
 
 use super::weights::{gpu_err, Loader, Split};
 use super::{
-    alloc, attention_gemm, part_size, AttnGemm, GpuLimits, StepPlan, GRAPH_BATCHES, PREFILL_ROWS,
-    PREFILL_SCRATCH,
+    alloc, attention_gemm, part_size, with_bf16, AttnGemm, GpuLimits, StepPlan, GRAPH_BATCHES,
+    PREFILL_ROWS, PREFILL_SCRATCH,
 };
 use crate::config::RConfig;
 use crate::parallel::Shard;
@@ -86,6 +86,8 @@ pub struct Qwen3Gpu {
     max_model_len: usize,
     /// Capacity of the attention partition scratch, in (token, head, partition) entries.
     part_entries: usize,
+    /// One-token steps run SiLU·mul inside the down_proj kernel (measured faster at load).
+    fused_down: bool,
 }
 
 impl Qwen3Gpu {
@@ -248,7 +250,143 @@ impl Qwen3Gpu {
             max_seqs: smax,
             max_model_len: lim.max_model_len,
             part_entries,
+            fused_down: false,
         })
+    }
+
+    /// Times the one-row products of a decode step on this rank's real weights (every layer in
+    /// turn, so the weights stream from memory as in a step, not from L2) through each
+    /// implementation, and keeps the fastest; likewise SiLU·mul fused into down_proj or not.
+    /// Runs before any graph is captured. Returns one line per decision.
+    pub fn tune_one_row(&mut self, gpu: &Gpu) -> Result<Vec<String>> {
+        if !gpu.use_gemv {
+            return Ok(vec!["one-row products: cuBLAS (R4B_NO_GEMV)".into()]);
+        }
+        let b = &self.bufs;
+        let (h, f, qkv_w) = (self.h, self.f, (self.nq + 2 * self.nkv) * self.hd);
+        let layers = self.layers.len().max(1) as f64;
+        type Pick = fn(&Layer) -> u64;
+        let shapes: [(&str, Pick, u64, u64, usize, usize); 4] = [
+            (
+                "qkv",
+                |l| l.qkv.ptr(),
+                b.normed.ptr(),
+                b.qkv.ptr(),
+                qkv_w,
+                h,
+            ),
+            (
+                "o_proj",
+                |l| l.o_proj.ptr(),
+                b.attn.ptr(),
+                b.proj.ptr(),
+                h,
+                self.nq * self.hd,
+            ),
+            (
+                "gate_up",
+                |l| l.gate_up.ptr(),
+                b.normed.ptr(),
+                b.gate_up.ptr(),
+                2 * f,
+                h,
+            ),
+            ("down", |l| l.down.ptr(), b.act.ptr(), b.proj.ptr(), h, f),
+        ];
+        let imps = [LinearImpl::Blas, LinearImpl::Gemv, LinearImpl::Gemv4];
+        let mut report = Vec::new();
+        let mut down_best = f64::INFINITY;
+        for (name, pick, x, y, n, k) in shapes {
+            let mut best = (f64::INFINITY, LinearImpl::Blas);
+            let mut line = format!("one-row {name} [{n}x{k}]:");
+            for imp in imps {
+                let ms = gpu
+                    .time_ms(3, || {
+                        for l in &self.layers {
+                            // SAFETY: x/y are step buffers of at least one row of k/n values.
+                            unsafe {
+                                gpu.linear_with(imp, x, pick(l), y, (1, n, k), OutType::Bf16)?
+                            };
+                        }
+                        Ok(())
+                    })
+                    .map_err(gpu_err)?
+                    / layers;
+                line += &format!(" {imp:?} {:.1} µs", ms * 1e3);
+                if ms < best.0 {
+                    best = (ms, imp);
+                }
+            }
+            gpu.set_linear_impl((n, k), OutType::Bf16, best.1);
+            report.push(format!("{line} -> {:?}", best.1));
+            if name == "down" {
+                down_best = best.0;
+            }
+        }
+        // SiLU·mul + down_proj as two kernels vs fused.
+        let silu = gpu
+            .time_ms(3, || {
+                for _ in &self.layers {
+                    // SAFETY: gate_up holds one row of 2F, act one row of F.
+                    unsafe { gpu.silu_mul(b.gate_up.ptr(), b.act.ptr(), 1, f)? };
+                }
+                Ok(())
+            })
+            .map_err(gpu_err)?
+            / layers;
+        let fused = gpu
+            .time_ms(3, || {
+                for l in &self.layers {
+                    // SAFETY: as above; proj holds one row of H.
+                    unsafe {
+                        gpu.gemv_gated(
+                            b.gate_up.ptr(),
+                            l.down.ptr(),
+                            b.proj.ptr(),
+                            (h, f),
+                            OutType::Bf16,
+                        )?
+                    };
+                }
+                Ok(())
+            })
+            .map_err(gpu_err)?
+            / layers;
+        self.fused_down = fused < silu + down_best;
+        report.push(format!(
+            "one-row silu_mul + down: {:.1} + {:.1} µs, fused {:.1} µs -> {}",
+            silu * 1e3,
+            down_best * 1e3,
+            fused * 1e3,
+            if self.fused_down { "fused" } else { "separate" }
+        ));
+        // The head (one weight, far larger than L2).
+        let mut best = (f64::INFINITY, LinearImpl::Blas);
+        let mut line = format!("one-row lm_head [{}x{h}]:", self.vocab_local);
+        for imp in imps {
+            let ms = gpu
+                .time_ms(5, || {
+                    // SAFETY: `last` holds a row of H, `logits` a row of the local vocabulary.
+                    unsafe {
+                        gpu.linear_with(
+                            imp,
+                            b.last.ptr(),
+                            self.lm_head.ptr(),
+                            b.logits.ptr(),
+                            (1, self.vocab_local, h),
+                            OutType::F32,
+                        )
+                    }
+                })
+                .map_err(gpu_err)?;
+            line += &format!(" {imp:?} {:.1} µs", ms * 1e3);
+            if ms < best.0 {
+                best = (ms, imp);
+            }
+        }
+        gpu.set_linear_impl((self.vocab_local, h), OutType::F32, best.1);
+        report.push(format!("{line} -> {:?}", best.1));
+        Ok(report)
     }
 
     /// `(part_size, parts)` of the paged attention for `tokens` queries whose longest context is
@@ -371,7 +509,18 @@ impl Qwen3Gpu {
         .map_err(map)?;
         gpu.htod(&last, b.last_rows.ptr()).map_err(map)?;
         gpu.htod(&p.image_dst, b.image_dst.ptr()).map_err(map)?;
-        gpu.htod(&p.image_rows, b.image_rows.ptr()).map_err(map)?;
+        let mut at = 0;
+        for r in &p.image_rows {
+            let n = r.elem_count();
+            if at + n > self.max_tokens * self.h {
+                return Err(Error::Step(
+                    "image rows larger than the step buffers".into(),
+                ));
+            }
+            // SAFETY: `image_rows` holds max_tokens rows of H (checked just above).
+            with_bf16(r, |v| gpu.htod(v, b.image_rows.at(at, 2)).map_err(map))?;
+            at += n;
+        }
         Ok(())
     }
 
@@ -532,18 +681,29 @@ impl Qwen3Gpu {
             )
             .map_err(e)?;
             gpu.mark("gemm gate_up").map_err(e)?;
-            gpu.silu_mul(b.gate_up.ptr(), b.act.ptr(), tokens, f)
+            if tokens == 1 && self.fused_down {
+                gpu.gemv_gated(
+                    b.gate_up.ptr(),
+                    l.down.ptr(),
+                    b.proj.ptr(),
+                    (h, f),
+                    OutType::Bf16,
+                )
                 .map_err(e)?;
-            gpu.mark("silu_mul").map_err(e)?;
-            gpu.linear(
-                b.act.ptr(),
-                l.down.ptr(),
-                b.proj.ptr(),
-                (tokens, h, f),
-                OutType::Bf16,
-                false,
-            )
-            .map_err(e)?;
+            } else {
+                gpu.silu_mul(b.gate_up.ptr(), b.act.ptr(), tokens, f)
+                    .map_err(e)?;
+                gpu.mark("silu_mul").map_err(e)?;
+                gpu.linear(
+                    b.act.ptr(),
+                    l.down.ptr(),
+                    b.proj.ptr(),
+                    (tokens, h, f),
+                    OutType::Bf16,
+                    false,
+                )
+                .map_err(e)?;
+            }
             gpu.mark("gemm down").map_err(e)?;
             self.all_reduce(b.proj.ptr(), tokens * h)?;
             gpu.mark("all-reduce").map_err(e)?;
@@ -560,7 +720,8 @@ impl Qwen3Gpu {
         Ok(())
     }
 
-    /// Causal attention of every long prefill chunk (after the paged rows) over its gathered keys.
+    /// Causal attention of every long prefill chunk (after the paged rows) over its cached keys:
+    /// the tensor-core kernel, or gathered keys and cuBLAS products for head dims it lacks.
     unsafe fn prefill_attention(
         &self,
         gpu: &Gpu,
@@ -576,6 +737,35 @@ impl Qwen3Gpu {
             let first_pos = p.positions[row] as usize;
             let ctx = first_pos + len;
             let bt = b.block_tables.at(j * self.max_blocks, 4);
+            if gpu.has_flash(hd) {
+                // Tensor cores, straight from the paged cache.
+                gpu.flash_attention(&FlashAttn {
+                    q: b.qkv.at(row * qkv_w, 2),
+                    q_ld: qkv_w,
+                    q_z: 0,
+                    k: kc,
+                    v: vc,
+                    kv_ld: nkv * hd,
+                    kv_z: 0,
+                    block_table: Some((bt, self.block_size)),
+                    out: b.attn.at(row * nq * hd, 2),
+                    out_ld: nq * hd,
+                    out_z: 0,
+                    rows: len,
+                    batch: 1,
+                    ctx_base: first_pos,
+                    nkeys: ctx,
+                    nq,
+                    nkv,
+                    head_dim: hd,
+                    causal: true,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                })
+                .map_err(gpu_err)?;
+                row += len;
+                continue;
+            }
+            // Other head dims: the keys gathered, two cuBLAS products and a row softmax.
             gpu.gather_kv(
                 (kc, vc),
                 bt,
@@ -604,6 +794,7 @@ impl Qwen3Gpu {
                         group: nq / nkv,
                         hd,
                         causal_base: Some(first_pos + r0),
+                        scale: 1.0 / (hd as f32).sqrt(),
                         s: b.s.ptr(),
                     },
                 )?;

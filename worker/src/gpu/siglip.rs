@@ -3,7 +3,7 @@
 //! (`model/anyres.rs::pack_features`).
 
 use candle_core::{Device, Tensor};
-use r4b_kernels::{DBuf, Gpu, OutType};
+use r4b_kernels::{DBuf, FlashAttn, Gpu, OutType};
 
 use super::weights::{gpu_err, Loader, Split};
 use super::{attention_gemm, AttnGemm};
@@ -204,6 +204,7 @@ impl VisionGpu {
             // `load`; shapes below stay within them.
             unsafe {
                 gpu.htod(px, b.px.ptr()).map_err(gpu_err)?;
+                gpu.mark("vision pixels upload").map_err(gpu_err)?;
                 gpu.im2col_patches(
                     b.px.ptr(),
                     b.patches.ptr(),
@@ -227,6 +228,7 @@ impl VisionGpu {
                     (rows, c, n),
                 )
                 .map_err(gpu_err)?;
+                gpu.mark("vision patch embed").map_err(gpu_err)?;
                 for layer in &self.layers {
                     self.layer(gpu, layer, nv, rows)?;
                 }
@@ -243,6 +245,7 @@ impl VisionGpu {
                     2,
                 )?;
                 linear_bias(gpu, b.proj1.ptr(), &self.linear_2, out, (rows, h, h), 0)?;
+                gpu.mark("vision projector").map_err(gpu_err)?;
             }
         }
         let total = views.views * n;
@@ -272,6 +275,7 @@ impl VisionGpu {
                     )
                     .map_err(gpu_err)?;
                     gpu.dtoh(b.packed.ptr(), &mut host).map_err(gpu_err)?;
+                    gpu.mark("vision pack + download").map_err(gpu_err)?;
                 }
                 Ok(Tensor::from_vec(host, (src.len(), h), &Device::Cpu)?)
             }
@@ -307,7 +311,34 @@ impl VisionGpu {
         )
         .map_err(gpu_err)?;
         linear_bias(gpu, b.n.ptr(), &l.qkv, b.qkv.ptr(), (rows, 3 * c, c), 0)?;
-        for v in 0..nv {
+        gpu.mark("vision ln + qkv").map_err(gpu_err)?;
+        if gpu.has_flash(hd) {
+            // Every view at once: view z's rows start at z·n.
+            gpu.flash_attention(&FlashAttn {
+                q: b.qkv.ptr(),
+                q_ld: 3 * c,
+                q_z: n * 3 * c,
+                k: b.qkv.at(c, 2),
+                v: b.qkv.at(2 * c, 2),
+                kv_ld: 3 * c,
+                kv_z: n * 3 * c,
+                block_table: None,
+                out: b.attn.ptr(),
+                out_ld: c,
+                out_z: n * c,
+                rows: n,
+                batch: nv,
+                ctx_base: 0,
+                nkeys: n,
+                nq: self.heads,
+                nkv: self.heads,
+                head_dim: hd,
+                causal: false,
+                scale: 1.0 / (hd as f32).sqrt(),
+            })
+            .map_err(gpu_err)?;
+        }
+        for v in (0..nv).filter(|_| !gpu.has_flash(hd)) {
             let q = b.qkv.at(v * n * 3 * c, 2);
             attention_gemm(
                 gpu,
@@ -326,6 +357,7 @@ impl VisionGpu {
                     group: 1,
                     hd,
                     causal_base: None,
+                    scale: 1.0 / (hd as f32).sqrt(),
                     s: b.s.ptr(),
                 },
             )?;
@@ -337,6 +369,7 @@ impl VisionGpu {
             (b.tmp.ptr(), b.x.ptr()),
             (rows, c, c),
         )?;
+        gpu.mark("vision attention + out").map_err(gpu_err)?;
         gpu.layernorm(
             b.x.ptr(),
             (l.ln2.0.ptr(), l.ln2.1.ptr()),
@@ -353,6 +386,7 @@ impl VisionGpu {
             (b.tmp.ptr(), b.x.ptr()),
             (rows, c, f),
         )?;
+        gpu.mark("vision mlp").map_err(gpu_err)?;
         Ok(())
     }
 }

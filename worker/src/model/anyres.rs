@@ -387,15 +387,18 @@ impl PixelViews {
             ));
         }
         let rescale = norm.rescale_f64();
-        let data = chw
-            .iter()
-            .enumerate()
-            .map(|(i, &b)| {
-                let c = (i / plane) % 3;
-                let x = (f64::from(b) * rescale) as f32;
+        // One table per channel: the 256 byte values, normalised (same arithmetic per value).
+        let lut: [[f32; 256]; 3] = std::array::from_fn(|c| {
+            std::array::from_fn(|b| {
+                let x = (b as f64 * rescale) as f32;
                 (x - norm.mean[c]) / norm.std[c]
             })
-            .collect();
+        });
+        let mut data = Vec::with_capacity(chw.len());
+        for (i, plane_bytes) in chw.chunks_exact(plane).enumerate() {
+            let t = &lut[i % 3];
+            data.extend(plane_bytes.iter().map(|&b| t[b as usize]));
+        }
         Ok(PixelViews {
             views,
             tile,
