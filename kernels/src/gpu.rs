@@ -82,6 +82,7 @@ struct Funcs {
     scatter_rows: CudaFunction,
     gather_rows: CudaFunction,
     add_rmsnorm: CudaFunction,
+    add_rmsnorm_v8: CudaFunction,
     layernorm: CudaFunction,
     qk_norm_rope_kv: CudaFunction,
     /// `(head_dim, group)` → kernel.
@@ -89,6 +90,8 @@ struct Funcs {
     decode_combine: CudaFunction,
     /// `head_dim` → tensor-core prefill attention kernel.
     flash: Vec<(usize, CudaFunction)>,
+    /// `head_dim` → tensor-core paged decode attention kernel.
+    flash_decode: Vec<(usize, CudaFunction)>,
     gather_kv: CudaFunction,
     softmax_rows: CudaFunction,
     silu_mul: CudaFunction,
@@ -120,6 +123,9 @@ pub struct Gpu {
     pub use_gemv: bool,
     /// Prefill attention runs the tensor-core kernel where it exists (off with `R4B_NO_FLASH=1`).
     pub use_flash: bool,
+    /// Paged decode attention runs the tensor-core kernel where it exists (GQA groups ≤ 8, head
+    /// dim 64 or 128; off with `R4B_NO_FLASH_DECODE=1`).
+    pub use_flash_decode: bool,
     /// One-row products: the implementation measured fastest per `(n, k, f32 out)` (see
     /// [`Gpu::set_linear_impl`]); shapes not in it follow a fixed rule.
     linear_impl: std::sync::Mutex<std::collections::HashMap<(usize, usize, bool), LinearImpl>>,
@@ -306,6 +312,7 @@ impl Gpu {
             scatter_rows: l("scatter_rows")?,
             gather_rows: l("gather_rows")?,
             add_rmsnorm: l("add_rmsnorm")?,
+            add_rmsnorm_v8: l("add_rmsnorm_v8")?,
             layernorm: l("layernorm")?,
             qk_norm_rope_kv: l("qk_norm_rope_kv")?,
             decode: {
@@ -325,6 +332,17 @@ impl Gpu {
                     let name = if occ2 { "flash_attn_occ2_hd128".into() } else { format!("flash_attn_hd{hd}") };
                     let f = l(&name)?;
                     // Two stages of K and V tiles in dynamic shared memory (above the 48 KB default).
+                    f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        flash_smem_bytes(hd) as i32,
+                    )?;
+                    Ok((hd, f))
+                })
+                .collect::<Result<_>>()?,
+            flash_decode: [64usize, 128]
+                .iter()
+                .map(|&hd| {
+                    let f = l(&format!("flash_decode_hd{hd}"))?;
                     f.set_attribute(
                         cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         flash_smem_bytes(hd) as i32,
@@ -359,6 +377,7 @@ impl Gpu {
             stream,
             use_gemv: std::env::var_os("R4B_NO_GEMV").is_none(),
             use_flash: std::env::var_os("R4B_NO_FLASH").is_none(),
+            use_flash_decode: std::env::var_os("R4B_NO_FLASH_DECODE").is_none(),
             timeline: std::sync::Mutex::new(None),
             linear_impl: std::sync::Mutex::new(std::collections::HashMap::new()),
             blas,
@@ -855,8 +874,17 @@ impl Gpu {
             Residual::Set(p) => (2, p),
         };
         let h = i(hidden);
+        // One pass with the row in registers where it fits (8 values per thread, ≤ 4 chunks
+        // each), else the two-pass kernel.
+        let chunks = hidden / 8;
+        let aligned = [residual, xp, w, out].iter().all(|p| p % 16 == 0);
+        let (f, block) = if hidden % 8 == 0 && aligned && chunks <= 4 * 1024 {
+            (&self.f.add_rmsnorm_v8, (chunks.min(1024).div_ceil(32) * 32) as u32)
+        } else {
+            (&self.f.add_rmsnorm, 256)
+        };
         self.stream
-            .launch_builder(&self.f.add_rmsnorm)
+            .launch_builder(f)
             .arg(&residual)
             .arg(&xp)
             .arg(&w)
@@ -864,7 +892,7 @@ impl Gpu {
             .arg(&h)
             .arg(&eps)
             .arg(&mode)
-            .launch(grid1(tokens, 256))?;
+            .launch(grid1(tokens, block))?;
         Ok(())
     }
 
@@ -950,10 +978,25 @@ impl Gpu {
             i(a.nkv),
         );
         let (ps, parts, hd, os) = (i(a.part_size), i(a.parts), i(a.head_dim), i(a.out_stride));
+        let tensor_core = self
+            .f
+            .flash_decode
+            .iter()
+            .find(|(d, _)| *d == a.head_dim)
+            .map(|(_, f)| f)
+            .filter(|_| self.use_flash_decode && (1..=8).contains(&group));
+        let (func, smem, scale) = match tensor_core {
+            Some(f) => (
+                f,
+                flash_smem_bytes(a.head_dim) as u32,
+                a.scale * std::f32::consts::LOG2_E,
+            ),
+            None => (func, 0, a.scale),
+        };
         let cfg = LaunchConfig {
             grid_dim: (a.parts as u32, a.nkv as u32, a.tokens as u32),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         self.stream
             .launch_builder(func)
@@ -970,7 +1013,7 @@ impl Gpu {
             .arg(&nkv)
             .arg(&ps)
             .arg(&parts)
-            .arg(&a.scale)
+            .arg(&scale)
             .arg(&a.pm)
             .arg(&a.pl)
             .arg(&a.pacc)

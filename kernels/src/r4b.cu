@@ -94,6 +94,66 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ residual, const bf16*
   }
 }
 
+// The same, one pass over memory: each thread keeps up to 4 chunks of 8 values in registers
+// (hidden % 8 == 0, hidden ≤ 32 · blockDim). grid T, block ceil(hidden / 8) rounded to a warp
+// (≤ 1024).
+extern "C" __global__ void add_rmsnorm_v8(float* __restrict__ residual, const bf16* __restrict__ x,
+                                          const bf16* __restrict__ w, bf16* __restrict__ out,
+                                          int hidden, float eps, int mode) {
+  __shared__ float red[32];
+  const size_t row = (size_t)blockIdx.x * hidden;
+  const int chunks = hidden / 8;
+  float r[4][8];
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    if (c >= chunks) break;
+    const size_t o = row + (size_t)c * 8;
+    float xv[8];
+    if (mode != 0) {
+      const uint4 xr = *reinterpret_cast<const uint4*>(x + o);
+      const bf16* xb = reinterpret_cast<const bf16*>(&xr);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) xv[j] = b2f(xb[j]);
+    }
+    if (mode == 2) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) r[i][j] = xv[j];
+    } else {
+      const float4 a = *reinterpret_cast<const float4*>(residual + o);
+      const float4 b = *reinterpret_cast<const float4*>(residual + o + 4);
+      r[i][0] = a.x, r[i][1] = a.y, r[i][2] = a.z, r[i][3] = a.w;
+      r[i][4] = b.x, r[i][5] = b.y, r[i][6] = b.z, r[i][7] = b.w;
+      if (mode == 1) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) r[i][j] += xv[j];
+      }
+    }
+    if (mode != 0) {
+      *reinterpret_cast<float4*>(residual + o) = make_float4(r[i][0], r[i][1], r[i][2], r[i][3]);
+      *reinterpret_cast<float4*>(residual + o + 4) =
+          make_float4(r[i][4], r[i][5], r[i][6], r[i][7]);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) ss += r[i][j] * r[i][j];
+  }
+  const float inv = rsqrtf(block_sum(ss, red) / hidden + eps);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    if (c >= chunks) break;
+    const size_t o = row + (size_t)c * 8;
+    const uint4 wr = *reinterpret_cast<const uint4*>(w + (size_t)c * 8);
+    const bf16* wb = reinterpret_cast<const bf16*>(&wr);
+    uint4 res;
+    bf16* ob = reinterpret_cast<bf16*>(&res);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) ob[j] = f2b(b2f(wb[j]) * b2f(f2b(r[i][j] * inv)));
+    *reinterpret_cast<uint4*>(out + o) = res;
+  }
+}
+
 // LayerNorm (SigLIP, projector): out = (x − μ)/σ · w + b. grid T, block 256.
 extern "C" __global__ void layernorm(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                      const bf16* __restrict__ b, bf16* __restrict__ out, int hidden,
@@ -425,10 +485,12 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 #define FA_KEYS 64
 #define FA_BT_SMEM 1024  // block-table entries a CTA keeps in shared memory (the rest: global)
 // Keys [key0, key0 + 64) of kv head `kvh` into smem rows of LDS bf16 (zeros past `limit` / HD).
+// Paged: block b of the table is sbt[b − bt_base] when that is below FA_BT_SMEM, else bt[b].
 template <int HD, int HDP, int LDS>
 __device__ __forceinline__ void fa_load_tile(bf16* sm, const bf16* __restrict__ base, int kv_ld,
-                                             int kvh, const int* sbt, const int* __restrict__ bt,
-                                             int bs, int key0, int limit) {
+                                             int kvh, const int* sbt, int bt_base,
+                                             const int* __restrict__ bt, int bs, int key0,
+                                             int limit) {
   constexpr int CH = HDP / 8, VALID = HD / 8;
   for (int c = threadIdx.x; c < FA_KEYS * CH; c += blockDim.x) {
     const int r = c / CH, ch = c % CH, key = key0 + r;
@@ -437,8 +499,8 @@ __device__ __forceinline__ void fa_load_tile(bf16* sm, const bf16* __restrict__ 
     if (ok) {
       size_t row = key;
       if (bt) {
-        const int b = key / bs;
-        row = (size_t)(b < FA_BT_SMEM ? sbt[b] : bt[b]) * bs + key % bs;
+        const int b = key / bs, sb = b - bt_base;
+        row = (size_t)(sb < FA_BT_SMEM ? sbt[sb] : bt[b]) * bs + key % bs;
       }
       src = base + row * kv_ld + (size_t)kvh * HD + ch * 8;
     }
@@ -481,8 +543,8 @@ __device__ void flash_attn(const bf16* __restrict__ q, int q_ld, long long q_z,
   // Keys at or past kmax are masked for every row of the CTA: they load as zeros.
   auto load = [&](int j) {
     bf16* st = kv_sm + (j & 1) * 2 * TILE;
-    fa_load_tile<HD, HDP, LDS>(st, k, kv_ld, kvh, sbt, bt, bs, j * FA_KEYS, kmax);
-    fa_load_tile<HD, HDP, LDS>(st + TILE, v, kv_ld, kvh, sbt, bt, bs, j * FA_KEYS, kmax);
+    fa_load_tile<HD, HDP, LDS>(st, k, kv_ld, kvh, sbt, 0, bt, bs, j * FA_KEYS, kmax);
+    fa_load_tile<HD, HDP, LDS>(st + TILE, v, kv_ld, kvh, sbt, 0, bt, bs, j * FA_KEYS, kmax);
   };
   load(0);
   cp_commit();
@@ -614,6 +676,168 @@ __device__ void flash_attn(const bf16* __restrict__ q, int q_ld, long long q_z,
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Paged decode attention on tensor cores: the same partitions and partial results as
+// decode_attn_part (so decode_attn_combine merges them), for GQA groups of G ≤ 8 query heads:
+// the G heads of one kv head are the rows of a 16-row mma tile (rows ≥ G are zero), so every
+// K/V byte is read once per kv head. A CTA (partition, kv head, query token) walks its keys in
+// 64-key tiles, two stages of cp.async; warp w takes keys 16w .. 16w + 15 of each tile with
+// its own running max / sum / output, merged through shared memory at the end.
+template <int HD>
+__device__ void flash_decode(const bf16* __restrict__ q, int q_stride,
+                             const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
+                             const int* __restrict__ ctx_lens, const int* __restrict__ bt_rows,
+                             const int* __restrict__ block_tables, int max_blocks, int bs, int nq,
+                             int nkv, int part_size, int parts, float scale_log2,
+                             float* __restrict__ pm, float* __restrict__ pl,
+                             float* __restrict__ pacc) {
+  constexpr int LDS = HD + 8, KC = HD / 16, NT = HD / 8, TILE = FA_KEYS * LDS;
+  extern __shared__ __align__(16) unsigned char fa_smem[];
+  bf16* const kv_sm = reinterpret_cast<bf16*>(fa_smem);
+  __shared__ int sbt[FA_BT_SMEM];
+  const int part = blockIdx.x, kvh = blockIdx.y, t = blockIdx.z;
+  const int G = nq / nkv;
+  const int ctx = ctx_lens[t];
+  const int k0 = part * part_size;
+  if (k0 >= ctx) return;
+  const int k1 = min(ctx, k0 + part_size);
+  const int tiles = (k1 - k0 + FA_KEYS - 1) / FA_KEYS;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int* bt = block_tables + (size_t)bt_rows[t] * max_blocks;
+  const int bt_base = k0 / bs;
+  {
+    const int nb = min(FA_BT_SMEM, (k1 - 1) / bs - bt_base + 1);
+    for (int i = threadIdx.x; i < nb; i += blockDim.x) sbt[i] = bt[bt_base + i];
+    __syncthreads();
+  }
+  auto load = [&](int j) {
+    bf16* st = kv_sm + (j & 1) * 2 * TILE;
+    const int key0 = k0 + j * FA_KEYS;
+    fa_load_tile<HD, HD, LDS>(st, k_cache, nkv * HD, kvh, sbt, bt_base, bt, bs, key0, k1);
+    fa_load_tile<HD, HD, LDS>(st + TILE, v_cache, nkv * HD, kvh, sbt, bt_base, bt, bs, key0, k1);
+  };
+  load(0);
+  cp_commit();
+  const int g = lane >> 2, qc = (lane & 3) * 2;
+  // Q rows: head kvh·G + g for g < G (the rows g + 8 never exist: G ≤ 8).
+  uint32_t qf[KC][4];
+#pragma unroll
+  for (int kc = 0; kc < KC; ++kc) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i & 1) * 8, col = kc * 16 + qc + (i >> 1) * 8;
+      qf[kc][i] = row < G ? *reinterpret_cast<const uint32_t*>(
+                                q + (size_t)t * q_stride + (size_t)(kvh * G + row) * HD + col)
+                          : 0u;
+    }
+  }
+  float o[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m = -INFINITY, l = 0.f;  // row g only (row g + 8 is padding)
+  for (int j = 0; j < tiles; ++j) {
+    if (j + 1 < tiles) load(j + 1);
+    cp_commit();
+    cp_wait1();
+    __syncthreads();
+    const bf16* ks = kv_sm + (j & 1) * 2 * TILE + warp * 16 * LDS;
+    const bf16* vs = kv_sm + (j & 1) * 2 * TILE + TILE + warp * 16 * LDS;
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+      uint32_t b[4];
+      ldsm_x4(b, smem_u32(ks + ((lane >> 4) * 8 + (lane & 7)) * LDS + kc * 16 +
+                          ((lane >> 3) & 1) * 8));
+      mma_bf16(s[0], qf[kc], b[0], b[1]);
+      mma_bf16(s[1], qf[kc], b[2], b[3]);
+    }
+    const int kb = k0 + j * FA_KEYS + warp * 16 + qc;
+    float mx = m;
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool ok = kb + n * 8 + e < k1;
+        s[n][e] = ok ? s[n][e] * scale_log2 : -INFINITY;
+        mx = fmaxf(mx, s[n][e]);
+      }
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // A warp whose keys are all past the end keeps m = −∞ and adds nothing.
+    const float base = mx == -INFINITY ? 0.f : mx;
+    const float corr = exp2f(m - base);
+    m = mx;
+    l *= corr;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      o[n][0] *= corr;
+      o[n][1] *= corr;
+    }
+    const float p00 = exp2f(s[0][0] - base), p01 = exp2f(s[0][1] - base);
+    const float p10 = exp2f(s[1][0] - base), p11 = exp2f(s[1][1] - base);
+    l += p00 + p01 + p10 + p11;
+    const uint32_t pa[4] = {pack_bf16(p00, p01), 0u, pack_bf16(p10, p11), 0u};
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      ldsm_x4_t(b, smem_u32(vs + (((lane >> 3) & 1) * 8 + (lane & 7)) * LDS +
+                            (np * 2 + (lane >> 4)) * 8));
+      mma_bf16(o[np * 2], pa, b[0], b[1]);
+      mma_bf16(o[np * 2 + 1], pa, b[2], b[3]);
+    }
+    __syncthreads();
+  }
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  // Merge the 4 warps: (m, l, O) of rows < G through shared memory (the K/V stages are free).
+  float* sm_o = reinterpret_cast<float*>(fa_smem);  // [4][8][HD]
+  __shared__ float sm_m[4][8], sm_l[4][8];
+  if (g < G) {
+    if ((lane & 3) == 0) {
+      sm_m[warp][g] = m;
+      sm_l[warp][g] = l;
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      sm_o[(warp * 8 + g) * HD + n * 8 + qc] = o[n][0];
+      sm_o[(warp * 8 + g) * HD + n * 8 + qc + 1] = o[n][1];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * HD; idx += blockDim.x) {
+    const int r = idx / HD, d = idx % HD;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) M = fmaxf(M, sm_m[w][r]);
+    float L = 0.f, A = 0.f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      if (sm_m[w][r] == -INFINITY) continue;
+      const float c = exp2f(sm_m[w][r] - M);
+      L += sm_l[w][r] * c;
+      A += sm_o[(w * 8 + r) * HD + d] * c;
+    }
+    const size_t pbase = ((size_t)t * nq + kvh * G + r) * parts + part;
+    pacc[pbase * HD + d] = A;
+    if (d == 0) {
+      pm[pbase] = M * 0.6931471805599453f;  // natural-log units, as decode_attn_combine expects
+      pl[pbase] = L;
+    }
+  }
+}
+
+#define FLASH_DECODE_KERNEL(HD)                                                                  \
+  extern "C" __global__ void __launch_bounds__(128) flash_decode_hd##HD(                          \
+      const bf16* q, int q_stride, const bf16* k_cache, const bf16* v_cache, const int* ctx_lens, \
+      const int* bt_rows, const int* block_tables, int max_blocks, int bs, int nq, int nkv,       \
+      int part_size, int parts, float scale_log2, float* pm, float* pl, float* pacc) {            \
+    flash_decode<HD>(q, q_stride, k_cache, v_cache, ctx_lens, bt_rows, block_tables, max_blocks,  \
+                     bs, nq, nkv, part_size, parts, scale_log2, pm, pl, pacc);                    \
+  }
+FLASH_DECODE_KERNEL(64)
+FLASH_DECODE_KERNEL(128)
 
 #define FLASH_KERNEL(HD)                                                                         \
   extern "C" __global__ void __launch_bounds__(128, 3) flash_attn_hd##HD(                            \

@@ -744,6 +744,88 @@ fn attn() -> Result<()> {
             flops / tf / 1e12
         );
     }
+    // Paged decode attention: tensor-core kernel vs the CUDA-core kernel (the one the decode-path
+    // check against HF validated), contexts varying per query so partitions end mid-tile.
+    println!("| decode attention | queries | ctx | part | tensor-core µs | KV GB/s | CUDA-core µs | KV GB/s | rel L2 | max diff / max |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut gpu = gpu;
+    for (bsz, ctx, ps) in [
+        (1usize, 640usize, 64usize),
+        (1, 4096, 64),
+        (8, 640, 64),
+        (64, 640, 128),
+        (256, 384, 512),
+        (256, 640, 512),
+        (256, 640, 256),
+    ] {
+        let blocks_per = ctx.div_ceil(bs);
+        let nblocks = bsz * blocks_per;
+        let kc = random_bf16(&gpu, (nblocks + 1) * bs * nkv * hd, 21)?;
+        let vc = random_bf16(&gpu, (nblocks + 1) * bs * nkv * hd, 22)?;
+        let q = random_bf16(&gpu, bsz * qkv_w, 23)?;
+        let (o1, o2) = (gpu.alloc(bsz * nq * hd * 2)?, gpu.alloc(bsz * nq * hd * 2)?);
+        // Sequence t owns blocks t, t + bsz, t + 2·bsz, … (interleaved).
+        let tables: Vec<i32> = (0..bsz)
+            .flat_map(|t| (0..blocks_per).map(move |j| (j * bsz + t) as i32))
+            .collect();
+        let ctx_lens: Vec<i32> = (0..bsz).map(|t| (ctx - (t * 7) % 37) as i32).collect();
+        let rows: Vec<i32> = (0..bsz as i32).collect();
+        let (bt_d, cl_d, rw_d) = (
+            gpu.alloc(nblocks * 4)?,
+            gpu.alloc(bsz * 4)?,
+            gpu.alloc(bsz * 4)?,
+        );
+        let parts = ctx.div_ceil(ps);
+        let (pm, pl, pacc) = (
+            gpu.alloc(bsz * nq * parts * 4)?,
+            gpu.alloc(bsz * nq * parts * 4)?,
+            gpu.alloc(bsz * nq * parts * hd * 4)?,
+        );
+        // SAFETY: sizes as allocated above.
+        unsafe {
+            gpu.htod(&tables, bt_d.ptr())?;
+            gpu.htod(&ctx_lens, cl_d.ptr())?;
+            gpu.htod(&rows, rw_d.ptr())?;
+        }
+        let args = |out: u64| DecodeAttn {
+            q: q.ptr(),
+            q_stride: qkv_w,
+            k_cache: kc.ptr(),
+            v_cache: vc.ptr(),
+            ctx_lens: cl_d.ptr(),
+            bt_rows: rw_d.ptr(),
+            block_tables: bt_d.ptr(),
+            max_blocks: blocks_per,
+            block_size: bs,
+            tokens: bsz,
+            nq,
+            nkv,
+            head_dim: hd,
+            part_size: ps,
+            parts,
+            scale: 1.0 / (hd as f32).sqrt(),
+            pm: pm.ptr(),
+            pl: pl.ptr(),
+            pacc: pacc.ptr(),
+            out,
+            out_stride: nq * hd,
+        };
+        gpu.use_flash_decode = true;
+        // SAFETY: as above.
+        let t1 = time_it(&gpu, 50, || unsafe { gpu.decode_attention(&args(o1.ptr())) })?;
+        gpu.use_flash_decode = false;
+        let t2 = time_it(&gpu, 50, || unsafe { gpu.decode_attention(&args(o2.ptr())) })?;
+        gpu.use_flash_decode = true;
+        let (l2, mx) = bf16_diff(&gpu, (o1.ptr(), o2.ptr()), bsz * nq * hd)?;
+        let bytes: f64 = ctx_lens.iter().map(|&c| (c as usize * nkv * hd * 4) as f64).sum();
+        println!(
+            "| paged | {bsz} | {ctx} | {ps} | {:.1} | {:.0} | {:.1} | {:.0} | {l2:.2e} | {mx:.2e} |",
+            t1 * 1e6,
+            bytes / t1 / 1e9,
+            t2 * 1e6,
+            bytes / t2 / 1e9
+        );
+    }
     // SigLIP: 5 views of 729 patches, 16 heads of 72, q|k|v rows of 3·1152.
     let (views, n, heads, vhd) = (5usize, 729usize, 16usize, 72usize);
     let c = heads * vhd;
