@@ -202,6 +202,9 @@ impl WorkerGroup {
                     addr: addr.clone(),
                     reason: e.to_string(),
                 })?
+                .tcp_nodelay(true)
+                .initial_stream_window_size(r4b_proto::STREAM_WINDOW)
+                .initial_connection_window_size(r4b_proto::CONNECTION_WINDOW)
                 .connect()
                 .await
                 .map_err(|e| GroupError::Connect {

@@ -53,6 +53,8 @@ impl ReplicaPool {
                 let channel = endpoint
                     .connect_timeout(rpc_timeout)
                     .tcp_nodelay(true)
+                    .initial_stream_window_size(r4b_proto::STREAM_WINDOW)
+                    .initial_connection_window_size(r4b_proto::CONNECTION_WINDOW)
                     .connect_lazy();
                 let client = CoordinatorClient::new(channel)
                     .max_encoding_message_size(MAX_SEND_BYTES)

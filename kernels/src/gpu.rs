@@ -85,6 +85,8 @@ struct Funcs {
     add_rmsnorm_v8: CudaFunction,
     layernorm: CudaFunction,
     qk_norm_rope_kv: CudaFunction,
+    qk_norm_rope_kv_w: CudaFunction,
+    rope_table: CudaFunction,
     /// `(head_dim, group)` → kernel.
     decode: Vec<((usize, usize), CudaFunction)>,
     decode_combine: CudaFunction,
@@ -95,6 +97,7 @@ struct Funcs {
     gather_kv: CudaFunction,
     softmax_rows: CudaFunction,
     silu_mul: CudaFunction,
+    silu_mul_v8: CudaFunction,
     bias_act: CudaFunction,
     bias_residual: CudaFunction,
     im2col_patches: CudaFunction,
@@ -201,6 +204,8 @@ pub struct RopeKv {
     pub head_dim: usize,
     pub eps: f32,
     pub theta: f32,
+    /// cos/sin table from [`Gpu::rope_table`] and its position count (then one warp per head).
+    pub table: Option<(DevPtr, usize)>,
 }
 
 /// Arguments of [`Gpu::decode_attention`].
@@ -315,6 +320,8 @@ impl Gpu {
             add_rmsnorm_v8: l("add_rmsnorm_v8")?,
             layernorm: l("layernorm")?,
             qk_norm_rope_kv: l("qk_norm_rope_kv")?,
+            qk_norm_rope_kv_w: l("qk_norm_rope_kv_w")?,
+            rope_table: l("rope_table")?,
             decode: {
                 let mut v = Vec::new();
                 for hd in [16, 32, 64, 128] {
@@ -353,6 +360,7 @@ impl Gpu {
             gather_kv: l("gather_kv")?,
             softmax_rows: l("softmax_rows")?,
             silu_mul: l("silu_mul")?,
+            silu_mul_v8: l("silu_mul_v8")?,
             bias_act: l("bias_act")?,
             bias_residual: l("bias_residual")?,
             im2col_patches: l("im2col_patches")?,
@@ -926,8 +934,30 @@ impl Gpu {
         if a.tokens == 0 {
             return Ok(());
         }
-        let threads = (a.head_dim / 2).div_ceil(32) * 32;
         let (nq, nkv, hd) = (i(a.nq), i(a.nkv), i(a.head_dim));
+        if let Some((table, max_pos)) = a.table {
+            if a.head_dim % 64 == 0 && a.head_dim <= 256 {
+                let mp = i(max_pos);
+                self.stream
+                    .launch_builder(&self.f.qk_norm_rope_kv_w)
+                    .arg(&a.qkv)
+                    .arg(&a.q_norm)
+                    .arg(&a.k_norm)
+                    .arg(&a.positions)
+                    .arg(&a.slots)
+                    .arg(&a.k_cache)
+                    .arg(&a.v_cache)
+                    .arg(&nq)
+                    .arg(&nkv)
+                    .arg(&hd)
+                    .arg(&a.eps)
+                    .arg(&table)
+                    .arg(&mp)
+                    .launch(grid2(a.tokens, (a.nq + 2 * a.nkv).div_ceil(4), 128))?;
+                return Ok(());
+            }
+        }
+        let threads = (a.head_dim / 2).div_ceil(32) * 32;
         self.stream
             .launch_builder(&self.f.qk_norm_rope_kv)
             .arg(&a.qkv)
@@ -943,6 +973,31 @@ impl Gpu {
             .arg(&a.eps)
             .arg(&a.theta)
             .launch(grid2(a.tokens, a.nq + 2 * a.nkv, threads as u32))?;
+        Ok(())
+    }
+
+    /// Fills `out` (f32 `[2, max_pos, head_dim / 2]`: cos, then sin) with the rotary angles
+    /// `pos · theta^(−2i/hd)` for [`RopeKv::table`].
+    pub unsafe fn rope_table(
+        &self,
+        out: DevPtr,
+        max_pos: usize,
+        head_dim: usize,
+        theta: f32,
+    ) -> Result<()> {
+        if max_pos == 0 || head_dim < 2 || head_dim > 2048 {
+            return Err(GpuError::Invalid(format!(
+                "rope table of {max_pos} positions, head dim {head_dim}"
+            )));
+        }
+        let (mp, hd) = (i(max_pos), i(head_dim));
+        self.stream
+            .launch_builder(&self.f.rope_table)
+            .arg(&out)
+            .arg(&mp)
+            .arg(&hd)
+            .arg(&theta)
+            .launch(grid1(max_pos, (head_dim / 2).div_ceil(32) as u32 * 32))?;
         Ok(())
     }
 
@@ -1153,12 +1208,18 @@ impl Gpu {
             return Ok(());
         }
         let ff = i(f);
+        // 8 values per thread where the rows allow 16-byte accesses.
+        let (func, grid) = if f % 8 == 0 && gu % 16 == 0 && out % 16 == 0 {
+            (&self.f.silu_mul_v8, f.div_ceil(8 * 256))
+        } else {
+            (&self.f.silu_mul, f.div_ceil(256))
+        };
         self.stream
-            .launch_builder(&self.f.silu_mul)
+            .launch_builder(func)
             .arg(&gu)
             .arg(&out)
             .arg(&ff)
-            .launch(grid2(f.div_ceil(256), tokens, 256))?;
+            .launch(grid2(grid, tokens, 256))?;
         Ok(())
     }
 

@@ -228,6 +228,75 @@ extern "C" __global__ void qk_norm_rope_kv(bf16* __restrict__ qkv, const bf16* _
   }
 }
 
+// RoPE table: cos then sin of pos · theta^(−2i/hd), [max_pos, hd/2] each, f32, computed with
+// the same expressions as qk_norm_rope_kv (so the values are the same). grid max_pos, block hd/2.
+extern "C" __global__ void rope_table(float* __restrict__ out, int max_pos, int hd, float theta) {
+  const int pos = blockIdx.x, i = threadIdx.x, half = hd / 2;
+  if (i >= half) return;
+  const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+  const float ang = (float)pos * inv_freq;
+  float sn, c;
+  sincosf(ang, &sn, &c);
+  out[(size_t)pos * half + i] = c;
+  out[((size_t)max_pos + pos) * half + i] = sn;
+}
+
+// qk_norm_rope_kv with one warp per head (hd a multiple of 64, ≤ 256) and cos/sin from
+// rope_table. grid (T, ceil((nq + 2·nkv) / 4)), block 128.
+extern "C" __global__ void qk_norm_rope_kv_w(bf16* __restrict__ qkv, const bf16* __restrict__ qn_w,
+                                             const bf16* __restrict__ kn_w,
+                                             const int* __restrict__ positions,
+                                             const int* __restrict__ slots,
+                                             bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
+                                             int nq, int nkv, int hd, float eps,
+                                             const float* __restrict__ table, int max_pos) {
+  const int t = blockIdx.x, h = blockIdx.y * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (h >= nq + 2 * nkv) return;
+  const int half = hd / 2, per = half / 32;
+  bf16* row = qkv + (size_t)t * (nq + 2 * nkv) * hd + (size_t)h * hd;
+  const size_t cache_off = (size_t)slots[t] * nkv * hd;
+  if (h >= nq + nkv) {  // v head
+    const size_t o = cache_off + (size_t)(h - nq - nkv) * hd;
+    for (int p = 0; p < per; ++p) {
+      const int i = lane + 32 * p;
+      v_cache[o + i] = row[i];
+      v_cache[o + i + half] = row[i + half];
+    }
+    return;
+  }
+  float x1[4], x2[4], ss = 0.f;
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    if (p >= per) break;
+    const int i = lane + 32 * p;
+    x1[p] = b2f(row[i]);
+    x2[p] = b2f(row[i + half]);
+    ss += x1[p] * x1[p] + x2[p] * x2[p];
+  }
+  const float inv = rsqrtf(warp_sum(ss) / hd + eps);
+  const bf16* w = h < nq ? qn_w : kn_w;
+  const int pos = positions[t];
+  const float* cs = table + (size_t)pos * half;
+  const float* sn = table + ((size_t)max_pos + pos) * half;
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    if (p >= per) break;
+    const int i = lane + 32 * p;
+    // bf16 rounding of the normed value, as the reference does before RoPE.
+    const float a = b2f(f2b(b2f(w[i]) * b2f(f2b(x1[p] * inv))));
+    const float b = b2f(f2b(b2f(w[i + half]) * b2f(f2b(x2[p] * inv))));
+    const float c = cs[i], s = sn[i];
+    const bf16 o1 = f2b(a * c - b * s), o2 = f2b(b * c + a * s);
+    row[i] = o1;
+    row[i + half] = o2;
+    if (h >= nq) {
+      const size_t o = cache_off + (size_t)(h - nq) * hd;
+      k_cache[o + i] = o1;
+      k_cache[o + i + half] = o2;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Paged attention of single query tokens, split over the context (flash-decoding).
 // One CTA per (partition, kv head, query token); 4 warps; a group of L = HD/8 lanes handles one
@@ -870,6 +939,26 @@ extern "C" __global__ void silu_mul(const bf16* __restrict__ gu, bf16* __restric
   const float g = b2f(gu[(size_t)t * 2 * F + i]), u = b2f(gu[(size_t)t * 2 * F + F + i]);
   const float sg = b2f(f2b(g / (1.f + __expf(-g))));
   out[(size_t)t * F + i] = f2b(sg * u);
+}
+
+// silu_mul, 8 values per thread (F % 8 == 0). grid (ceil(F / 2048), T), block 256.
+extern "C" __global__ void silu_mul_v8(const bf16* __restrict__ gu, bf16* __restrict__ out, int F) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+  if (c * 8 >= F) return;
+  const size_t row = (size_t)t * 2 * F + (size_t)c * 8;
+  const uint4 gv = *reinterpret_cast<const uint4*>(gu + row);
+  const uint4 uv = *reinterpret_cast<const uint4*>(gu + row + F);
+  const bf16* gb = reinterpret_cast<const bf16*>(&gv);
+  const bf16* ub = reinterpret_cast<const bf16*>(&uv);
+  uint4 res;
+  bf16* ob = reinterpret_cast<bf16*>(&res);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float g = b2f(gb[j]);
+    const float sg = b2f(f2b(g / (1.f + __expf(-g))));
+    ob[j] = f2b(sg * b2f(ub[j]));
+  }
+  *reinterpret_cast<uint4*>(out + (size_t)t * F + (size_t)c * 8) = res;
 }
 
 // x[t, i] = act(x[t, i] + b[i]); act 0 none, 1 gelu (tanh approx), 2 gelu (erf).

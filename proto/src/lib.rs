@@ -14,3 +14,10 @@
 pub mod v1 {
     tonic::include_proto!("cluster.v1");
 }
+
+/// HTTP/2 flow-control window of one gRPC stream, bytes, for every client and server of the
+/// cluster: a step carries image views of megabytes, which the 64 KiB default splits into dozens
+/// of window round trips.
+pub const STREAM_WINDOW: u32 = 8 << 20;
+/// HTTP/2 flow-control window of one connection, bytes.
+pub const CONNECTION_WINDOW: u32 = 32 << 20;

@@ -74,6 +74,8 @@ async fn run_worker(args: WorkerArgs) -> Result<()> {
     let service = r4b_worker::service::WorkerService::new();
     let stop = service.clone();
     tonic::transport::Server::builder()
+        .initial_stream_window_size(r4b_proto::STREAM_WINDOW)
+        .initial_connection_window_size(r4b_proto::CONNECTION_WINDOW)
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -237,6 +237,8 @@ async fn start_coordinator(
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         if let Err(e) = tonic::transport::Server::builder()
+            .initial_stream_window_size(r4b_proto::STREAM_WINDOW)
+            .initial_connection_window_size(r4b_proto::CONNECTION_WINDOW)
             .add_service(service)
             .serve_with_incoming(incoming)
             .await

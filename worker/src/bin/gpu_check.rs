@@ -749,14 +749,16 @@ fn attn() -> Result<()> {
     println!("| decode attention | queries | ctx | part | tensor-core µs | KV GB/s | CUDA-core µs | KV GB/s | rel L2 | max diff / max |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut gpu = gpu;
-    for (bsz, ctx, ps) in [
-        (1usize, 640usize, 64usize),
-        (1, 4096, 64),
-        (8, 640, 64),
-        (64, 640, 128),
-        (256, 384, 512),
-        (256, 640, 512),
-        (256, 640, 256),
+    for (bsz, ctx, ps, contiguous) in [
+        (1usize, 640usize, 64usize, false),
+        (1, 4096, 64, false),
+        (8, 640, 64, false),
+        (64, 640, 128, false),
+        (256, 384, 512, false),
+        (256, 640, 512, false),
+        (256, 640, 256, false),
+        (256, 640, 1024, false),
+        (256, 640, 512, true),
     ] {
         let blocks_per = ctx.div_ceil(bs);
         let nblocks = bsz * blocks_per;
@@ -764,9 +766,17 @@ fn attn() -> Result<()> {
         let vc = random_bf16(&gpu, (nblocks + 1) * bs * nkv * hd, 22)?;
         let q = random_bf16(&gpu, bsz * qkv_w, 23)?;
         let (o1, o2) = (gpu.alloc(bsz * nq * hd * 2)?, gpu.alloc(bsz * nq * hd * 2)?);
-        // Sequence t owns blocks t, t + bsz, t + 2·bsz, … (interleaved).
+        // Sequence t owns blocks t, t + bsz, t + 2·bsz, … (interleaved), or a run of its own.
         let tables: Vec<i32> = (0..bsz)
-            .flat_map(|t| (0..blocks_per).map(move |j| (j * bsz + t) as i32))
+            .flat_map(|t| {
+                (0..blocks_per).map(move |j| {
+                    if contiguous {
+                        (t * blocks_per + j) as i32
+                    } else {
+                        (j * bsz + t) as i32
+                    }
+                })
+            })
             .collect();
         let ctx_lens: Vec<i32> = (0..bsz).map(|t| (ctx - (t * 7) % 37) as i32).collect();
         let rows: Vec<i32> = (0..bsz as i32).collect();
@@ -819,7 +829,8 @@ fn attn() -> Result<()> {
         let (l2, mx) = bf16_diff(&gpu, (o1.ptr(), o2.ptr()), bsz * nq * hd)?;
         let bytes: f64 = ctx_lens.iter().map(|&c| (c as usize * nkv * hd * 4) as f64).sum();
         println!(
-            "| paged | {bsz} | {ctx} | {ps} | {:.1} | {:.0} | {:.1} | {:.0} | {l2:.2e} | {mx:.2e} |",
+            "| paged{} | {bsz} | {ctx} | {ps} | {:.1} | {:.0} | {:.1} | {:.0} | {l2:.2e} | {mx:.2e} |",
+            if contiguous { " (blocks in order)" } else { "" },
             t1 * 1e6,
             bytes / t1 / 1e9,
             t2 * 1e6,

@@ -59,6 +59,8 @@ struct Bufs {
     kc: DBuf,
     vc: DBuf,
     s: DBuf,
+    /// RoPE cos/sin of every position below max_model_len (f32 `[2, max_model_len, hd/2]`).
+    rope: DBuf,
 }
 
 /// One rank of the decoder.
@@ -226,7 +228,11 @@ impl Qwen3Gpu {
             kc: a(ctx * nkv * hd * 2)?,
             vc: a(ctx * nkv * hd * 2)?,
             s: a(PREFILL_SCRATCH.max(nkv * PREFILL_ROWS * ctx * 2))?,
+            rope: a(2 * ctx * (hd / 2) * 4)?,
         };
+        // SAFETY: `rope` holds 2 · max_model_len · hd/2 f32.
+        unsafe { l.gpu.rope_table(bufs.rope.ptr(), ctx, hd, t.rope_theta as f32) }
+            .map_err(gpu_err)?;
         Ok(Qwen3Gpu {
             embed,
             layers,
@@ -617,6 +623,7 @@ impl Qwen3Gpu {
                 head_dim: hd,
                 eps: self.eps,
                 theta: self.theta,
+                table: Some((b.rope.ptr(), self.max_model_len)),
             })
             .map_err(e)?;
             gpu.mark("qk_norm_rope_kv").map_err(e)?;
