@@ -511,7 +511,8 @@ extern "C" __global__ void softmax_rows(bf16* __restrict__ s, int ctx, int rows_
 // ---------------------------------------------------------------------------------------------
 // Prefill attention on tensor cores (flash style, mma.sync m16n8k16 bf16 → f32).
 // A CTA owns 64 query rows (16 per warp) of one q head and walks the keys in tiles of 64:
-// S = Q·Kᵀ (f32), online softmax in base 2, O += bf16(P)·V, O / l at the end. K/V tiles come
+// S = Q·Kᵀ (f32), online softmax in base 2 (scale folded into one FFMA per score), O += bf16(P)·V,
+// O / l at the end. K/V tiles come
 // into shared memory with cp.async, two stages (tile j + 1 loads while tile j is used; dynamic
 // shared memory: 2 · 2 · 64 · (HDP + 8) bf16). Keys come from a paged cache (block_table ≠ null:
 // key → slot = block_table[key / bs]·bs + key % bs, row = slot) or a contiguous buffer (row =
@@ -659,7 +660,8 @@ __device__ void flash_attn(const bf16* __restrict__ q, int q_ld, long long q_z,
         mma_bf16(s[np * 2 + 1], qf[kc], b[2], b[3]);
       }
     }
-    // Scale (base 2), mask where needed, running max over the row (4 lanes share a row).
+    // Mask where needed, running max of the raw scores over the row (4 lanes share a row); the
+    // scale (base 2) goes into one FFMA per score below.
     float mx[2] = {m[0], m[1]};
     if (j >= full) {
       const int kb = j * FA_KEYS + qc;
@@ -670,14 +672,8 @@ __device__ void flash_attn(const bf16* __restrict__ q, int q_ld, long long q_z,
         for (int e = 0; e < 4; ++e) {
           const int key = kb + n * 8 + (e & 1);
           const bool ok = key < nkeys && (!causal || key <= qp0 + (e >> 1) * 8);
-          s[n][e] = ok ? s[n][e] * scale_log2 : -INFINITY;
+          if (!ok) s[n][e] = -INFINITY;
         }
-      }
-    } else {
-#pragma unroll
-      for (int n = 0; n < 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[n][e] *= scale_log2;
       }
     }
 #pragma unroll
@@ -685,13 +681,14 @@ __device__ void flash_attn(const bf16* __restrict__ q, int q_ld, long long q_z,
       mx[0] = fmaxf(mx[0], fmaxf(s[n][0], s[n][1]));
       mx[1] = fmaxf(mx[1], fmaxf(s[n][2], s[n][3]));
     }
-    float corr[2];
+    float corr[2], ms[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      corr[r] = exp2f(m[r] - mx[r]);  // 0 on the first tile (m = −∞)
+      corr[r] = exp2f((m[r] - mx[r]) * scale_log2);  // 0 on the first tile (m = −∞)
       m[r] = mx[r];
+      ms[r] = mx[r] * scale_log2;
       l[r] *= corr[r];
     }
 #pragma unroll
@@ -704,8 +701,10 @@ __device__ void flash_attn(const bf16* __restrict__ q, int q_ld, long long q_z,
     uint32_t pa[4][4];  // P as A fragments: keys 16·c .. 16·c + 15
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
-      const float p0 = exp2f(s[n][0] - m[0]), p1 = exp2f(s[n][1] - m[0]);
-      const float p2 = exp2f(s[n][2] - m[1]), p3 = exp2f(s[n][3] - m[1]);
+      const float p0 = exp2f(fmaf(s[n][0], scale_log2, -ms[0]));
+      const float p1 = exp2f(fmaf(s[n][1], scale_log2, -ms[0]));
+      const float p2 = exp2f(fmaf(s[n][2], scale_log2, -ms[1]));
+      const float p3 = exp2f(fmaf(s[n][3], scale_log2, -ms[1]));
       l[0] += p0 + p1;
       l[1] += p2 + p3;
       pa[n >> 1][(n & 1) * 2] = pack_bf16(p0, p1);
