@@ -3,9 +3,7 @@ use std::sync::Arc;
 
 pub use cudarc;
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
-use cudarc::driver::{
-    result as drv, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{result as drv, CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use cudarc::nccl::{result as nccl_result, sys as nccl_sys};
 use cudarc::nvrtc::Ptx;
 
@@ -124,6 +122,9 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     /// Small-M GEMMs run the skinny kernel (off with `R4B_NO_GEMV=1`).
     pub use_gemv: bool,
+    /// Kernels launch with programmatic dependent launch (each may start while the previous
+    /// one finishes; off with `R4B_NO_PDL=1`).
+    pub pdl: bool,
     /// Prefill attention runs the tensor-core kernel where it exists (off with `R4B_NO_FLASH=1`).
     pub use_flash: bool,
     /// Paged decode attention runs the tensor-core kernel where it exists (GQA groups ≤ 8, head
@@ -284,6 +285,60 @@ pub struct FlashAttn {
     pub scale: f32,
 }
 
+/// A kernel launch through `cuLaunchKernelEx`: the arguments as pointers to their values, and the
+/// programmatic-dependent-launch attribute when the GPU has it on (see `PDL_WAIT` in r4b.cu).
+pub struct Launch<'a> {
+    gpu: &'a Gpu,
+    func: &'a CudaFunction,
+    args: Vec<*mut c_void>,
+}
+
+impl<'a> Launch<'a> {
+    /// Appends one kernel argument (kept borrowed until the launch).
+    pub fn arg<T: Copy>(mut self, v: &'a T) -> Self {
+        self.args.push(v as *const T as *mut c_void);
+        self
+    }
+
+    /// Enqueues the kernel on the GPU's stream.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's parameters in number, order and type, and every
+    /// pointer among them must be valid for what the kernel does with it.
+    pub unsafe fn launch(mut self, cfg: LaunchConfig) -> Result<()> {
+        use cudarc::driver::sys as cu;
+        self.gpu.ctx.bind_to_thread()?;
+        // SAFETY: plain-old-data C structs; zero is a valid starting value.
+        let mut attr: cu::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = cu::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = cu::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.gpu.stream.cu_stream(),
+            attrs: if self.gpu.pdl {
+                &mut attr
+            } else {
+                std::ptr::null_mut()
+            },
+            numAttrs: u32::from(self.gpu.pdl),
+        };
+        cu::cuLaunchKernelEx(
+            &config,
+            self.func.cu_function(),
+            self.args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()?;
+        Ok(())
+    }
+}
+
 fn grid1(n: usize, block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n as u32, 1, 1),
@@ -337,9 +392,7 @@ impl Gpu {
             flash: FLASH_HEAD_DIMS
                 .iter()
                 .map(|&hd| {
-                    let occ2 = hd == 128 && std::env::var_os("R4B_FLASH_OCC2").is_some();
-                    let name = if occ2 { "flash_attn_occ2_hd128".into() } else { format!("flash_attn_hd{hd}") };
-                    let f = l(&name)?;
+                    let f = l(&format!("flash_attn_hd{hd}"))?;
                     // Two stages of K and V tiles in dynamic shared memory (above the 48 KB default).
                     f.set_attribute(
                         cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -386,6 +439,7 @@ impl Gpu {
             ctx,
             stream,
             use_gemv: std::env::var_os("R4B_NO_GEMV").is_none(),
+            pdl: std::env::var_os("R4B_NO_PDL").is_none(),
             use_flash: std::env::var_os("R4B_NO_FLASH").is_none(),
             use_flash_decode: std::env::var_os("R4B_NO_FLASH_DECODE").is_none(),
             flash_decode_max_tokens: 128,
@@ -395,6 +449,15 @@ impl Gpu {
             f,
             _workspace: workspace,
         })
+    }
+
+    /// Starts a launch of `func` on this GPU's stream (see [`Launch`]).
+    pub fn launch_builder<'a>(&'a self, func: &'a CudaFunction) -> Launch<'a> {
+        Launch {
+            gpu: self,
+            func,
+            args: Vec::with_capacity(24),
+        }
     }
 
     fn alloc_in(ctx: &Arc<CudaContext>, bytes: usize) -> Result<DBuf> {
@@ -703,8 +766,7 @@ impl Gpu {
         let (nn, kk) = (i(n), i(k));
         let of = i32::from(out == OutType::F32);
         let g = i32::from(gated);
-        self.stream
-            .launch_builder(&self.f.gemv_r4)
+        self.launch_builder(&self.f.gemv_r4)
             .arg(&x)
             .arg(&w)
             .arg(&y)
@@ -779,8 +841,7 @@ impl Gpu {
             .ok_or_else(|| GpuError::Invalid(format!("gemv with {m} rows")))?;
         let (nn, kk) = (i(n), i(k));
         let of = i32::from(out == OutType::F32);
-        self.stream
-            .launch_builder(f)
+        self.launch_builder(f)
             .arg(&x)
             .arg(&w)
             .arg(&y)
@@ -807,8 +868,7 @@ impl Gpu {
             return Ok(());
         }
         let (h, s, r) = (i(hidden), i(start), i(rows));
-        self.stream
-            .launch_builder(&self.f.embed_gather)
+        self.launch_builder(&self.f.embed_gather)
             .arg(&ids)
             .arg(&table)
             .arg(&out)
@@ -832,8 +892,7 @@ impl Gpu {
             return Ok(());
         }
         let h = i(hidden);
-        self.stream
-            .launch_builder(&self.f.scatter_rows)
+        self.launch_builder(&self.f.scatter_rows)
             .arg(&dst)
             .arg(&src)
             .arg(&out)
@@ -855,8 +914,7 @@ impl Gpu {
             return Ok(());
         }
         let h = i(hidden);
-        self.stream
-            .launch_builder(&self.f.gather_rows)
+        self.launch_builder(&self.f.gather_rows)
             .arg(&idx)
             .arg(&src)
             .arg(&out)
@@ -894,8 +952,7 @@ impl Gpu {
         } else {
             (&self.f.add_rmsnorm, 256)
         };
-        self.stream
-            .launch_builder(f)
+        self.launch_builder(f)
             .arg(&residual)
             .arg(&xp)
             .arg(&w)
@@ -920,8 +977,7 @@ impl Gpu {
             return Ok(());
         }
         let h = i(hidden);
-        self.stream
-            .launch_builder(&self.f.layernorm)
+        self.launch_builder(&self.f.layernorm)
             .arg(&x)
             .arg(&w)
             .arg(&b)
@@ -941,8 +997,7 @@ impl Gpu {
         if let Some((table, max_pos)) = a.table {
             if a.head_dim % 64 == 0 && a.head_dim <= 256 {
                 let mp = i(max_pos);
-                self.stream
-                    .launch_builder(&self.f.qk_norm_rope_kv_w)
+                self.launch_builder(&self.f.qk_norm_rope_kv_w)
                     .arg(&a.qkv)
                     .arg(&a.q_norm)
                     .arg(&a.k_norm)
@@ -961,8 +1016,7 @@ impl Gpu {
             }
         }
         let threads = (a.head_dim / 2).div_ceil(32) * 32;
-        self.stream
-            .launch_builder(&self.f.qk_norm_rope_kv)
+        self.launch_builder(&self.f.qk_norm_rope_kv)
             .arg(&a.qkv)
             .arg(&a.q_norm)
             .arg(&a.k_norm)
@@ -994,8 +1048,7 @@ impl Gpu {
             )));
         }
         let (mp, hd) = (i(max_pos), i(head_dim));
-        self.stream
-            .launch_builder(&self.f.rope_table)
+        self.launch_builder(&self.f.rope_table)
             .arg(&out)
             .arg(&mp)
             .arg(&hd)
@@ -1062,8 +1115,7 @@ impl Gpu {
             block_dim: (128, 1, 1),
             shared_mem_bytes: smem,
         };
-        self.stream
-            .launch_builder(func)
+        self.launch_builder(func)
             .arg(&a.q)
             .arg(&qs)
             .arg(&a.k_cache)
@@ -1082,8 +1134,7 @@ impl Gpu {
             .arg(&a.pl)
             .arg(&a.pacc)
             .launch(cfg)?;
-        self.stream
-            .launch_builder(&self.f.decode_combine)
+        self.launch_builder(&self.f.decode_combine)
             .arg(&a.pm)
             .arg(&a.pl)
             .arg(&a.pacc)
@@ -1138,8 +1189,7 @@ impl Gpu {
             block_dim: (128, 1, 1),
             shared_mem_bytes: flash_smem_bytes(a.head_dim) as u32,
         };
-        self.stream
-            .launch_builder(func)
+        self.launch_builder(func)
             .arg(&a.q)
             .arg(&q_ld)
             .arg(&q_z)
@@ -1174,8 +1224,7 @@ impl Gpu {
             return Ok(());
         }
         let (bs, w) = (i(block_size), i(width));
-        self.stream
-            .launch_builder(&self.f.gather_kv)
+        self.launch_builder(&self.f.gather_kv)
             .arg(&k_cache)
             .arg(&v_cache)
             .arg(&block_table)
@@ -1201,8 +1250,7 @@ impl Gpu {
         }
         let (c, rph) = (i(ctx), i(rows_per_head.max(1)));
         let cb = causal_base.map(i).unwrap_or(-1);
-        self.stream
-            .launch_builder(&self.f.softmax_rows)
+        self.launch_builder(&self.f.softmax_rows)
             .arg(&s)
             .arg(&c)
             .arg(&rph)
@@ -1223,8 +1271,7 @@ impl Gpu {
         } else {
             (&self.f.silu_mul, f.div_ceil(256))
         };
-        self.stream
-            .launch_builder(func)
+        self.launch_builder(func)
             .arg(&gu)
             .arg(&out)
             .arg(&ff)
@@ -1244,8 +1291,7 @@ impl Gpu {
             return Ok(());
         }
         let dd = i(d);
-        self.stream
-            .launch_builder(&self.f.bias_act)
+        self.launch_builder(&self.f.bias_act)
             .arg(&x)
             .arg(&b)
             .arg(&dd)
@@ -1266,8 +1312,7 @@ impl Gpu {
             return Ok(());
         }
         let dd = i(d);
-        self.stream
-            .launch_builder(&self.f.bias_residual)
+        self.launch_builder(&self.f.bias_residual)
             .arg(&res)
             .arg(&x)
             .arg(&b)
@@ -1289,8 +1334,7 @@ impl Gpu {
             return Ok(());
         }
         let (ss, pp) = (i(s), i(p));
-        self.stream
-            .launch_builder(&self.f.im2col_patches)
+        self.launch_builder(&self.f.im2col_patches)
             .arg(&px)
             .arg(&out)
             .arg(&ss)
@@ -1310,8 +1354,7 @@ impl Gpu {
             return Ok(());
         }
         let (dd, nn) = (i(d), i(n));
-        self.stream
-            .launch_builder(&self.f.add_pos_embed)
+        self.launch_builder(&self.f.add_pos_embed)
             .arg(&x)
             .arg(&b)
             .arg(&pos)
@@ -1333,8 +1376,7 @@ impl Gpu {
             return Ok(());
         }
         let vv = i(v);
-        self.stream
-            .launch_builder(&self.f.argmax_rows)
+        self.launch_builder(&self.f.argmax_rows)
             .arg(&logits)
             .arg(&vv)
             .arg(&val)

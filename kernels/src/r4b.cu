@@ -12,6 +12,19 @@ typedef __nv_bfloat16 bf16;
 __device__ __forceinline__ float b2f(bf16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ bf16 f2b(float x) { return __float2bfloat16(x); }
 
+// Programmatic dependent launch (sm_90): a kernel launched with the PDL attribute may start
+// before the previous kernel on the stream has finished; PDL_WAIT blocks until that kernel has
+// completed and its writes are visible (a no-op without the attribute). Every kernel here waits
+// before touching memory another kernel writes, then lets the next kernel start its prologue
+// (PDL_LAUNCH): only the weight prefetch of the skinny GEMMs runs before the wait.
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;\n" ::: "memory")
+#define PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;\n" :::)
+#define PDL_ENTRY() \
+  do {              \
+    PDL_WAIT();     \
+    PDL_LAUNCH();   \
+  } while (0)
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -47,6 +60,7 @@ __device__ float block_max(float v, float* red) {
 // grid T, block 128.
 extern "C" __global__ void embed_gather(const int* __restrict__ ids, const bf16* __restrict__ table,
                                         bf16* __restrict__ out, int hidden, int start, int rows) {
+  PDL_ENTRY();
   const int t = blockIdx.x;
   const int id = ids[t] - start;
   const bool own = id >= 0 && id < rows;
@@ -57,6 +71,7 @@ extern "C" __global__ void embed_gather(const int* __restrict__ ids, const bf16*
 // out[dst[i]] = src[i] (image rows into their `<image>` positions). grid n, block 128.
 extern "C" __global__ void scatter_rows(const int* __restrict__ dst, const bf16* __restrict__ src,
                                         bf16* __restrict__ out, int hidden) {
+  PDL_ENTRY();
   const int i = blockIdx.x;
   const size_t d = (size_t)dst[i] * hidden, s = (size_t)i * hidden;
   for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[d + c] = src[s + c];
@@ -65,6 +80,7 @@ extern "C" __global__ void scatter_rows(const int* __restrict__ dst, const bf16*
 // out[i] = rows[idx[i]] (pick rows, e.g. the last token of each sequence). grid n, block 128.
 extern "C" __global__ void gather_rows(const int* __restrict__ idx, const bf16* __restrict__ src,
                                        bf16* __restrict__ out, int hidden) {
+  PDL_ENTRY();
   const int i = blockIdx.x;
   const size_t s = (size_t)idx[i] * hidden, d = (size_t)i * hidden;
   for (int c = threadIdx.x; c < hidden; c += blockDim.x) out[d + c] = src[s + c];
@@ -78,6 +94,7 @@ extern "C" __global__ void gather_rows(const int* __restrict__ idx, const bf16* 
 extern "C" __global__ void add_rmsnorm(float* __restrict__ residual, const bf16* __restrict__ x,
                                        const bf16* __restrict__ w, bf16* __restrict__ out,
                                        int hidden, float eps, int mode) {
+  PDL_ENTRY();
   __shared__ float red[32];
   const size_t row = (size_t)blockIdx.x * hidden;
   float ss = 0.f;
@@ -100,6 +117,7 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ residual, const bf16*
 extern "C" __global__ void add_rmsnorm_v8(float* __restrict__ residual, const bf16* __restrict__ x,
                                           const bf16* __restrict__ w, bf16* __restrict__ out,
                                           int hidden, float eps, int mode) {
+  PDL_ENTRY();
   __shared__ float red[32];
   const size_t row = (size_t)blockIdx.x * hidden;
   const int chunks = hidden / 8;
@@ -158,6 +176,7 @@ extern "C" __global__ void add_rmsnorm_v8(float* __restrict__ residual, const bf
 extern "C" __global__ void layernorm(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                      const bf16* __restrict__ b, bf16* __restrict__ out, int hidden,
                                      float eps) {
+  PDL_ENTRY();
   __shared__ float red[32];
   const size_t row = (size_t)blockIdx.x * hidden;
   float s = 0.f;
@@ -186,6 +205,7 @@ extern "C" __global__ void qk_norm_rope_kv(bf16* __restrict__ qkv, const bf16* _
                                            const int* __restrict__ slots, bf16* __restrict__ k_cache,
                                            bf16* __restrict__ v_cache, int nq, int nkv, int hd,
                                            float eps, float theta) {
+  PDL_ENTRY();
   __shared__ float red[32];
   // blockDim.x = hd/2 rounded up to whole warps; threads past hd/2 only join the reduction.
   const int t = blockIdx.x, h = blockIdx.y, half = hd / 2;
@@ -231,6 +251,7 @@ extern "C" __global__ void qk_norm_rope_kv(bf16* __restrict__ qkv, const bf16* _
 // RoPE table: cos then sin of pos · theta^(−2i/hd), [max_pos, hd/2] each, f32, computed with
 // the same expressions as qk_norm_rope_kv (so the values are the same). grid max_pos, block hd/2.
 extern "C" __global__ void rope_table(float* __restrict__ out, int max_pos, int hd, float theta) {
+  PDL_ENTRY();
   const int pos = blockIdx.x, i = threadIdx.x, half = hd / 2;
   if (i >= half) return;
   const float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
@@ -250,6 +271,7 @@ extern "C" __global__ void qk_norm_rope_kv_w(bf16* __restrict__ qkv, const bf16*
                                              bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
                                              int nq, int nkv, int hd, float eps,
                                              const float* __restrict__ table, int max_pos) {
+  PDL_ENTRY();
   const int t = blockIdx.x, h = blockIdx.y * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (h >= nq + 2 * nkv) return;
   const int half = hd / 2, per = half / 32;
@@ -435,6 +457,7 @@ __device__ void decode_attn_part(const bf16* __restrict__ q, int q_stride,
                                 const int* block_tables, int max_blocks, int block_size, int nq,    \
                                 int nkv, int part_size, int parts, float scale, float* pm,          \
                                 float* pl, float* pacc) {                                           \
+    PDL_ENTRY();                                                                                   \
     decode_attn_part<HD, G>(q, q_stride, k_cache, v_cache, ctx_lens, bt_rows, block_tables,         \
                             max_blocks, block_size, nq, nkv, part_size, parts, scale, pm, pl,       \
                             pacc);                                                                  \
@@ -457,6 +480,7 @@ extern "C" __global__ void decode_attn_combine(const float* __restrict__ pm,
                                                const int* __restrict__ ctx_lens, bf16* __restrict__ out,
                                                int out_stride, int nq, int hd, int part_size,
                                                int parts) {
+  PDL_ENTRY();
   const int t = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
   const int used = min(parts, (ctx_lens[t] + part_size - 1) / part_size);
   const size_t base = ((size_t)t * nq + h) * parts;
@@ -479,6 +503,7 @@ extern "C" __global__ void gather_kv(const bf16* __restrict__ k_cache,
                                      const bf16* __restrict__ v_cache,
                                      const int* __restrict__ block_table, int block_size, int width,
                                      bf16* __restrict__ k_out, bf16* __restrict__ v_out) {
+  PDL_ENTRY();
   const int p = blockIdx.x;
   const size_t slot = (size_t)block_table[p / block_size] * block_size + p % block_size;
   for (int c = threadIdx.x; c < width; c += blockDim.x) {
@@ -492,6 +517,7 @@ extern "C" __global__ void gather_kv(const bf16* __restrict__ k_cache,
 // grid rows, block 256.
 extern "C" __global__ void softmax_rows(bf16* __restrict__ s, int ctx, int rows_per_head,
                                         int causal_base) {
+  PDL_ENTRY();
   __shared__ float red[32];
   const int r = blockIdx.x;
   const int valid = causal_base >= 0 ? min(ctx, causal_base + (r % rows_per_head) + 1) : ctx;
@@ -901,6 +927,7 @@ __device__ void flash_decode(const bf16* __restrict__ q, int q_stride,
       const bf16* q, int q_stride, const bf16* k_cache, const bf16* v_cache, const int* ctx_lens, \
       const int* bt_rows, const int* block_tables, int max_blocks, int bs, int nq, int nkv,       \
       int part_size, int parts, float scale_log2, float* pm, float* pl, float* pacc) {            \
+    PDL_ENTRY();                                                                                  \
     flash_decode<HD>(q, q_stride, k_cache, v_cache, ctx_lens, bt_rows, block_tables, max_blocks,  \
                      bs, nq, nkv, part_size, parts, scale_log2, pm, pl, pacc);                    \
   }
@@ -912,17 +939,10 @@ FLASH_DECODE_KERNEL(128)
       const bf16* q, int q_ld, long long q_z, const bf16* k, const bf16* v, int kv_ld,            \
       long long kv_z, const int* bt, int bs, bf16* out, int out_ld, long long out_z, int rows,    \
       int ctx_base, int nkeys, int group, int causal, float scale_log2) {                         \
+    PDL_ENTRY();                                                                                 \
     flash_attn<HD>(q, q_ld, q_z, k, v, kv_ld, kv_z, bt, bs, out, out_ld, out_z, rows, ctx_base, \
                    nkeys, group, causal, scale_log2);                                             \
   }
-// The same at 2 CTAs per SM (more registers, no spills): `R4B_FLASH_OCC2=1` picks it (experiment).
-extern "C" __global__ void __launch_bounds__(128, 2) flash_attn_occ2_hd128(
-    const bf16* q, int q_ld, long long q_z, const bf16* k, const bf16* v, int kv_ld,
-    long long kv_z, const int* bt, int bs, bf16* out, int out_ld, long long out_z, int rows,
-    int ctx_base, int nkeys, int group, int causal, float scale_log2) {
-  flash_attn<128>(q, q_ld, q_z, k, v, kv_ld, kv_z, bt, bs, out, out_ld, out_z, rows, ctx_base,
-                  nkeys, group, causal, scale_log2);
-}
 FLASH_KERNEL(64)
 FLASH_KERNEL(72)
 FLASH_KERNEL(80)
@@ -933,6 +953,7 @@ FLASH_KERNEL(128)
 // Elementwise.
 // SwiGLU: out[t, i] = silu(gu[t, i]) · gu[t, F + i]. grid (ceil(F/256), T), block 256.
 extern "C" __global__ void silu_mul(const bf16* __restrict__ gu, bf16* __restrict__ out, int F) {
+  PDL_ENTRY();
   const int i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
   if (i >= F) return;
   const float g = b2f(gu[(size_t)t * 2 * F + i]), u = b2f(gu[(size_t)t * 2 * F + F + i]);
@@ -942,6 +963,7 @@ extern "C" __global__ void silu_mul(const bf16* __restrict__ gu, bf16* __restric
 
 // silu_mul, 8 values per thread (F % 8 == 0). grid (ceil(F / 2048), T), block 256.
 extern "C" __global__ void silu_mul_v8(const bf16* __restrict__ gu, bf16* __restrict__ out, int F) {
+  PDL_ENTRY();
   const int c = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
   if (c * 8 >= F) return;
   const size_t row = (size_t)t * 2 * F + (size_t)c * 8;
@@ -963,6 +985,7 @@ extern "C" __global__ void silu_mul_v8(const bf16* __restrict__ gu, bf16* __rest
 // x[t, i] = act(x[t, i] + b[i]); act 0 none, 1 gelu (tanh approx), 2 gelu (erf).
 // grid (ceil(D/256), T), block 256.
 extern "C" __global__ void bias_act(bf16* __restrict__ x, const bf16* __restrict__ b, int D, int act) {
+  PDL_ENTRY();
   const int i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
   if (i >= D) return;
   const size_t o = (size_t)t * D + i;
@@ -979,6 +1002,7 @@ extern "C" __global__ void bias_act(bf16* __restrict__ x, const bf16* __restrict
 // res[t, i] = bf16(res + bf16(x + b)) (bias may be null). grid (ceil(D/256), T), block 256.
 extern "C" __global__ void bias_residual(bf16* __restrict__ res, const bf16* __restrict__ x,
                                          const bf16* __restrict__ b, int D) {
+  PDL_ENTRY();
   const int i = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
   if (i >= D) return;
   const size_t o = (size_t)t * D + i;
@@ -990,6 +1014,7 @@ extern "C" __global__ void bias_residual(bf16* __restrict__ res, const bf16* __r
 // [V·(S/P)², 3·P·P] (bf16) in the conv weight's (c, ky, kx) order. grid (V·n², ), block 256.
 extern "C" __global__ void im2col_patches(const float* __restrict__ px, bf16* __restrict__ out,
                                           int S, int P) {
+  PDL_ENTRY();
   const int n = S / P, row = blockIdx.x, v = row / (n * n), pi = row % (n * n);
   const int py = pi / n, pxi = pi % n, K = 3 * P * P;
   for (int c = threadIdx.x; c < K; c += blockDim.x) {
@@ -1003,6 +1028,7 @@ extern "C" __global__ void im2col_patches(const float* __restrict__ px, bf16* __
 // grid (ceil(D/256), V·n), block 256.
 extern "C" __global__ void add_pos_embed(bf16* __restrict__ x, const bf16* __restrict__ b,
                                          const bf16* __restrict__ pos, int D, int n) {
+  PDL_ENTRY();
   const int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
   if (i >= D) return;
   const size_t o = (size_t)r * D + i;
@@ -1020,18 +1046,28 @@ __device__ void gemv_rows(const bf16* __restrict__ x, const bf16* __restrict__ w
                           void* __restrict__ y, int N, int K, int out_f32) {
   const int lane = threadIdx.x & 31;
   const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
+  constexpr int U = 4;
+  uint4 wv[U];
+  // The first weights load before the dependency wait (they do not depend on the previous
+  // kernel), so they stream in while it finishes.
+  const bf16* wr = w + (size_t)min(n, N - 1) * K;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int k = lane * 8 + u * 256;
+    wv[u] = k < K ? __ldg(reinterpret_cast<const uint4*>(wr + k)) : make_uint4(0, 0, 0, 0);
+  }
+  PDL_ENTRY();
   if (n >= N) return;
-  const bf16* wr = w + (size_t)n * K;
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  constexpr int U = 4;
   for (int k0 = lane * 8; k0 < K; k0 += 32 * 8 * U) {
-    uint4 wv[U];
+    if (k0 != lane * 8) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int k = k0 + u * 256;
-      wv[u] = k < K ? __ldg(reinterpret_cast<const uint4*>(wr + k)) : make_uint4(0, 0, 0, 0);
+      for (int u = 0; u < U; ++u) {
+        const int k = k0 + u * 256;
+        wv[u] = k < K ? __ldg(reinterpret_cast<const uint4*>(wr + k)) : make_uint4(0, 0, 0, 0);
+      }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -1085,12 +1121,8 @@ extern "C" __global__ void __launch_bounds__(256)
   constexpr int R = 4, U = 2;
   const int lane = threadIdx.x & 31;
   const int n0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * R;
-  if (n0 >= N) return;
-  float acc[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
-  for (int k0 = lane * 8; k0 < K; k0 += 32 * 8 * U) {
-    uint4 wv[U][R];
+  uint4 wv[U][R];
+  auto load_w = [&](int k0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = k0 + u * 256;
@@ -1100,6 +1132,15 @@ extern "C" __global__ void __launch_bounds__(256)
                        ? __ldg(reinterpret_cast<const uint4*>(w + (size_t)(n0 + r) * K + k))
                        : make_uint4(0, 0, 0, 0);
     }
+  };
+  load_w(lane * 8);  // before the dependency wait, as in gemv_rows
+  PDL_ENTRY();
+  if (n0 >= N) return;
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  for (int k0 = lane * 8; k0 < K; k0 += 32 * 8 * U) {
+    if (k0 != lane * 8) load_w(k0);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = k0 + u * 256;
@@ -1146,6 +1187,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // Greedy: per row of f32 logits [B, V], the max value and its lowest index. grid B, block 1024.
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int V,
                                        float* __restrict__ out_val, int* __restrict__ out_idx) {
+  PDL_ENTRY();
   __shared__ float sv[32];
   __shared__ int si[32];
   const float* row = logits + (size_t)blockIdx.x * V;
