@@ -51,6 +51,8 @@ pub fn part_size(tokens: usize) -> usize {
         _ => 1024,
     }
 }
+/// Steps of at most this many tokens launch their kernels with programmatic dependent launch.
+pub const PDL_MAX_TOKENS: usize = 128;
 /// Batch-size buckets of the decode graphs.
 pub const GRAPH_BATCHES: [usize; 12] = [1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 192, 256];
 /// Score scratch of the prefill attention, bytes (bf16 `[nkv, rows, ctx]`): a chunk's queries
@@ -204,6 +206,8 @@ pub struct GpuModel {
     vision: VisionGpu,
     comm: Arc<dyn Collective>,
     graphs: HashMap<(usize, usize), CudaGraph>,
+    /// Programmatic dependent launch allowed (`R4B_NO_PDL` unset).
+    pdl_allowed: bool,
     /// Report of the load: bytes, seconds, GB/s.
     pub load_report: (u64, f64, f64),
     /// The one-row product implementations measured and chosen at load.
@@ -284,6 +288,7 @@ impl GpuModel {
             vision,
             comm,
             graphs: HashMap::new(),
+            pdl_allowed: std::env::var_os("R4B_NO_PDL").is_none(),
             load_report,
             tuning,
             gpu,
@@ -311,6 +316,7 @@ impl GpuModel {
     /// One image → its `<image>` rows (bf16, host).
     pub fn encode_image(&self, views: &PixelViews) -> Result<Tensor> {
         self.gpu.bind().map_err(gpu_err)?;
+        self.gpu.set_pdl(false);
         self.vision.encode(&self.gpu, views, &self.cfg)
     }
 
@@ -432,6 +438,9 @@ impl GpuModel {
     fn forward(&mut self, chunks: &[SeqChunk]) -> Result<()> {
         self.gpu.bind().map_err(gpu_err)?;
         let p = self.plan(chunks)?;
+        // Programmatic dependent launch pays for small steps only (measured, see Gpu::set_pdl).
+        self.gpu
+            .set_pdl(self.pdl_allowed && p.tokens <= PDL_MAX_TOKENS);
         let graphable = !self.limits.enforce_eager && p.decode_only && p.tokens > 0;
         if graphable {
             if let Some(&bucket) = GRAPH_BATCHES.iter().find(|&&b| b >= p.tokens) {
@@ -560,6 +569,8 @@ impl GpuModel {
         }
         self.gpu.bind().map_err(gpu_err)?;
         let p = self.plan(std::slice::from_ref(chunk))?;
+        self.gpu
+            .set_pdl(self.pdl_allowed && p.tokens <= PDL_MAX_TOKENS);
         self.gpu.mark("host plan").map_err(gpu_err)?;
         // SAFETY: as in `forward`.
         unsafe {
