@@ -451,7 +451,7 @@ __device__ void decode_attn_part(const bf16* __restrict__ q, int q_stride,
 }
 
 #define DECODE_KERNEL(HD, G)                                                                       \
-  extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)                                      \
+  extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 4)                                   \
       decode_attn_hd##HD##_g##G(const bf16* q, int q_stride, const bf16* k_cache,                   \
                                 const bf16* v_cache, const int* ctx_lens, const int* bt_rows,       \
                                 const int* block_tables, int max_blocks, int block_size, int nq,    \
