@@ -734,23 +734,9 @@ impl Gpu {
         match imp {
             LinearImpl::Blas => self.linear_blas(x, w, y, (m, n, k), out, false),
             LinearImpl::Gemv => self.gemv(x, w, y, (m, n, k), out),
-            LinearImpl::Gemv4 if m == 1 => self.gemv4(x, w, y, (n, k), out, false),
+            LinearImpl::Gemv4 if m == 1 => self.gemv4(x, w, y, (n, k), out),
             LinearImpl::Gemv4 => Err(GpuError::Invalid(format!("gemv4 with {m} rows"))),
         }
-    }
-
-    /// One row of `down_proj(silu(gate) · up)`: `y[n] = Σ_k x[k] · W[n, k]` with
-    /// `x[k] = bf16(bf16(silu(gu[k])) · gu[K + k])` computed on the fly from `gu = [gate | up]`
-    /// (the same values `silu_mul` writes).
-    pub unsafe fn gemv_gated(
-        &self,
-        gu: DevPtr,
-        w: DevPtr,
-        y: DevPtr,
-        (n, k): (usize, usize),
-        out: OutType,
-    ) -> Result<()> {
-        self.gemv4(gu, w, y, (n, k), out, true)
     }
 
     unsafe fn gemv4(
@@ -760,7 +746,6 @@ impl Gpu {
         y: DevPtr,
         (n, k): (usize, usize),
         out: OutType,
-        gated: bool,
     ) -> Result<()> {
         if k % 8 != 0 || x % 16 != 0 || w % 16 != 0 {
             return Err(GpuError::Invalid(format!(
@@ -769,7 +754,6 @@ impl Gpu {
         }
         let (nn, kk) = (i(n), i(k));
         let of = i32::from(out == OutType::F32);
-        let g = i32::from(gated);
         self.launch_builder(&self.f.gemv_r4)
             .arg(&x)
             .arg(&w)
@@ -777,7 +761,6 @@ impl Gpu {
             .arg(&nn)
             .arg(&kk)
             .arg(&of)
-            .arg(&g)
             .launch(grid1(n.div_ceil(32), 256))?;
         Ok(())
     }
@@ -952,7 +935,10 @@ impl Gpu {
         let chunks = hidden / 8;
         let aligned = [residual, xp, w, out].iter().all(|p| p % 16 == 0);
         let (f, block) = if hidden % 8 == 0 && aligned && chunks <= 4 * 1024 {
-            (&self.f.add_rmsnorm_v8, (chunks.min(1024).div_ceil(32) * 32) as u32)
+            (
+                &self.f.add_rmsnorm_v8,
+                (chunks.min(1024).div_ceil(32) * 32) as u32,
+            )
         } else {
             (&self.f.add_rmsnorm, 256)
         };
@@ -1046,7 +1032,7 @@ impl Gpu {
         head_dim: usize,
         theta: f32,
     ) -> Result<()> {
-        if max_pos == 0 || head_dim < 2 || head_dim > 2048 {
+        if max_pos == 0 || !(2..=2048).contains(&head_dim) {
             return Err(GpuError::Invalid(format!(
                 "rope table of {max_pos} positions, head dim {head_dim}"
             )));

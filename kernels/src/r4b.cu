@@ -1112,12 +1112,10 @@ GEMV_KERNEL(7)
 GEMV_KERNEL(8)
 
 // Skinny GEMM at one row, 4 output columns per warp (each x load feeds 4 weight rows; 8 loads of
-// W in flight per lane). Same per-lane summation order as gemv_m1. With `gated`, x is
-// [gate | up] of 2K values and x[k] = bf16(bf16(silu(gate[k])) · up[k]) (SwiGLU as silu_mul
-// rounds it, fused into down_proj). grid ceil(N / 32), block 256.
+// W in flight per lane). Same per-lane summation order as gemv_m1. grid ceil(N / 32), block 256.
 extern "C" __global__ void __launch_bounds__(256)
     gemv_r4(const bf16* __restrict__ x, const bf16* __restrict__ w, void* __restrict__ y, int N,
-            int K, int out_f32, int gated) {
+            int K, int out_f32) {
   constexpr int R = 4, U = 2;
   const int lane = threadIdx.x & 31;
   const int n0 = (blockIdx.x * 8 + (threadIdx.x >> 5)) * R;
@@ -1146,23 +1144,10 @@ extern "C" __global__ void __launch_bounds__(256)
       const int k = k0 + u * 256;
       if (k >= K) break;
       float xf[8];
-      if (gated) {
-        const uint4 gv = __ldg(reinterpret_cast<const uint4*>(x + k));
-        const uint4 uv = __ldg(reinterpret_cast<const uint4*>(x + K + k));
-        const bf16* gb = reinterpret_cast<const bf16*>(&gv);
-        const bf16* ub = reinterpret_cast<const bf16*>(&uv);
+      const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + k));
+      const bf16* xb = reinterpret_cast<const bf16*>(&xv);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const float g = b2f(gb[j]);
-          const float sg = b2f(f2b(g / (1.f + __expf(-g))));
-          xf[j] = b2f(f2b(sg * b2f(ub[j])));
-        }
-      } else {
-        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + k));
-        const bf16* xb = reinterpret_cast<const bf16*>(&xv);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) xf[j] = b2f(xb[j]);
-      }
+      for (int j = 0; j < 8; ++j) xf[j] = b2f(xb[j]);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const bf16* wb = reinterpret_cast<const bf16*>(&wv[u][r]);

@@ -823,12 +823,19 @@ fn attn() -> Result<()> {
         };
         gpu.use_flash_decode = true;
         // SAFETY: as above.
-        let t1 = time_it(&gpu, 50, || unsafe { gpu.decode_attention(&args(o1.ptr())) })?;
+        let t1 = time_it(&gpu, 50, || unsafe {
+            gpu.decode_attention(&args(o1.ptr()))
+        })?;
         gpu.use_flash_decode = false;
-        let t2 = time_it(&gpu, 50, || unsafe { gpu.decode_attention(&args(o2.ptr())) })?;
+        let t2 = time_it(&gpu, 50, || unsafe {
+            gpu.decode_attention(&args(o2.ptr()))
+        })?;
         gpu.use_flash_decode = true;
         let (l2, mx) = bf16_diff(&gpu, (o1.ptr(), o2.ptr()), bsz * nq * hd)?;
-        let bytes: f64 = ctx_lens.iter().map(|&c| (c as usize * nkv * hd * 4) as f64).sum();
+        let bytes: f64 = ctx_lens
+            .iter()
+            .map(|&c| (c as usize * nkv * hd * 4) as f64)
+            .sum();
         println!(
             "| paged{} | {bsz} | {ctx} | {ps} | {:.1} | {:.0} | {:.1} | {:.0} | {l2:.2e} | {mx:.2e} |",
             if contiguous { " (blocks in order)" } else { "" },

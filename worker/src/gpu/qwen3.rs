@@ -88,8 +88,6 @@ pub struct Qwen3Gpu {
     max_model_len: usize,
     /// Capacity of the attention partition scratch, in (token, head, partition) entries.
     part_entries: usize,
-    /// One-token steps run SiLU·mul inside the down_proj kernel (measured faster at load).
-    fused_down: bool,
 }
 
 impl Qwen3Gpu {
@@ -231,8 +229,11 @@ impl Qwen3Gpu {
             rope: a(2 * ctx * (hd / 2) * 4)?,
         };
         // SAFETY: `rope` holds 2 · max_model_len · hd/2 f32.
-        unsafe { l.gpu.rope_table(bufs.rope.ptr(), ctx, hd, t.rope_theta as f32) }
-            .map_err(gpu_err)?;
+        unsafe {
+            l.gpu
+                .rope_table(bufs.rope.ptr(), ctx, hd, t.rope_theta as f32)
+        }
+        .map_err(gpu_err)?;
         Ok(Qwen3Gpu {
             embed,
             layers,
@@ -256,15 +257,14 @@ impl Qwen3Gpu {
             max_seqs: smax,
             max_model_len: lim.max_model_len,
             part_entries,
-            fused_down: false,
         })
     }
 
     /// Times the one-row products of a decode step on this rank's real weights (every layer in
     /// turn, so the weights stream from memory as in a step, not from L2) through each
-    /// implementation, and keeps the fastest; likewise SiLU·mul fused into down_proj or not.
-    /// Runs before any graph is captured. Returns one line per decision.
-    pub fn tune_one_row(&mut self, gpu: &Gpu) -> Result<Vec<String>> {
+    /// implementation, and keeps the fastest. Runs before any graph is captured. Returns one
+    /// line per decision.
+    pub fn tune_one_row(&self, gpu: &Gpu) -> Result<Vec<String>> {
         if !gpu.use_gemv {
             return Ok(vec!["one-row products: cuBLAS (R4B_NO_GEMV)".into()]);
         }
@@ -301,7 +301,6 @@ impl Qwen3Gpu {
         ];
         let imps = [LinearImpl::Blas, LinearImpl::Gemv, LinearImpl::Gemv4];
         let mut report = Vec::new();
-        let mut down_best = f64::INFINITY;
         for (name, pick, x, y, n, k) in shapes {
             let mut best = (f64::INFINITY, LinearImpl::Blas);
             let mut line = format!("one-row {name} [{n}x{k}]:");
@@ -325,47 +324,7 @@ impl Qwen3Gpu {
             }
             gpu.set_linear_impl((n, k), OutType::Bf16, best.1);
             report.push(format!("{line} -> {:?}", best.1));
-            if name == "down" {
-                down_best = best.0;
-            }
         }
-        // SiLU·mul + down_proj as two kernels vs fused.
-        let silu = gpu
-            .time_ms(3, || {
-                for _ in &self.layers {
-                    // SAFETY: gate_up holds one row of 2F, act one row of F.
-                    unsafe { gpu.silu_mul(b.gate_up.ptr(), b.act.ptr(), 1, f)? };
-                }
-                Ok(())
-            })
-            .map_err(gpu_err)?
-            / layers;
-        let fused = gpu
-            .time_ms(3, || {
-                for l in &self.layers {
-                    // SAFETY: as above; proj holds one row of H.
-                    unsafe {
-                        gpu.gemv_gated(
-                            b.gate_up.ptr(),
-                            l.down.ptr(),
-                            b.proj.ptr(),
-                            (h, f),
-                            OutType::Bf16,
-                        )?
-                    };
-                }
-                Ok(())
-            })
-            .map_err(gpu_err)?
-            / layers;
-        self.fused_down = fused < silu + down_best;
-        report.push(format!(
-            "one-row silu_mul + down: {:.1} + {:.1} µs, fused {:.1} µs -> {}",
-            silu * 1e3,
-            down_best * 1e3,
-            fused * 1e3,
-            if self.fused_down { "fused" } else { "separate" }
-        ));
         // The head (one weight, far larger than L2).
         let mut best = (f64::INFINITY, LinearImpl::Blas);
         let mut line = format!("one-row lm_head [{}x{h}]:", self.vocab_local);
@@ -688,29 +647,18 @@ impl Qwen3Gpu {
             )
             .map_err(e)?;
             gpu.mark("gemm gate_up").map_err(e)?;
-            if tokens == 1 && self.fused_down {
-                gpu.gemv_gated(
-                    b.gate_up.ptr(),
-                    l.down.ptr(),
-                    b.proj.ptr(),
-                    (h, f),
-                    OutType::Bf16,
-                )
+            gpu.silu_mul(b.gate_up.ptr(), b.act.ptr(), tokens, f)
                 .map_err(e)?;
-            } else {
-                gpu.silu_mul(b.gate_up.ptr(), b.act.ptr(), tokens, f)
-                    .map_err(e)?;
-                gpu.mark("silu_mul").map_err(e)?;
-                gpu.linear(
-                    b.act.ptr(),
-                    l.down.ptr(),
-                    b.proj.ptr(),
-                    (tokens, h, f),
-                    OutType::Bf16,
-                    false,
-                )
-                .map_err(e)?;
-            }
+            gpu.mark("silu_mul").map_err(e)?;
+            gpu.linear(
+                b.act.ptr(),
+                l.down.ptr(),
+                b.proj.ptr(),
+                (tokens, h, f),
+                OutType::Bf16,
+                false,
+            )
+            .map_err(e)?;
             gpu.mark("gemm down").map_err(e)?;
             self.all_reduce(b.proj.ptr(), tokens * h)?;
             gpu.mark("all-reduce").map_err(e)?;
