@@ -984,29 +984,21 @@ impl Gpu {
             return Ok(());
         }
         let (nq, nkv, hd) = (i(a.nq), i(a.nkv), i(a.head_dim));
-        if let Some((table, max_pos)) = a.table {
-            if a.head_dim % 64 == 0 && a.head_dim <= 256 {
-                let mp = i(max_pos);
-                self.launch_builder(&self.f.qk_norm_rope_kv_w)
-                    .arg(&a.qkv)
-                    .arg(&a.q_norm)
-                    .arg(&a.k_norm)
-                    .arg(&a.positions)
-                    .arg(&a.slots)
-                    .arg(&a.k_cache)
-                    .arg(&a.v_cache)
-                    .arg(&nq)
-                    .arg(&nkv)
-                    .arg(&hd)
-                    .arg(&a.eps)
-                    .arg(&table)
-                    .arg(&mp)
-                    .launch(grid2(a.tokens, (a.nq + 2 * a.nkv).div_ceil(4), 128))?;
-                return Ok(());
-            }
-        }
-        let threads = (a.head_dim / 2).div_ceil(32) * 32;
-        self.launch_builder(&self.f.qk_norm_rope_kv)
+        // One warp per head with the cos/sin table where the head dim allows, else one block
+        // per head computing the angles.
+        let (table, max_pos) = a.table.unwrap_or((0, 0));
+        let warp = a.table.is_some() && a.head_dim % 64 == 0 && a.head_dim <= 256;
+        let mp = i(max_pos);
+        let (func, cfg) = if warp {
+            let cfg = grid2(a.tokens, (a.nq + 2 * a.nkv).div_ceil(4), 128);
+            (&self.f.qk_norm_rope_kv_w, cfg)
+        } else {
+            let threads = (a.head_dim / 2).div_ceil(32) * 32;
+            let cfg = grid2(a.tokens, a.nq + 2 * a.nkv, threads as u32);
+            (&self.f.qk_norm_rope_kv, cfg)
+        };
+        let l = self
+            .launch_builder(func)
             .arg(&a.qkv)
             .arg(&a.q_norm)
             .arg(&a.k_norm)
@@ -1017,10 +1009,12 @@ impl Gpu {
             .arg(&nq)
             .arg(&nkv)
             .arg(&hd)
-            .arg(&a.eps)
-            .arg(&a.theta)
-            .launch(grid2(a.tokens, a.nq + 2 * a.nkv, threads as u32))?;
-        Ok(())
+            .arg(&a.eps);
+        if warp {
+            l.arg(&table).arg(&mp).launch(cfg)
+        } else {
+            l.arg(&a.theta).launch(cfg)
+        }
     }
 
     /// Fills `out` (f32 `[2, max_pos, head_dim / 2]`: cos, then sin) with the rotary angles
