@@ -485,17 +485,6 @@ impl Taps {
         }
     }
 
-    /// Weighted sum of `len` samples read by `sample(k)`, clamped to 8 bits (Pillow `clip8`).
-    fn apply(&self, out: usize, sample: impl Fn(usize) -> u8) -> u8 {
-        let (start, len) = self.bounds[out];
-        let weights = &self.weights[out * self.stride..][..len];
-        let mut acc = 1i64 << (PRECISION_BITS - 1);
-        for (k, &w) in weights.iter().enumerate() {
-            acc += i64::from(sample(start + k)) * i64::from(w);
-        }
-        (acc >> PRECISION_BITS).clamp(0, 255) as u8
-    }
-
     /// Input range `[first, last)` read by any output pixel.
     fn span(&self) -> (usize, usize) {
         let first = self.bounds.first().map_or(0, |b| b.0);
@@ -560,7 +549,7 @@ pub fn resize(
 }
 
 /// Horizontal pass over `rows` of an `[.., width, 3]` image: `[rows.len(), taps outputs, 3]`
-/// (Pillow `ImagingResampleHorizontal_8bpc`).
+/// (Pillow `ImagingResampleHorizontal_8bpc`: 32-bit accumulators, as there).
 fn horizontal_pass(src: &[u8], width: usize, rows: Range<usize>, taps: &Taps) -> Vec<u8> {
     let out_w = taps.bounds.len();
     let mut out = vec![0u8; rows.len() * out_w * 3];
@@ -568,8 +557,19 @@ fn horizontal_pass(src: &[u8], width: usize, rows: Range<usize>, taps: &Taps) ->
         let y = rows.start + i;
         let src_line = &src[y * width * 3..][..width * 3];
         for (x, px) in line.chunks_exact_mut(3).enumerate() {
-            for (c, v) in px.iter_mut().enumerate() {
-                *v = taps.apply(x, |k| src_line[k * 3 + c]);
+            let (start, len) = taps.bounds[x];
+            let weights = &taps.weights[x * taps.stride..][..len];
+            let mut acc = [ROUND_HALF; 3];
+            for (p, &w) in src_line[start * 3..][..len * 3]
+                .chunks_exact(3)
+                .zip(weights)
+            {
+                for (a, &v) in acc.iter_mut().zip(p) {
+                    *a += i32::from(v) * w;
+                }
+            }
+            for (v, a) in px.iter_mut().zip(acc) {
+                *v = clip8(a);
             }
         }
     });
@@ -577,16 +577,34 @@ fn horizontal_pass(src: &[u8], width: usize, rows: Range<usize>, taps: &Taps) ->
 }
 
 /// Vertical pass of a `[.., width, 3]` image whose row 0 is source row `first_row`:
-/// `[taps outputs, width, 3]` (Pillow `ImagingResampleVertical_8bpc`).
+/// `[taps outputs, width, 3]` (Pillow `ImagingResampleVertical_8bpc`; a whole row of 32-bit
+/// accumulators per tap, so the inner loop runs over contiguous bytes).
 fn vertical_pass(src: &[u8], width: usize, taps: &Taps, first_row: usize) -> Vec<u8> {
     let row_len = width * 3;
     let mut out = vec![0u8; taps.bounds.len() * row_len];
     for_each_row(&mut out, row_len, |y, line| {
-        for (i, v) in line.iter_mut().enumerate() {
-            *v = taps.apply(y, |k| src[(k - first_row) * row_len + i]);
+        let (start, len) = taps.bounds[y];
+        let weights = &taps.weights[y * taps.stride..][..len];
+        let mut acc = vec![ROUND_HALF; row_len];
+        for (k, &w) in weights.iter().enumerate() {
+            let src_row = &src[(start + k - first_row) * row_len..][..row_len];
+            for (a, &v) in acc.iter_mut().zip(src_row) {
+                *a += i32::from(v) * w;
+            }
+        }
+        for (v, &a) in line.iter_mut().zip(&acc) {
+            *v = clip8(a);
         }
     });
     out
+}
+
+/// Rounding term of the fixed-point sums (half of one 8-bit step).
+const ROUND_HALF: i32 = 1 << (PRECISION_BITS - 1);
+
+/// A fixed-point sum back to 8 bits, clamped (Pillow `clip8`).
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
 /// Calls `f(row, line)` for every `row_len`-byte row of `out`; large images are split into bands
