@@ -366,6 +366,16 @@ impl Gpu {
         let stream = ctx.new_stream()?;
         let module = ctx.load_module(Ptx::from_src(PTX))?;
         let l = |n: &str| module.load_function(n);
+        // The tensor-core attention kernels keep two stages of K and V tiles in dynamic shared
+        // memory, above the 48 KB default.
+        let tiled = |name: String, hd: usize| -> Result<(usize, CudaFunction)> {
+            let f = l(&name)?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                flash_smem_bytes(hd) as i32,
+            )?;
+            Ok((hd, f))
+        };
         let f = Funcs {
             embed_gather: l("embed_gather")?,
             scatter_rows: l("scatter_rows")?,
@@ -388,26 +398,11 @@ impl Gpu {
             decode_combine: l("decode_attn_combine")?,
             flash: FLASH_HEAD_DIMS
                 .iter()
-                .map(|&hd| {
-                    let f = l(&format!("flash_attn_hd{hd}"))?;
-                    // Two stages of K and V tiles in dynamic shared memory (above the 48 KB default).
-                    f.set_attribute(
-                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        flash_smem_bytes(hd) as i32,
-                    )?;
-                    Ok((hd, f))
-                })
+                .map(|&hd| tiled(format!("flash_attn_hd{hd}"), hd))
                 .collect::<Result<_>>()?,
             flash_decode: [64usize, 128]
                 .iter()
-                .map(|&hd| {
-                    let f = l(&format!("flash_decode_hd{hd}"))?;
-                    f.set_attribute(
-                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        flash_smem_bytes(hd) as i32,
-                    )?;
-                    Ok((hd, f))
-                })
+                .map(|&hd| tiled(format!("flash_decode_hd{hd}"), hd))
                 .collect::<Result<_>>()?,
             gather_kv: l("gather_kv")?,
             softmax_rows: l("softmax_rows")?,
