@@ -52,9 +52,9 @@ async def ttft_once(session, url, model, image_b64, text):
     return time.perf_counter() - t0
 
 
-async def one_stream(session, url, model, prompt, out_tokens):
+async def one_stream(session, url, model, prompt, out_tokens, sampling=None):
     body = {"model": model, "prompt": prompt, "max_tokens": out_tokens, "temperature": 0,
-            "ignore_eos": True}
+            "ignore_eos": True, **(sampling or {})}
     async with session.post(f"{url}/v1/completions", json=body) as r:
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {await r.text()}")
@@ -70,6 +70,8 @@ async def main():
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--output-tokens", type=int, default=512)
+    ap.add_argument("--sampled-streams", type=int, nargs="*", default=[],
+                    help="also measure these stream counts with temperature 0.8, top-p 0.9 (seeded)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     timeout = aiohttp.ClientTimeout(total=1800)
@@ -98,7 +100,7 @@ async def main():
         res["ttft_image_all_ms"] = [t * 1e3 for t in ttfts]
         print(f"TTFT (640x480 image + ~50 text tokens, idle): median {res['ttft_image_ms']:.1f} ms "
               f"(all: {', '.join(f'{t*1e3:.1f}' for t in ttfts)})", flush=True)
-        # Sampling on the GPU engine's host path: seeded temperature/top-p/top-k with logprobs and
+        # Sampling (the GPU sampler): seeded temperature/top-p/top-k with logprobs and
         # penalties must answer, repeat under the same seed, and give finite logprobs.
         samp = {"model": model, "prompt": "The weather today is", "max_tokens": 24,
                 "temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": 1234, "logprobs": 3,
@@ -118,17 +120,20 @@ async def main():
               f"logprobs {[round(x, 2) for x in lp[:6]]}...", flush=True)
         rnd = random.Random(0)
         res["throughput"] = []
-        for n in a.streams:
+        runs = [(n, None) for n in a.streams] + [(n, "sampled") for n in a.sampled_streams]
+        for n, mode in runs:
             prompts = ["".join(rnd.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(a.prompt_tokens))
                        for _ in range(n)]
+            sampling = [{"temperature": 0.8, "top_p": 0.9, "seed": i} if mode else None for i in range(n)]
             t0 = time.perf_counter()
-            toks = await asyncio.gather(*[one_stream(s, a.url, model, p, a.output_tokens) for p in prompts])
+            toks = await asyncio.gather(*[one_stream(s, a.url, model, p, a.output_tokens, sp)
+                                          for p, sp in zip(prompts, sampling)])
             dt = time.perf_counter() - t0
-            row = {"streams": n, "output_tokens": sum(toks), "seconds": dt, "tok_s": sum(toks) / dt,
-                   "per_stream_tok_s": sum(toks) / dt / n}
+            row = {"streams": n, "mode": mode or "greedy", "output_tokens": sum(toks), "seconds": dt,
+                   "tok_s": sum(toks) / dt, "per_stream_tok_s": sum(toks) / dt / n}
             res["throughput"].append(row)
-            print(f"HTTP {n:>4} streams x {a.output_tokens} tokens: {row['tok_s']:.0f} output tok/s "
-                  f"({row['per_stream_tok_s']:.1f} per stream, {dt:.1f} s)", flush=True)
+            print(f"HTTP {n:>4} streams x {a.output_tokens} tokens, {row['mode']}: {row['tok_s']:.0f} "
+                  f"output tok/s ({row['per_stream_tok_s']:.1f} per stream, {dt:.1f} s)", flush=True)
     if a.json:
         json.dump(res, open(a.json, "w"), indent=1)
 

@@ -4,7 +4,7 @@
 #   bash bench/gpu/run.sh BIN_DIR OUT_DIR [stages]   (stages: comma list, default all)
 # BIN_DIR holds `r4b` and `r4b-gpu-check` built with `--features cuda` on the build machine.
 set -uo pipefail
-BIN=$(realpath "${1:-dist}"); OUT=${2:-/tmp/r4b-out}; STAGES=${3:-ckpt,ref,logits,compare,profile,decode,eager,nccl,http,hf}
+BIN=$(realpath "${1:-dist}"); OUT=${2:-/tmp/r4b-out}; STAGES=${3:-ckpt,ref,logits,compare,sample,profile,decode,sampled,eager,nccl,http,hf}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 R4B_LOG=${R4B_LOG:-info,r4b_worker=debug,r4b_gateway::images=debug}
 CK=/tmp/r4b-ckpt; REF=/tmp/r4b-ref; REF32=/tmp/r4b-ref32
@@ -28,10 +28,16 @@ if has compare; then
     python3 bench/gpu/compare.py $REF32 $REF/reference.safetensors --json "$OUT/hf_bf16_vs_fp32.json"
   fi
 fi
+if has sample; then stamp GPU sampler vs host sampler; timeout 120 "$BIN/r4b-gpu-check" sample 2>&1 | tee "$OUT/sample.txt"; fi
+if has attn; then stamp attention kernels; timeout 120 "$BIN/r4b-gpu-check" attn 2>&1 | tee "$OUT/attn.txt"; fi
 if has profile; then stamp profile; timeout 120 "$BIN/r4b-gpu-check" profile 2>&1 | tee "$OUT/profile.txt"; fi
 if has decode; then
   stamp engine decode
   timeout 240 "$BIN/r4b-gpu-check" decode $CK --batches ${BATCHES:-1,8,32,64,128,256} 2>&1 | tee "$OUT/decode.txt"
+fi
+if has sampled; then
+  stamp engine decode, sampled rows "(temperature 0.8, top-p 0.9, GPU sampler)"
+  timeout 180 "$BIN/r4b-gpu-check" decode $CK --batches ${SAMPLED_BATCHES:-1,256} --sampled 2>&1 | grep -E "^\| [0-9]|rror" | tee "$OUT/decode_sampled.txt"
 fi
 if has eager; then
   stamp engine decode eager
@@ -54,6 +60,7 @@ if has http; then
   done
   echo "serve ready after $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s"
   timeout 300 python3 bench/gpu/http_bench.py --image $REF/image_640x480.png --streams ${STREAMS:-1 256} \
+    --sampled-streams ${SAMPLED_STREAMS:-1 256} \
     --json "$OUT/http.json" 2>&1 | tail -8
   kill $SERVE; wait $SERVE 2>/dev/null
   grep -iE "error|panic|weights on GPU|encoded|image [0-9]" "$OUT/serve.log" | head -14

@@ -276,25 +276,26 @@ pub fn sample_logits(
 }
 
 /// What one row sends, derived from its parameters and the local width (same on every rank).
-#[derive(Clone, Copy, Debug)]
-struct Plan {
-    greedy: bool,
-    logprobs: bool,
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Plan {
+    pub greedy: bool,
+    pub logprobs: bool,
     /// Global candidates kept (`K`).
-    keep: usize,
+    pub keep: usize,
     /// Candidates this rank sends (`min(K, w)`).
-    k_local: usize,
+    pub k_local: usize,
     /// Raw top tokens kept for `top_logprobs`.
-    n_keep: usize,
+    pub n_keep: usize,
     /// Raw top tokens this rank sends.
-    n_local: usize,
+    pub n_local: usize,
 }
 
 /// Values per row before the candidates: processed (max, sumexp), raw (max, sumexp).
 const HEAD: usize = 4;
 
 impl Plan {
-    fn new(p: &SamplingParams, width: usize) -> Plan {
+    /// The plan of a row with parameters `p` over slices `width` wide.
+    pub fn new(p: &SamplingParams, width: usize) -> Plan {
         let keep = p.candidates();
         let n_keep = if p.logprobs {
             p.top_logprobs as usize
@@ -312,14 +313,76 @@ impl Plan {
     }
 
     /// f32 values per row: head, candidate (processed, raw) logits, raw top logits.
-    fn f_len(&self) -> usize {
+    pub fn f_len(&self) -> usize {
         HEAD + 2 * self.k_local + self.n_local
     }
 
     /// u32 values per row: candidate ids, raw top ids.
-    fn u_len(&self) -> usize {
+    pub fn u_len(&self) -> usize {
         self.k_local + self.n_local
     }
+}
+
+/// A row's plan with its first f32 and u32 word in the packed sections.
+pub type RowLayout = (Plan, usize, usize);
+
+/// The packed layout of `rows` over slices `width` wide, as [`sample_logits`] exchanges it (and
+/// the GPU sampler writes it): each row's [`RowLayout`], and the f32 and u32 words in all.
+/// Validates the parameters.
+pub fn packed_layout(rows: &[SampleRow], width: usize) -> Result<(Vec<RowLayout>, usize, usize)> {
+    let (mut nf, mut nu) = (0, 0);
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        row.params
+            .validate()
+            .map_err(|e| Error::Step(format!("row {i}: {e}")))?;
+        let plan = Plan::new(row.params, width);
+        out.push((plan, nf, nu));
+        nf += plan.f_len();
+        nu += plan.u_len();
+    }
+    Ok((out, nf, nu))
+}
+
+/// The penalty entries of `row` on the slice of global ids `start .. start + width`: `(local
+/// index, times generated)` for every id a penalty touches (prompt ∪ output with a repetition
+/// penalty, else the output ids with a frequency or presence penalty), sorted by index.
+pub fn penalty_entries(row: &SampleRow, start: u32, width: usize) -> Vec<(u32, u32)> {
+    let (p, h) = (row.params, row.history);
+    let local = |id: u32| id.checked_sub(start).filter(|&i| (i as usize) < width);
+    let mut out: Vec<(u32, u32)> = if p.repetition_penalty != 1.0 {
+        let mut ids: BTreeSet<u32> = h.prompt.iter().copied().filter_map(local).collect();
+        ids.extend(h.output.keys().copied().filter_map(local));
+        ids.into_iter()
+            .map(|i| (i, h.output_count(start + i)))
+            .collect()
+    } else if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+        h.output
+            .iter()
+            .filter_map(|(&id, &c)| local(id).map(|i| (i, c)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    out.sort_unstable();
+    out
+}
+
+/// The merge half of [`sample_logits`] over packed words gathered from every rank (rank order;
+/// each `(f32 words, u32 words)` laid out as [`packed_layout`] says): picks one token per row.
+pub fn finish_packed(
+    parts: &[(Vec<f32>, Vec<u32>)],
+    rows: &[SampleRow],
+    width: usize,
+) -> Result<Vec<SampledToken>> {
+    let (layout, nf, nu) = packed_layout(rows, width)?;
+    if parts.is_empty() || parts.iter().any(|(f, u)| f.len() != nf || u.len() != nu) {
+        return Err(Error::Step(format!(
+            "sampling: packed parts do not hold {nf}+{nu} words per rank"
+        )));
+    }
+    let plans: Vec<Plan> = layout.iter().map(|l| l.0).collect();
+    finish(parts, rows, &plans)
 }
 
 /// Applies this row's penalties and temperature to its local logits and appends what it sends.
@@ -668,6 +731,40 @@ mod tests {
             (h.output_len(), h.output_count(12), h.in_prompt(99)),
             (5, 2, true)
         );
+    }
+
+    #[test]
+    fn penalty_entries_list_the_touched_ids_of_the_slice() {
+        let mut h = TokenHistory::default();
+        [10, 11, 99].into_iter().for_each(|id| h.push_prompt(id));
+        [12, 13, 12, 10, 5]
+            .into_iter()
+            .for_each(|id| h.push_output(id));
+        let rep = SamplingParams {
+            repetition_penalty: 2.0,
+            ..params()
+        };
+        let freq = SamplingParams {
+            frequency_penalty: 0.5,
+            ..params()
+        };
+        let off = params();
+        let row = |p| SampleRow {
+            params: p,
+            history: &h,
+            seed: 0,
+        };
+        // Slice 10..16: prompt 10, 11; output 10 (×1), 12 (×2), 13 (×1); 5 and 99 elsewhere.
+        assert_eq!(
+            penalty_entries(&row(&rep), 10, 6),
+            vec![(0, 1), (1, 0), (2, 2), (3, 1)]
+        );
+        assert_eq!(
+            penalty_entries(&row(&freq), 10, 6),
+            vec![(0, 1), (2, 2), (3, 1)]
+        );
+        assert!(penalty_entries(&row(&off), 10, 6).is_empty());
+        assert_eq!(penalty_entries(&row(&rep), 0, 6), vec![(5, 1)]);
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //!
 //! ```text
 //! r4b-gpu-check logits CKPT REF_DIR OUT.safetensors     # teacher-forced logits of REF_DIR/prompts.json
-//! r4b-gpu-check decode CKPT [--batches 1,8,32,64,128,256] [--prompt 128] [--output 512] [--eager]
+//! r4b-gpu-check decode CKPT [--batches 1,8,32,64,128,256] [--prompt 128] [--output 512] [--eager] [--sampled]
 //! r4b-gpu-check profile                                  # copy bandwidth, GEMMs, attention, norms
 //! r4b-gpu-check attn                                     # tensor-core prefill attention vs cuBLAS path
+//! r4b-gpu-check sample                                   # GPU sampler vs the host sampler
 //! ```
 //! `logits` writes `logits.<name>` `[scored, vocab]` f32 for `bench/gpu/compare.py`.
 //! `decode` prints load GB/s, KV capacity and decode tok/s at each batch size (greedy, every
@@ -21,9 +22,9 @@ use r4b_kernels::{DBuf, DecodeAttn, FlashAttn, Gpu, OutType, Residual};
 use r4b_worker::checkpoint::Checkpoint;
 use r4b_worker::collective::SingleRank;
 use r4b_worker::config::{ImagePreprocessing, RConfig};
-use r4b_worker::gpu::{attention_gemm, AttnGemm, GpuLimits, GpuModel};
+use r4b_worker::gpu::{attention_gemm, parts_for, AttnGemm, GpuLimits, GpuModel, GpuSampler};
 use r4b_worker::model::{anyres, SeqChunk};
-use r4b_worker::sampling::{SampleRow, SamplingParams, TokenHistory};
+use r4b_worker::sampling::{self, SampleRow, SampledToken, SamplingParams, TokenHistory};
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter()
@@ -298,7 +299,16 @@ fn decode(args: &[String]) -> Result<()> {
     if per_seq * max_b > model.num_blocks() {
         bail!("{max_b} sequences need {} KV blocks", per_seq * max_b);
     }
-    let params = SamplingParams::default();
+    // --sampled: every row samples (temperature 0.8, top-p 0.9) through the GPU sampler.
+    let params = if args.iter().any(|a| a == "--sampled") {
+        SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            ..SamplingParams::default()
+        }
+    } else {
+        SamplingParams::default()
+    };
     let history = TokenHistory::default();
     let mut rng = 0x2545F4914F6CDD1Du64;
     let mut next = || {
@@ -917,6 +927,282 @@ fn attn() -> Result<()> {
     Ok(())
 }
 
+/// Random logits `[rows, vocab]` with the awkward cases of real ones in some rows: all equal
+/// (ties everywhere), NaN, −inf, values on a coarse grid (ties at the top-k threshold).
+fn sample_logits_host(rows: usize, vocab: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut out = Vec::with_capacity(rows * vocab);
+    for r in 0..rows {
+        for i in 0..vocab {
+            // Roughly logit-like: a heavy head over a Gaussian-ish body.
+            let body = (next() + next() + next() - 1.5) * 6.0;
+            let v = match r % 8 {
+                0 if r == 0 => 0.0,
+                1 if i % 997 == 0 => f64::NAN,
+                2 if i % 3 != 0 => f64::NEG_INFINITY,
+                3 => (body * 2.0).round() / 2.0,
+                _ => body + if i % 4093 == 7 { 12.0 * next() } else { 0.0 },
+            };
+            out.push(v as f32);
+        }
+    }
+    out
+}
+
+/// The sampling configurations of the check, cycled over rows.
+fn sample_params() -> Vec<SamplingParams> {
+    let d = SamplingParams::default();
+    let t = |temperature| SamplingParams {
+        temperature,
+        ..d.clone()
+    };
+    vec![
+        SamplingParams {
+            repetition_penalty: 1.3,
+            ..d.clone()
+        },
+        t(0.7),
+        SamplingParams {
+            top_k: 50,
+            ..t(1.0)
+        },
+        SamplingParams {
+            top_p: 0.9,
+            ..t(0.8)
+        },
+        SamplingParams {
+            min_p: 0.05,
+            ..t(1.0)
+        },
+        SamplingParams {
+            top_k: 1024,
+            top_p: 0.95,
+            ..t(1.1)
+        },
+        SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.7,
+            repetition_penalty: 1.2,
+            logprobs: true,
+            top_logprobs: 5,
+            ..t(1.3)
+        },
+        SamplingParams {
+            logprobs: true,
+            top_logprobs: 20,
+            ..d.clone()
+        },
+        SamplingParams {
+            top_k: 5000,
+            min_p: 0.01,
+            logprobs: true,
+            ..t(2.0)
+        },
+        SamplingParams {
+            top_k: 3,
+            top_p: 0.5,
+            frequency_penalty: -1.0,
+            ..t(0.3)
+        },
+    ]
+}
+
+fn same_tokens(a: &[SampledToken], b: &[SampledToken]) -> (usize, f32) {
+    let mut diff = 0f32;
+    let mut bad = 0;
+    for (x, y) in a.iter().zip(b) {
+        if x.id != y.id || x.top.len() != y.top.len() {
+            bad += 1;
+            continue;
+        }
+        diff = diff.max((x.logprob - y.logprob).abs());
+        for (p, q) in x.top.iter().zip(&y.top) {
+            if p.0 != q.0 {
+                bad += 1;
+                break;
+            }
+            diff = diff.max((p.1 - q.1).abs());
+        }
+    }
+    (bad, diff)
+}
+
+/// The GPU sampler against the host sampler on the same logits: identical tokens, logprobs
+/// within 1e-4; the merge of 4 simulated vocab slices; timings.
+fn sample() -> Result<()> {
+    let gpu = Gpu::new(0)?;
+    let vocab = 151_936usize;
+    let n = 256usize;
+    let host = sample_logits_host(n, vocab, 42);
+    let params = sample_params();
+    let mut histories = Vec::with_capacity(n);
+    let mut x = 7u64;
+    for r in 0..n {
+        let mut h = TokenHistory::default();
+        for j in 0..(50 + r % 300) {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            h.push_prompt(((x >> 33) as usize % vocab) as u32);
+            if j % 5 == 0 {
+                // Outputs repeat a small set of ids (counts > 1) and some prompt ids.
+                h.push_output(((x >> 40) as usize % 64 * 2371 % vocab) as u32);
+            }
+        }
+        histories.push(h);
+    }
+    let rows: Vec<SampleRow> = (0..n)
+        .map(|r| SampleRow {
+            params: &params[r % params.len()],
+            history: &histories[r],
+            seed: 1000 + r as u64,
+        })
+        .collect();
+    let expect = sampling::sample_logits(
+        &candle_core::Tensor::from_vec(host.clone(), (n, vocab), &candle_core::Device::Cpu)?,
+        &SingleRank,
+        &rows,
+    )?;
+    let dl = gpu.alloc(n * vocab * 4)?;
+    let upload = |buf: &DBuf| -> Result<()> {
+        // SAFETY: `buf` holds n × vocab f32.
+        unsafe { gpu.htod(&host, buf.ptr())? };
+        Ok(())
+    };
+    let indexed: Vec<(usize, SampleRow)> = rows.iter().copied().enumerate().collect();
+    let mut sampler = GpuSampler::new(&gpu, n, 1, false)?;
+    let (mut bad_all, mut diff_all) = (0, 0f32);
+    // 256 rows run one part per row, 10 rows many parts per row (stage 1 split, stage 2 merge).
+    for m in [n, 10] {
+        let (rs, ex) = (&indexed[..m], &expect[..m]);
+        let srows = &rows[..m];
+        upload(&dl)?;
+        // SAFETY: `dl` holds n rows of `vocab` f32.
+        let got = unsafe { sampler.sample(&gpu, (dl.ptr(), vocab, 0), None, rs)? };
+        let (bad, diff) = same_tokens(&got, ex);
+        println!(
+            "GPU sampler vs host sampler, {m} rows x {vocab} ({} parts per row; 10 configurations \
+             incl. penalties, ties, NaN, -inf): {bad} rows differ, max |logprob diff| {diff:.2e}",
+            parts_for(m, vocab)
+        );
+        // The merge kernel alone: the host merge over the GPU's packed candidates.
+        upload(&dl)?;
+        // SAFETY: as above.
+        let (host_merge, gpu_merge) = unsafe {
+            let packed = sampler.prepare(&gpu, (dl.ptr(), vocab, 0), rs, None)?;
+            let parts = sampler.packed_parts(&gpu, packed)?;
+            let hm = sampling::finish_packed(&[parts], srows, vocab)?;
+            (
+                hm,
+                sampler.finish(&gpu, sampler.packed_ptr(), 1, packed, m)?,
+            )
+        };
+        let (bad_m, diff_m) = same_tokens(&gpu_merge, &host_merge);
+        let (bad_p, _) = same_tokens(&host_merge, ex);
+        println!(
+            "  host merge over GPU candidates vs host sampler: {bad_p} rows differ; GPU merge vs host merge: {bad_m} differ, {diff_m:.2e}"
+        );
+        // Four vocab slices (TP = 4 without the all-gather: the ranks' packed words side by side).
+        let world = 4usize;
+        let w = vocab / world;
+        let slices: Vec<DBuf> = (0..world)
+            .map(|r| -> Result<DBuf> {
+                let mut part = Vec::with_capacity(m * w);
+                for row in 0..m {
+                    part.extend_from_slice(&host[row * vocab + r * w..row * vocab + (r + 1) * w]);
+                }
+                let b = gpu.alloc(m * w * 4)?;
+                // SAFETY: `b` holds m × w f32.
+                unsafe { gpu.htod(&part, b.ptr())? };
+                Ok(b)
+            })
+            .collect::<Result<_>>()?;
+        let (_, nf, nu) = sampling::packed_layout(srows, w)?;
+        let gathered = gpu.alloc(world * (nf + nu) * 4)?;
+        // SAFETY: each slice holds m rows of w f32; `gathered` holds world × (nf + nu) words.
+        let got_tp = unsafe {
+            let mut packed = None;
+            for (r, b) in slices.iter().enumerate() {
+                packed = Some(sampler.prepare(
+                    &gpu,
+                    (b.ptr(), w, r * w),
+                    rs,
+                    Some(gathered.at(r * (nf + nu), 4)),
+                )?);
+            }
+            let packed = packed.context("no ranks")?;
+            sampler.finish(&gpu, gathered.ptr(), world, packed, m)?
+        };
+        let (bad_tp, diff_tp) = same_tokens(&got_tp, ex);
+        println!(
+            "  {world} vocab slices ({} parts each) merged on the GPU vs host sampler on the whole vocabulary: {bad_tp} rows differ, {diff_tp:.2e}",
+            parts_for(m, w)
+        );
+        bad_all += bad + bad_m + bad_p + bad_tp;
+        diff_all = diff_all.max(diff).max(diff_m).max(diff_tp);
+    }
+    // Timings: sampled rows (temperature 0.8, top-p 0.9, no penalties), GPU vs host.
+    let plain = SamplingParams {
+        top_p: 0.9,
+        ..SamplingParams {
+            temperature: 0.8,
+            ..SamplingParams::default()
+        }
+    };
+    let empty = TokenHistory::default();
+    println!("| sampled rows | GPU sampler ms | host sampler ms (logits already on the host) |");
+    println!("|---|---|---|");
+    for b in [1usize, 32, 256] {
+        let rs: Vec<(usize, SampleRow)> = (0..b)
+            .map(|i| {
+                (
+                    i,
+                    SampleRow {
+                        params: &plain,
+                        history: &empty,
+                        seed: i as u64,
+                    },
+                )
+            })
+            .collect();
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            upload(&dl)?;
+            gpu.sync()?;
+            let t = Instant::now();
+            // SAFETY: as above.
+            unsafe { sampler.sample(&gpu, (dl.ptr(), vocab, 0), None, &rs)? };
+            best = best.min(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let only: Vec<SampleRow> = rs.iter().map(|r| r.1).collect();
+        let t = Instant::now();
+        sampling::sample_logits(
+            &candle_core::Tensor::from_vec(
+                host[..b * vocab].to_vec(),
+                (b, vocab),
+                &candle_core::Device::Cpu,
+            )?,
+            &SingleRank,
+            &only,
+        )?;
+        println!(
+            "| {b} | {best:.3} | {:.1} |",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    if bad_all > 0 || diff_all > 1e-4 {
+        bail!("GPU sampler check FAILED");
+    }
+    println!("GPU sampler check PASSED");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -924,6 +1210,7 @@ fn main() -> Result<()> {
         Some("decode") => decode(&args[1..]),
         Some("profile") => profile(),
         Some("attn") => attn(),
+        Some("sample") => sample(),
         _ => bail!("usage: r4b-gpu-check logits|decode ..."),
     }
 }

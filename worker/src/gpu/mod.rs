@@ -13,6 +13,7 @@
 //! (batch-size bucket, context-partition bucket), unless `enforce_eager`.
 
 mod qwen3;
+mod sample;
 mod siglip;
 pub mod weights;
 
@@ -34,6 +35,7 @@ use crate::sampling::{self, SampleRow, SampledToken};
 use crate::{Error, Result};
 
 use qwen3::Qwen3Gpu;
+pub use sample::{parts_for, GpuSampler, Packed};
 use siglip::VisionGpu;
 use weights::{gpu_err, Loader};
 
@@ -206,6 +208,9 @@ pub struct GpuModel {
     vision: VisionGpu,
     comm: Arc<dyn Collective>,
     graphs: HashMap<(usize, usize), CudaGraph>,
+    sampler: GpuSampler,
+    /// Sample on the host over downloaded logits instead (`R4B_HOST_SAMPLING` set).
+    host_sampling: bool,
     /// Programmatic dependent launch allowed (`R4B_NO_PDL` unset).
     pdl_allowed: bool,
     /// Report of the load: bytes, seconds, GB/s.
@@ -275,6 +280,7 @@ impl GpuModel {
         let mut llm = Qwen3Gpu::load(&mut loader, cfg, shard, nccl, &limits)?;
         gpu.sync().map_err(gpu_err)?;
         let load_report = (loader.bytes, loader.elapsed_s(), loader.gbps());
+        let sampler = GpuSampler::new(&gpu, limits.max_seqs, shard.world, llm.nccl().is_some())?;
         llm.alloc_kv(&gpu, &limits)?;
         let tuning = llm.tune_one_row(&gpu)?;
         for line in &tuning {
@@ -288,6 +294,8 @@ impl GpuModel {
             vision,
             comm,
             graphs: HashMap::new(),
+            sampler,
+            host_sampling: std::env::var_os("R4B_HOST_SAMPLING").is_some(),
             pdl_allowed: std::env::var_os("R4B_NO_PDL").is_none(),
             load_report,
             tuning,
@@ -506,28 +514,37 @@ impl GpuModel {
         unsafe {
             if fast {
                 let best = self.llm.argmax(&self.gpu, chunks.len())?;
-                Ok(rows
+                return Ok(rows
                     .iter()
                     .map(|&(ci, _)| SampledToken {
                         id: best[ci],
                         logprob: 0.0,
                         top: Vec::new(),
                     })
-                    .collect())
-            } else {
-                let width = self.llm.vocab_local;
-                let mut host = vec![0f32; chunks.len() * width];
-                self.gpu
-                    .dtoh(self.llm.logits_ptr(), &mut host)
-                    .map_err(gpu_err)?;
-                let mut picked = Vec::with_capacity(rows.len() * width);
-                for &(ci, _) in rows {
-                    picked.extend_from_slice(&host[ci * width..(ci + 1) * width]);
-                }
-                let t = Tensor::from_vec(picked, (rows.len(), width), &Device::Cpu)?;
-                let srows: Vec<SampleRow> = rows.iter().map(|(_, r)| *r).collect();
-                sampling::sample_logits(&t, self.comm.as_ref(), &srows)
+                    .collect());
             }
+            let width = self.llm.vocab_local;
+            if rows.iter().any(|&(ci, _)| ci >= chunks.len()) {
+                return Err(Error::Step("sample row names no chunk of the step".into()));
+            }
+            let world = self.shard.world;
+            if !self.host_sampling && self.sampler.accepts(world, rows) {
+                let logits = (self.llm.logits_ptr(), width, self.shard.rank * width);
+                return self
+                    .sampler
+                    .sample(&self.gpu, logits, self.llm.nccl(), rows);
+            }
+            let mut host = vec![0f32; chunks.len() * width];
+            self.gpu
+                .dtoh(self.llm.logits_ptr(), &mut host)
+                .map_err(gpu_err)?;
+            let mut picked = Vec::with_capacity(rows.len() * width);
+            for &(ci, _) in rows {
+                picked.extend_from_slice(&host[ci * width..(ci + 1) * width]);
+            }
+            let t = Tensor::from_vec(picked, (rows.len(), width), &Device::Cpu)?;
+            let srows: Vec<SampleRow> = rows.iter().map(|(_, r)| *r).collect();
+            sampling::sample_logits(&t, self.comm.as_ref(), &srows)
         }
     }
 

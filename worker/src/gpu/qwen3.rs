@@ -419,6 +419,11 @@ impl Qwen3Gpu {
         gpu.sync().map_err(gpu_err)
     }
 
+    /// This rank's NCCL communicator (world size above 1, or forced at 1).
+    pub fn nccl(&self) -> Option<&Nccl> {
+        self.nccl.as_ref()
+    }
+
     pub fn logits_ptr(&self) -> u64 {
         self.bufs.logits.ptr()
     }
