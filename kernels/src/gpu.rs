@@ -107,6 +107,7 @@ struct Funcs {
     /// `gemv[m - 1]` computes M = m rows.
     gemv: Vec<CudaFunction>,
     gemv_r4: CudaFunction,
+    gemv_silu: CudaFunction,
 }
 
 /// How [`Gpu::linear`] runs a one-row product.
@@ -128,6 +129,9 @@ pub struct Gpu {
     /// Kernels launch with programmatic dependent launch (each may start while the previous
     /// one finishes); see [`Gpu::set_pdl`].
     pdl: std::sync::atomic::AtomicBool,
+    /// One-row gate/up products fuse SiLU·mul into the skinny kernel (off with
+    /// `R4B_NO_FUSED_SILU=1`); see [`Gpu::gate_up_silu`].
+    pub use_fused_silu: bool,
     /// Prefill attention runs the tensor-core kernel where it exists (off with `R4B_NO_FLASH=1`).
     pub use_flash: bool,
     /// Paged decode attention runs the tensor-core kernel where it exists (GQA groups ≤ 8, head
@@ -423,6 +427,7 @@ impl Gpu {
                 .map(|m| l(&format!("gemv_m{m}")))
                 .collect::<Result<_, _>>()?,
             gemv_r4: l("gemv_r4")?,
+            gemv_silu: l("gemv_silu")?,
         };
         let blas = CudaBlas::new(stream.clone())?;
         // A fixed cuBLAS workspace, so that GEMMs allocate nothing (required under graph capture).
@@ -438,6 +443,7 @@ impl Gpu {
             stream,
             use_gemv: std::env::var_os("R4B_NO_GEMV").is_none(),
             pdl: std::sync::atomic::AtomicBool::new(false),
+            use_fused_silu: std::env::var_os("R4B_NO_FUSED_SILU").is_none(),
             use_flash: std::env::var_os("R4B_NO_FLASH").is_none(),
             use_flash_decode: std::env::var_os("R4B_NO_FLASH_DECODE").is_none(),
             flash_decode_max_tokens: 128,
@@ -1262,6 +1268,34 @@ impl Gpu {
             .arg(&ff)
             .launch(grid2(grid, tokens, 256))?;
         Ok(())
+    }
+
+    /// The MLP's first half: `act[t] = silu(x[t]·w[n]) · (x[t]·w[f + n])` for the concatenated
+    /// `[2f, k]` gate/up weight. One row (skinny kernels on, aligned): one fused kernel, the same
+    /// bits as the two-kernel path; otherwise [`Gpu::linear`] into `gu` (bf16 `[t, 2f]`), then
+    /// [`Gpu::silu_mul`]. Returns whether it fused.
+    pub unsafe fn gate_up_silu(
+        &self,
+        x: DevPtr,
+        w: DevPtr,
+        (gu, act): (DevPtr, DevPtr),
+        (tokens, f, k): (usize, usize, usize),
+    ) -> Result<bool> {
+        let aligned = k % 8 == 0 && x % 16 == 0 && w % 16 == 0;
+        if tokens == 1 && self.use_gemv && self.use_fused_silu && aligned {
+            let (ff, kk) = (i(f), i(k));
+            self.launch_builder(&self.f.gemv_silu)
+                .arg(&x)
+                .arg(&w)
+                .arg(&act)
+                .arg(&ff)
+                .arg(&kk)
+                .launch(grid1(f.div_ceil(8), 256))?;
+            return Ok(true);
+        }
+        self.linear(x, w, gu, (tokens, 2 * f, k), OutType::Bf16, false)?;
+        self.silu_mul(gu, act, tokens, f)?;
+        Ok(false)
     }
 
     /// `x = act(x + b)`; act 0 none, 1 gelu-tanh, 2 gelu-erf.

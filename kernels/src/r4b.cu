@@ -1111,6 +1111,57 @@ GEMV_KERNEL(6)
 GEMV_KERNEL(7)
 GEMV_KERNEL(8)
 
+// gate_up product and SiLU·mul in one kernel at one row: y[n] = silu(x·w[n]) · (x·w[F + n]),
+// with w the concatenated [2F, K] gate/up weight. Each warp computes its two dot products in
+// gemv_m1's summation order and rounds them, and the product, to bf16 exactly as gemv_m1 +
+// silu_mul_v8 do (same bits, one kernel less). grid ceil(F / 8), block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    gemv_silu(const bf16* __restrict__ x, const bf16* __restrict__ w, bf16* __restrict__ y, int F,
+              int K) {
+  constexpr int U = 4;
+  const int lane = threadIdx.x & 31;
+  const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
+  const bf16* wg = w + (size_t)min(n, F - 1) * K;
+  const bf16* wu = wg + (size_t)F * K;
+  uint4 gv[U], uv[U];
+  auto load_w = [&](int k0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * 256;
+      gv[u] = k < K ? __ldg(reinterpret_cast<const uint4*>(wg + k)) : make_uint4(0, 0, 0, 0);
+      uv[u] = k < K ? __ldg(reinterpret_cast<const uint4*>(wu + k)) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  load_w(lane * 8);  // before the dependency wait, as in gemv_rows
+  PDL_ENTRY();
+  if (n >= F) return;
+  float ag = 0.f, au = 0.f;
+  for (int k0 = lane * 8; k0 < K; k0 += 32 * 8 * U) {
+    if (k0 != lane * 8) load_w(k0);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * 256;
+      if (k >= K) break;
+      const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + k));
+      const bf16* xb = reinterpret_cast<const bf16*>(&xv);
+      const bf16* gb = reinterpret_cast<const bf16*>(&gv[u]);
+      const bf16* ub = reinterpret_cast<const bf16*>(&uv[u]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        ag += b2f(gb[j]) * b2f(xb[j]);
+        au += b2f(ub[j]) * b2f(xb[j]);
+      }
+    }
+  }
+  ag = warp_sum(ag);
+  au = warp_sum(au);
+  if (lane == 0) {
+    const float g = b2f(f2b(ag)), up = b2f(f2b(au));
+    const float sg = b2f(f2b(g / (1.f + __expf(-g))));
+    y[n] = f2b(sg * up);
+  }
+}
+
 // Skinny GEMM at one row, 4 output columns per warp (each x load feeds 4 weight rows; 8 loads of
 // W in flight per lane). Same per-lane summation order as gemv_m1. grid ceil(N / 32), block 256.
 extern "C" __global__ void __launch_bounds__(256)

@@ -642,19 +642,14 @@ impl Qwen3Gpu {
             )
             .map_err(e)?;
             gpu.mark("add_rmsnorm").map_err(e)?;
-            gpu.linear(
+            gpu.gate_up_silu(
                 b.normed.ptr(),
                 l.gate_up.ptr(),
-                b.gate_up.ptr(),
-                (tokens, 2 * f, h),
-                OutType::Bf16,
-                false,
+                (b.gate_up.ptr(), b.act.ptr()),
+                (tokens, f, h),
             )
             .map_err(e)?;
-            gpu.mark("gemm gate_up").map_err(e)?;
-            gpu.silu_mul(b.gate_up.ptr(), b.act.ptr(), tokens, f)
-                .map_err(e)?;
-            gpu.mark("silu_mul").map_err(e)?;
+            gpu.mark("gemm gate_up + silu_mul").map_err(e)?;
             gpu.linear(
                 b.act.ptr(),
                 l.down.ptr(),
