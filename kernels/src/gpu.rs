@@ -446,7 +446,11 @@ impl Gpu {
             use_fused_silu: std::env::var_os("R4B_NO_FUSED_SILU").is_none(),
             use_flash: std::env::var_os("R4B_NO_FLASH").is_none(),
             use_flash_decode: std::env::var_os("R4B_NO_FLASH_DECODE").is_none(),
-            flash_decode_max_tokens: 128,
+            // Measured on the H100 (bench/RESULTS.md); R4B_FLASH_DECODE_MAX overrides.
+            flash_decode_max_tokens: std::env::var("R4B_FLASH_DECODE_MAX")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(128),
             timeline: std::sync::Mutex::new(None),
             linear_impl: std::sync::Mutex::new(std::collections::HashMap::new()),
             blas,

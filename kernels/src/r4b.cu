@@ -1332,88 +1332,94 @@ struct TopKSmem {
   uint64_t sort[SAMPLE_MAX_K];
 };
 
-// Indices of the k (1 ≤ k ≤ min(n, 1024)) largest keys of key_of(0 .. n), sorted by key
-// descending then index ascending (the host's order), into s.sort[0 .. k) (low 32 bits).
-// Radix select in three passes of 11, 11 and 10 bits (warp-aggregated shared histograms), one
-// ordered compaction pass (ties at the threshold: lowest indices), bitonic sort. Whole block
-// (blockDim.x = 1024).
-template <class KeyOf>
-__device__ void block_top_k(int n, int k, KeyOf key_of, TopKSmem& s) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, bd = blockDim.x;
-  uint32_t prefix = 0, mask = 0;
-  uint32_t kr = k;
-#pragma unroll 1
-  for (int pass = 0; pass < 3; ++pass) {
-    const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
-    const int nb = pass == 2 ? 1024 : 2048;
-    const uint32_t dmask = nb - 1;
-    for (int i = tid; i < nb; i += bd) s.hist[i] = 0;
-    __syncthreads();
-    for (int b = 0; b < n; b += bd) {
-      const int i = b + tid;
-      uint32_t d = 0xffffffffu;
-      if (i < n) {
-        const uint32_t u = key_of(i);
-        if ((u & mask) == prefix) d = (u >> shift) & dmask;
-      }
-      const unsigned peers = __match_any_sync(0xffffffffu, d);
-      if (d != 0xffffffffu && lane == __ffs(peers) - 1)
-        atomicAdd(&s.hist[d], (uint32_t)__popc(peers));
-    }
-    __syncthreads();
-    // The digit holding the kr-th largest key: bins in descending order, warp w owns
-    // nb / 32 of them (per_lane per lane); find the warp, then the lane, then the bin.
-    const int per_lane = nb >> 10;
-    auto bin = [&](int w, int l, int j) { return nb - 1 - ((w * 32 + l) * per_lane + j); };
-    uint32_t lsum = 0;
-    for (int j = 0; j < per_lane; ++j) lsum += s.hist[bin(warp, lane, j)];
-    uint32_t wsum = lsum;
+// Radix select of the k-th largest 32-bit key in three passes (11, 11 and 10 bits from the top):
+// each pass histograms the digit of the keys that match the digits chosen so far, then picks the
+// digit holding the kr-th largest. The pieces let a caller fold other per-element work into the
+// same loads (see sample_partial). Whole block; blockDim.x = 1024.
+struct Radix {
+  uint32_t prefix, mask, kr;  // digits chosen so far, their bits, rank still to find
+};
+__device__ __forceinline__ int radix_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
+__device__ __forceinline__ int radix_bins(int pass) { return pass == 2 ? 1024 : 2048; }
+
+// Zeroes the pass's histogram (the caller syncs before counting).
+__device__ void radix_clear(TopKSmem& s, int pass) {
+  for (int i = threadIdx.x; i < radix_bins(pass); i += blockDim.x) s.hist[i] = 0;
+}
+
+// Counts key u (when valid) into the pass's histogram; every lane of the warp calls it
+// (warp-aggregated: one shared atomic per distinct digit in the warp).
+__device__ __forceinline__ void radix_add(TopKSmem& s, const Radix& r, int pass, bool valid,
+                                          uint32_t u) {
+  const int lane = threadIdx.x & 31;
+  uint32_t d = 0xffffffffu;
+  if (valid && (u & r.mask) == r.prefix) d = (u >> radix_shift(pass)) & (radix_bins(pass) - 1);
+  const unsigned peers = __match_any_sync(0xffffffffu, d);
+  if (d != 0xffffffffu && lane == __ffs(peers) - 1) atomicAdd(&s.hist[d], (uint32_t)__popc(peers));
+}
+
+// After the counting loop: picks the pass's digit (bins in descending order, warp w owns
+// nb / 32 of them: find the warp, then the lane, then the bin) and updates r.
+__device__ void radix_pick(TopKSmem& s, Radix& r, int pass) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nb = radix_bins(pass), per_lane = nb >> 10;
+  auto bin = [&](int w, int l, int j) { return nb - 1 - ((w * 32 + l) * per_lane + j); };
+  __syncthreads();
+  uint32_t lsum = 0;
+  for (int j = 0; j < per_lane; ++j) lsum += s.hist[bin(warp, lane, j)];
+  uint32_t wsum = lsum;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, o);
-    if (lane == 0) s.wc_gt[warp] = wsum;
-    __syncthreads();
-    if (warp == 0) {
-      const uint32_t v = s.wc_gt[lane];
-      uint32_t incl = v;
+  for (int o = 16; o > 0; o >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, o);
+  if (lane == 0) s.wc_gt[warp] = wsum;
+  __syncthreads();
+  if (warp == 0) {
+    const uint32_t v = s.wc_gt[lane];
+    uint32_t incl = v;
 #pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const uint32_t t = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += t;
-      }
-      if (incl - v < kr && kr <= incl) {
-        s.sel_warp = lane;
-        s.sel_acc = incl - v;
-      }
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t t = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += t;
     }
-    __syncthreads();
-    if (warp == (int)s.sel_warp) {
-      uint32_t incl = lsum;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const uint32_t t = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += t;
-      }
-      uint32_t acc = s.sel_acc + incl - lsum;
-      if (acc < kr && kr <= s.sel_acc + incl) {
-        for (int j = 0; j < per_lane; ++j) {
-          const uint32_t c = s.hist[bin(warp, lane, j)];
-          if (acc + c >= kr) {
-            s.digit = bin(warp, lane, j);
-            s.kr = kr - acc;
-            break;
-          }
-          acc += c;
-        }
-      }
+    if (incl - v < r.kr && r.kr <= incl) {
+      s.sel_warp = lane;
+      s.sel_acc = incl - v;
     }
-    __syncthreads();
-    prefix |= s.digit << shift;
-    mask |= dmask << shift;
-    kr = s.kr;
-    __syncthreads();
   }
-  // prefix = the k-th largest key; take every larger key and the kr lowest indices equal to it.
-  const uint32_t thr = prefix, n_gt = k - kr;
+  __syncthreads();
+  if (warp == (int)s.sel_warp) {
+    uint32_t incl = lsum;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t t = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += t;
+    }
+    uint32_t acc = s.sel_acc + incl - lsum;
+    if (acc < r.kr && r.kr <= s.sel_acc + incl) {
+      for (int j = 0; j < per_lane; ++j) {
+        const uint32_t c = s.hist[bin(warp, lane, j)];
+        if (acc + c >= r.kr) {
+          s.digit = bin(warp, lane, j);
+          s.kr = r.kr - acc;
+          break;
+        }
+        acc += c;
+      }
+    }
+  }
+  __syncthreads();
+  r.prefix |= s.digit << radix_shift(pass);
+  r.mask |= (uint32_t)(radix_bins(pass) - 1) << radix_shift(pass);
+  r.kr = s.kr;
+  __syncthreads();
+}
+
+// After the three passes (r.prefix = the k-th largest key): the indices of every larger key and
+// of the r.kr lowest indices equal to it (one ordered compaction pass), sorted by key descending
+// then index ascending (the host's order) into s.sort[0 .. k) (low 32 bits; bitonic sort).
+template <class KeyOf>
+__device__ void radix_collect(int n, int k, KeyOf key_of, const Radix& r, TopKSmem& s) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, bd = blockDim.x;
+  const uint32_t thr = r.prefix, kr = r.kr, n_gt = k - kr;
   if (tid == 0) {
     s.base_gt = 0;
     s.base_eq = 0;
@@ -1478,6 +1484,25 @@ __device__ void block_top_k(int n, int k, KeyOf key_of, TopKSmem& s) {
   }
 }
 
+// Indices of the k (1 ≤ k ≤ min(n, 1024)) largest keys of key_of(0 .. n), sorted by key
+// descending then index ascending, into s.sort[0 .. k): the three radix passes, then
+// radix_collect. Whole block; blockDim.x = 1024.
+template <class KeyOf>
+__device__ void block_top_k(int n, int k, KeyOf key_of, TopKSmem& s) {
+  Radix r{0u, 0u, (uint32_t)k};
+#pragma unroll 1
+  for (int pass = 0; pass < 3; ++pass) {
+    radix_clear(s, pass);
+    __syncthreads();
+    for (int b = 0; b < n; b += blockDim.x) {
+      const int i = b + threadIdx.x;
+      radix_add(s, r, pass, i < n, i < n ? key_of(i) : 0u);
+    }
+    radix_pick(s, r, pass);
+  }
+  radix_collect(n, k, key_of, r, s);
+}
+
 // Stage 1, grid (rows, parts), block 1024: part c of a row covers the logits [c·W/parts,
 // (c+1)·W/parts) (several CTAs per row keep small batches fast). `logits` is modified in place
 // (NaN → −inf, penalties applied); the raw value of each penalised entry is kept in pen_raw.
@@ -1511,7 +1536,102 @@ extern "C" __global__ void __launch_bounds__(1024) sample_partial(
   uint32_t* so = scratch + ((size_t)blockIdx.x * parts + c) * SP_WORDS;
   float* sf = reinterpret_cast<float*>(so);
 
-  // 1. Raw logits: NaN → −inf; (max, Σ exp(x − max)) when logprobs are asked for.
+  const float rp = __uint_as_float(p[SR_REP]), fp = __uint_as_float(p[SR_FREQ]),
+              pp = __uint_as_float(p[SR_PRES]);
+  // Penalties on this part, in place (repetition on prompt ∪ output, then frequency and presence
+  // on output tokens), with the host's rounding (no fused multiply-add); NaN counts as −inf.
+  auto penalise = [&]() {
+    for (uint32_t e = pb + tid; e < pe; e += bd) {
+      const uint32_t gi = pen[2 * e], cnt = pen[2 * e + 1];
+      if (gi < (uint32_t)lo || gi >= (uint32_t)hi) continue;
+      float v = x[gi - lo];
+      if (isnan(v)) v = -INFINITY;
+      pen_raw[e] = v;
+      if (rp != 1.f) v = v > 0.f ? __fdiv_rn(v, rp) : __fmul_rn(v, rp);
+      if ((fp != 0.f || pp != 0.f) && cnt > 0) {
+        v = __fsub_rn(v, __fmul_rn(fp, (float)cnt));
+        v = __fsub_rn(v, pp);
+      }
+      x[gi - lo] = v;
+    }
+    __syncthreads();
+  };
+  // The raw value of candidate idx: the saved one if it was penalised.
+  auto raw_of = [&](uint32_t idx, float v) {
+    const uint32_t gi = lo + idx;
+    uint32_t a = pb, b = pe;  // binary search among this row's penalised indices
+    while (a < b) {
+      const uint32_t mid = (a + b) >> 1;
+      if (pen[2 * mid] < gi)
+        a = mid + 1;
+      else
+        b = mid;
+    }
+    return a < pe && pen[2 * a] == gi ? pen_raw[a] : v;
+  };
+
+  if (!logprobs) {
+    // No raw normaliser or raw top needed: penalties, then x / T in place, and the passes over
+    // the part folded together: (max, radix pass 0), (Σ exp, radix pass 1), radix pass 2, collect.
+    penalise();
+    Radix r{0u, 0u, (uint32_t)k};
+    radix_clear(s, 0);
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int b = 0; b < n; b += bd) {
+      const int i = b + tid;
+      float v = 0.f;
+      if (i < n) {
+        v = x[i];
+        const bool nan = isnan(v);
+        if (nan) v = -INFINITY;
+        if (!greedy) v = __fdiv_rn(v, temp);
+        if (nan || !greedy) x[i] = v;
+        mx = fmaxf(mx, v);
+      }
+      radix_add(s, r, 0, i < n, f2key(v));
+    }
+    const float pm = block_max(mx, redf);
+    radix_pick(s, r, 0);
+    radix_clear(s, 1);
+    __syncthreads();
+    double acc = 0.0;
+    for (int b = 0; b < n; b += bd) {
+      const int i = b + tid;
+      const float v = i < n ? x[i] : 0.f;
+      if (i < n && !greedy && pm != -INFINITY) acc += (double)expf(__fsub_rn(v, pm));
+      radix_add(s, r, 1, i < n, f2key(v));
+    }
+    if (!greedy) {
+      const double ps = block_sum_d(acc, red);
+      if (tid == 0) {
+        sf[0] = pm;
+        sf[1] = pm == -INFINITY ? 0.f : (float)ps;
+      }
+    }
+    radix_pick(s, r, 1);
+    radix_clear(s, 2);
+    __syncthreads();
+    for (int b = 0; b < n; b += bd) {
+      const int i = b + tid;
+      radix_add(s, r, 2, i < n, i < n ? f2key(x[i]) : 0u);
+    }
+    radix_pick(s, r, 2);
+    if (tid == 0) {
+      so[4] = k;
+      so[5] = 0;
+    }
+    radix_collect(n, k, [&](int i) { return f2key(x[i]); }, r, s);
+    for (int j = tid; j < k; j += bd) {
+      const uint32_t idx = (uint32_t)s.sort[j];
+      sf[SP_PROC + j] = x[idx];
+      sf[SP_RAW + j] = greedy ? raw_of(idx, x[idx]) : 0.f;  // read only with logprobs
+      so[SP_ID + j] = lo + idx;
+    }
+    return;
+  }
+
+  // With logprobs: 1. raw logits: NaN → −inf; (max, Σ exp(x − max)).
   float m = -INFINITY;
   for (int i = tid; i < n; i += bd) {
     float v = x[i];
@@ -1521,7 +1641,7 @@ extern "C" __global__ void __launch_bounds__(1024) sample_partial(
     }
     m = fmaxf(m, v);
   }
-  if (logprobs) {
+  {
     const float rm = block_max(m, redf);
     double acc = 0.0;
     if (rm != -INFINITY)
@@ -1544,35 +1664,14 @@ extern "C" __global__ void __launch_bounds__(1024) sample_partial(
     }
     __syncthreads();
   }
-  // 3. Penalties on this part, in place (repetition on prompt ∪ output, then frequency and
-  //    presence on output tokens), with the host's rounding (no fused multiply-add).
-  const float rp = __uint_as_float(p[SR_REP]), fp = __uint_as_float(p[SR_FREQ]),
-              pp = __uint_as_float(p[SR_PRES]);
-  for (uint32_t e = pb + tid; e < pe; e += bd) {
-    const uint32_t gi = pen[2 * e], cnt = pen[2 * e + 1];
-    if (gi < (uint32_t)lo || gi >= (uint32_t)hi) continue;
-    float v = x[gi - lo];
-    pen_raw[e] = v;
-    if (rp != 1.f) v = v > 0.f ? __fdiv_rn(v, rp) : __fmul_rn(v, rp);
-    if ((fp != 0.f || pp != 0.f) && cnt > 0) {
-      v = __fsub_rn(v, __fmul_rn(fp, (float)cnt));
-      v = __fsub_rn(v, pp);
-    }
-    x[gi - lo] = v;
-  }
-  __syncthreads();
-  // 4. Processed logits x / T: (max, Σ exp) for sampled rows. Without logprobs the raw values
-  //    are not needed any more: x / T is stored in place (one division per logit instead of one
-  //    per pass); greedy rows have T = 1.
-  const bool in_place = greedy || !logprobs;
-  auto proc = [&](int i) { return in_place ? x[i] : __fdiv_rn(x[i], temp); };
+  // 3. Penalties.
+  penalise();
+  // 4. Processed logits x / T, computed on the fly (the raw values stay for the logprobs):
+  //    (max, Σ exp) for sampled rows; greedy rows have T = 1.
+  auto proc = [&](int i) { return greedy ? x[i] : __fdiv_rn(x[i], temp); };
   if (!greedy) {
     float pm = -INFINITY;
-    for (int i = tid; i < n; i += bd) {
-      float v = __fdiv_rn(x[i], temp);
-      if (in_place) x[i] = v;
-      pm = fmaxf(pm, v);
-    }
+    for (int i = tid; i < n; i += bd) pm = fmaxf(pm, proc(i));
     pm = block_max(pm, redf);
     double acc = 0.0;
     if (pm != -INFINITY)
@@ -1584,25 +1683,14 @@ extern "C" __global__ void __launch_bounds__(1024) sample_partial(
     }
   }
   __syncthreads();
-  // 5. The part's top k candidates of the processed logits, with their raw values (only
-  //    meaningful, and only read, with logprobs).
+  // 5. The part's top k candidates of the processed logits, with their raw values.
   if (tid == 0) so[4] = k;
   block_top_k(n, k, [&](int i) { return f2key(proc(i)); }, s);
   for (int j = tid; j < k; j += bd) {
-    const uint32_t idx = (uint32_t)s.sort[j], gi = lo + idx;
-    float raw = greedy || logprobs ? x[idx] : 0.f;
-    uint32_t a = pb, b = pe;  // binary search among this row's penalised indices
-    while (a < b) {
-      const uint32_t mid = (a + b) >> 1;
-      if (pen[2 * mid] < gi)
-        a = mid + 1;
-      else
-        b = mid;
-    }
-    if (a < pe && pen[2 * a] == gi) raw = pen_raw[a];
+    const uint32_t idx = (uint32_t)s.sort[j];
     sf[SP_PROC + j] = proc(idx);
-    sf[SP_RAW + j] = raw;
-    so[SP_ID + j] = gi;
+    sf[SP_RAW + j] = raw_of(idx, x[idx]);
+    so[SP_ID + j] = lo + idx;
   }
 }
 
