@@ -62,6 +62,19 @@ async def one_stream(session, url, model, prompt, out_tokens, sampling=None):
         return d["usage"]["completion_tokens"]
 
 
+async def engine_counters(session, url):
+    """The coordinator's step counters from /metrics (summed over replicas)."""
+    want = {"r4b_engine_steps_total": "steps", "r4b_engine_batch_tokens_total": "tokens",
+            "r4b_engine_step_wall_seconds_total": "wall", "r4b_engine_step_forward_seconds_total": "forward"}
+    out = {v: 0.0 for v in want.values()}
+    async with session.get(f"{url}/metrics") as r:
+        for line in (await r.text()).splitlines():
+            name = line.split("{")[0].split(" ")[0]
+            if name in want:
+                out[want[name]] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 async def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="http://127.0.0.1:8000")
@@ -125,15 +138,27 @@ async def main():
             prompts = ["".join(rnd.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(a.prompt_tokens))
                        for _ in range(n)]
             sampling = [{"temperature": 0.8, "top_p": 0.9, "seed": i} if mode else None for i in range(n)]
+            c0 = await engine_counters(s, a.url)
             t0 = time.perf_counter()
             toks = await asyncio.gather(*[one_stream(s, a.url, model, p, a.output_tokens, sp)
                                           for p, sp in zip(prompts, sampling)])
             dt = time.perf_counter() - t0
+            c1 = await engine_counters(s, a.url)
             row = {"streams": n, "mode": mode or "greedy", "output_tokens": sum(toks), "seconds": dt,
                    "tok_s": sum(toks) / dt, "per_stream_tok_s": sum(toks) / dt / n}
+            steps = max(c1["steps"] - c0["steps"], 1)
+            row["engine"] = {"steps": steps, "tokens_per_step": (c1["tokens"] - c0["tokens"]) / steps,
+                             "wall_ms": (c1["wall"] - c0["wall"]) / steps * 1e3,
+                             "forward_ms": (c1["forward"] - c0["forward"]) / steps * 1e3,
+                             "outside_steps_s": dt - (c1["wall"] - c0["wall"])}
             res["throughput"].append(row)
             print(f"HTTP {n:>4} streams x {a.output_tokens} tokens, {row['mode']}: {row['tok_s']:.0f} "
                   f"output tok/s ({row['per_stream_tok_s']:.1f} per stream, {dt:.1f} s)", flush=True)
+            e = row["engine"]
+            print(f"     {e['steps']:.0f} steps, {e['tokens_per_step']:.1f} tokens/step; per step: coordinator wall "
+                  f"{e['wall_ms']:.2f} ms, rank-0 forward+sample {e['forward_ms']:.2f} ms, control "
+                  f"{e['wall_ms'] - e['forward_ms']:.2f} ms; time outside steps {e['outside_steps_s']:.2f} s",
+                  flush=True)
     if a.json:
         json.dump(res, open(a.json, "w"), indent=1)
 

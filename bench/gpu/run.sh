@@ -61,7 +61,7 @@ if has http; then
   echo "serve ready after $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s"
   timeout 300 python3 bench/gpu/http_bench.py --image $REF/image_640x480.png --streams ${STREAMS:-1 256} \
     --sampled-streams ${SAMPLED_STREAMS:-1 256} \
-    --json "$OUT/http.json" 2>&1 | tail -8
+    --json "$OUT/http.json" 2>&1 | tail -24
   kill $SERVE; wait $SERVE 2>/dev/null
   grep -iE "error|panic|weights on GPU|encoded|image [0-9]" "$OUT/serve.log" | head -14
   grep -E "step [0-9]+: 1 sequences, 29" "$OUT/serve.log" | head -4

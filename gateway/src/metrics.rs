@@ -330,10 +330,45 @@ fn write_load_gauges(
             "Sequences preempted by the coordinators.",
             sum64(|l| l.preemptions),
         ),
+        (
+            "r4b_engine_steps_total",
+            "Engine steps run by the coordinators.",
+            sum64(|l| l.steps),
+        ),
+        (
+            "r4b_engine_batch_tokens_total",
+            "Tokens in the engine steps (prefill chunks and decodes).",
+            sum64(|l| l.batch_tokens),
+        ),
     ] {
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{m}}} {v}"
+        );
+    }
+    // Step time split: coordinator wall per step vs rank 0's forward (+ sampling) and its
+    // collectives; wall − forward is the control overhead (gRPC fan-out, scheduling, answers).
+    let secs = |f: fn(&pb::LoadResponse) -> u64| sum64(f) as f64 / 1e9;
+    for (name, help, v) in [
+        (
+            "r4b_engine_step_wall_seconds_total",
+            "Coordinator wall time of the engine steps.",
+            secs(|l| l.step_wall_ns),
+        ),
+        (
+            "r4b_engine_step_forward_seconds_total",
+            "Rank 0 forward and sampling time of the engine steps.",
+            secs(|l| l.step_forward_ns),
+        ),
+        (
+            "r4b_engine_collective_seconds_total",
+            "Rank 0 time in collectives during the engine steps.",
+            secs(|l| l.collective_ns),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{m}}} {v:.6}"
         );
     }
     let per_replica: [(&str, &str, LoadField); 4] = [
@@ -435,6 +470,10 @@ mod tests {
                     prefix_hit_tokens: 30,
                     prefix_query_tokens: 40,
                     preemptions: 1,
+                    steps: 4,
+                    step_wall_ns: 10_000_000,
+                    step_forward_ns: 7_500_000,
+                    batch_tokens: 40,
                     ..Default::default()
                 }),
             ),
@@ -454,6 +493,10 @@ mod tests {
             "vllm:kv_cache_usage_perc{model_name=\"r4b\"} 0.25",
             "vllm:prefix_cache_hits_total{model_name=\"r4b\"} 30",
             "vllm:num_preemptions_total{model_name=\"r4b\"} 1",
+            "r4b_engine_steps_total{model_name=\"r4b\"} 4",
+            "r4b_engine_batch_tokens_total{model_name=\"r4b\"} 40",
+            "r4b_engine_step_wall_seconds_total{model_name=\"r4b\"} 0.010000",
+            "r4b_engine_step_forward_seconds_total{model_name=\"r4b\"} 0.007500",
             "r4b_replica_up{replica=\"http://b\"} 0",
             "# TYPE vllm:time_to_first_token_seconds histogram",
             "# TYPE gen_ai_server_time_to_first_token_seconds histogram",

@@ -599,6 +599,12 @@ impl Worker for WorkerService {
         tokio::spawn(async move {
             while let Some(msg) = inbound.next().await {
                 let resp = match msg {
+                    // The coordinator's side of the stream broke (it exited or the connection
+                    // dropped): nothing to answer, not a failed step.
+                    Err(e) => {
+                        tracing::warn!("step stream from the coordinator ended: {}", e.message());
+                        break;
+                    }
                     Ok(step) => {
                         tracing::trace!(step = step.step_id, "worker got step");
                         let (tx, rx) = oneshot::channel();
@@ -611,7 +617,6 @@ impl Worker for WorkerService {
                             }
                         }
                     }
-                    Err(e) => Err(e),
                 };
                 let failed = resp.is_err();
                 if let Err(e) = &resp {
