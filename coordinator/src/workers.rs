@@ -316,13 +316,20 @@ impl WorkerGroup {
     ) -> Result<(pb::StepResponse, StepTiming), GroupError> {
         let t0 = Instant::now();
         let step_id = req.step_id;
+        // Every rank but the last gets a copy; the last one takes the request itself.
+        let last = self.ranks.len().saturating_sub(1);
+        let mut req = Some(req);
         for (rank, r) in self.ranks.iter().enumerate() {
-            r.tx.send(req.clone())
-                .await
-                .map_err(|_| GroupError::Stream {
-                    rank,
-                    reason: "is closed".into(),
-                })?;
+            let msg = if rank == last {
+                req.take()
+            } else {
+                req.clone()
+            };
+            let Some(msg) = msg else { break };
+            r.tx.send(msg).await.map_err(|_| GroupError::Stream {
+                rank,
+                reason: "is closed".into(),
+            })?;
         }
         tracing::trace!(step_id, "sent to all ranks");
         let mut rank0 = None;

@@ -6,7 +6,8 @@
 //! 3. per-step control overhead at a given TP: (coordinator wall time per step − rank 0's forward
 //!    time), from the Load RPC counters around a decode workload.
 //!
-//! `cargo run -p r4b --example bench_serving -- [--r4b target/debug/r4b] [--requests 200] [--tp 8]`
+//! `cargo run -p r4b --example bench_serving -- [--r4b target/debug/r4b] [--requests 200] [--tp 8]
+//! [--streams 8] [--control-only]`
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -238,13 +239,14 @@ async fn control_overhead(bin: &str, tp: &str) {
     );
     let mut client = coordinator(cport).await;
     generate(&mut client, &[257, 72, 105, 258], 4).await; // warm up
+    let streams: u32 = arg("--streams", "8").parse().unwrap();
     let before = client.load(pb::LoadRequest {}).await.unwrap().into_inner();
     let t = Instant::now();
     let mut tasks = Vec::new();
-    for i in 0..8u32 {
+    for i in 0..streams {
         let mut c = client.clone();
         tasks.push(tokio::spawn(async move {
-            generate(&mut c, &[257, 72 + i, 105, 258], 64).await
+            generate(&mut c, &[257, 72 + i % 100, 105, 258], 64).await
         }));
     }
     for t in tasks {
@@ -258,7 +260,7 @@ async fn control_overhead(bin: &str, tp: &str) {
     let forward = per(after.step_forward_ns, before.step_forward_ns);
     let collective = per(after.collective_ns, before.collective_ns);
     println!(
-        "TP={tp}, 8 streams x 64 tokens: {steps} steps in {:.2} s",
+        "TP={tp}, {streams} streams x 64 tokens: {steps} steps in {:.2} s",
         wall.as_secs_f64()
     );
     println!("  per step: coordinator wall {step_wall:.0} µs, rank-0 forward {forward:.0} µs (of which collectives {collective:.0} µs)");
@@ -275,8 +277,12 @@ fn main() {
     );
     let requests: usize = arg("--requests", "200").parse().unwrap();
     let tp = arg("--tp", "8");
-    cold_start(&bin);
     let rt = tokio::runtime::Runtime::new().unwrap();
+    if std::env::args().any(|a| a == "--control-only") {
+        rt.block_on(control_overhead(&bin, &tp));
+        return;
+    }
+    cold_start(&bin);
     rt.block_on(gateway_overhead(&bin, requests));
     rt.block_on(control_overhead(&bin, "1"));
     rt.block_on(control_overhead(&bin, &tp));
