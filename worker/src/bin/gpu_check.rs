@@ -854,36 +854,6 @@ fn attn() -> Result<()> {
             t2 * 1e6,
             bytes / t2 / 1e9
         );
-        if bsz >= 64 && !contiguous {
-            // Layout experiment: the same reads with each kv head's keys in a region of its own
-            // (a block's 16 keys of one head contiguous, as a head-major cache would hold them):
-            // one launch per kv head with nkv = 1.
-            let g = nq / nkv;
-            let region = ((nblocks + 1) * bs * hd * 2) as u64;
-            let per_head = |h: usize| DecodeAttn {
-                q: q.ptr() + (h * g * hd * 2) as u64,
-                k_cache: kc.ptr() + h as u64 * region,
-                v_cache: vc.ptr() + h as u64 * region,
-                nq: g,
-                nkv: 1,
-                out: o2.ptr() + (h * g * hd * 2) as u64,
-                ..args(o2.ptr())
-            };
-            let mut row = String::new();
-            for flash in [true, false] {
-                gpu.use_flash_decode = flash;
-                // SAFETY: every region lies inside kc / vc (nkv regions of nblocks + 1 blocks).
-                let t = time_it(&gpu, 50, || {
-                    for h in 0..nkv {
-                        unsafe { gpu.decode_attention(&per_head(h))? };
-                    }
-                    Ok(())
-                })?;
-                row.push_str(&format!(" {:.1} | {:.0} |", t * 1e6, bytes / t / 1e9));
-            }
-            gpu.use_flash_decode = true;
-            println!("| head-major regions (layout experiment) | {bsz} | {ctx} | {ps} |{row} | |");
-        }
     }
     // SigLIP: 5 views of 729 patches, 16 heads of 72, q|k|v rows of 3·1152.
     let (views, n, heads, vhd) = (5usize, 729usize, 16usize, 72usize);
