@@ -314,42 +314,36 @@ fn write_load_gauges(
         );
     }
     let sum64 = |f: fn(&pb::LoadResponse) -> u64| ok.iter().map(|(_, l)| f(l)).sum::<u64>();
+    let count = |f: fn(&pb::LoadResponse) -> u64| sum64(f).to_string();
+    // Step time split: coordinator wall per step vs rank 0's forward (+ sampling) and its
+    // collectives; wall − forward is the control overhead (gRPC fan-out, scheduling, answers).
+    let secs = |f: fn(&pb::LoadResponse) -> u64| format!("{:.6}", sum64(f) as f64 / 1e9);
     for (name, help, v) in [
         (
             "vllm:prefix_cache_queries_total",
             "Prompt tokens looked up in the prefix cache.",
-            sum64(|l| l.prefix_query_tokens),
+            count(|l| l.prefix_query_tokens),
         ),
         (
             "vllm:prefix_cache_hits_total",
             "Prompt tokens served from the prefix cache.",
-            sum64(|l| l.prefix_hit_tokens),
+            count(|l| l.prefix_hit_tokens),
         ),
         (
             "vllm:num_preemptions_total",
             "Sequences preempted by the coordinators.",
-            sum64(|l| l.preemptions),
+            count(|l| l.preemptions),
         ),
         (
             "r4b_engine_steps_total",
             "Engine steps run by the coordinators.",
-            sum64(|l| l.steps),
+            count(|l| l.steps),
         ),
         (
             "r4b_engine_batch_tokens_total",
             "Tokens in the engine steps (prefill chunks and decodes).",
-            sum64(|l| l.batch_tokens),
+            count(|l| l.batch_tokens),
         ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{m}}} {v}"
-        );
-    }
-    // Step time split: coordinator wall per step vs rank 0's forward (+ sampling) and its
-    // collectives; wall − forward is the control overhead (gRPC fan-out, scheduling, answers).
-    let secs = |f: fn(&pb::LoadResponse) -> u64| sum64(f) as f64 / 1e9;
-    for (name, help, v) in [
         (
             "r4b_engine_step_wall_seconds_total",
             "Coordinator wall time of the engine steps.",
@@ -368,7 +362,7 @@ fn write_load_gauges(
     ] {
         let _ = writeln!(
             out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{m}}} {v:.6}"
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{m}}} {v}"
         );
     }
     let per_replica: [(&str, &str, LoadField); 4] = [

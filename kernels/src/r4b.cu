@@ -1631,28 +1631,27 @@ extern "C" __global__ void __launch_bounds__(1024) sample_partial(
     return;
   }
 
-  // With logprobs: 1. raw logits: NaN → −inf; (max, Σ exp(x − max)).
-  float m = -INFINITY;
-  for (int i = tid; i < n; i += bd) {
-    float v = x[i];
-    if (isnan(v)) {
-      v = -INFINITY;
-      x[i] = v;
-    }
-    m = fmaxf(m, v);
-  }
-  {
-    const float rm = block_max(m, redf);
+  // (max, Σ exp(v − max)) of value_of(0 .. n) into dst[0], dst[1] (sum in f64); (−inf, 0) when
+  // every value is −inf.
+  auto max_sumexp = [&](auto value_of, float* dst) {
+    float mx = -INFINITY;
+    for (int i = tid; i < n; i += bd) mx = fmaxf(mx, value_of(i));
+    mx = block_max(mx, redf);
     double acc = 0.0;
-    if (rm != -INFINITY)
-      for (int i = tid; i < n; i += bd) acc += (double)expf(__fsub_rn(x[i], rm));
-    const double rs = block_sum_d(acc, red);
+    if (mx != -INFINITY)
+      for (int i = tid; i < n; i += bd) acc += (double)expf(__fsub_rn(value_of(i), mx));
+    const double sum = block_sum_d(acc, red);
     if (tid == 0) {
-      sf[2] = rm;
-      sf[3] = rm == -INFINITY ? 0.f : (float)rs;
+      dst[0] = mx;
+      dst[1] = mx == -INFINITY ? 0.f : (float)sum;
     }
-  }
+    __syncthreads();
+  };
+  // With logprobs: 1. raw logits: NaN → −inf; their (max, Σ exp).
+  for (int i = tid; i < n; i += bd)
+    if (isnan(x[i])) x[i] = -INFINITY;
   __syncthreads();
+  max_sumexp([&](int i) { return x[i]; }, sf + 2);
   // 2. Raw top nt (top_logprobs).
   if (tid == 0) so[5] = nt;
   if (nt > 0) {
@@ -1669,20 +1668,7 @@ extern "C" __global__ void __launch_bounds__(1024) sample_partial(
   // 4. Processed logits x / T, computed on the fly (the raw values stay for the logprobs):
   //    (max, Σ exp) for sampled rows; greedy rows have T = 1.
   auto proc = [&](int i) { return greedy ? x[i] : __fdiv_rn(x[i], temp); };
-  if (!greedy) {
-    float pm = -INFINITY;
-    for (int i = tid; i < n; i += bd) pm = fmaxf(pm, proc(i));
-    pm = block_max(pm, redf);
-    double acc = 0.0;
-    if (pm != -INFINITY)
-      for (int i = tid; i < n; i += bd) acc += (double)expf(__fsub_rn(proc(i), pm));
-    const double ps = block_sum_d(acc, red);
-    if (tid == 0) {
-      sf[0] = pm;
-      sf[1] = pm == -INFINITY ? 0.f : (float)ps;
-    }
-  }
-  __syncthreads();
+  if (!greedy) max_sumexp(proc, sf);
   // 5. The part's top k candidates of the processed logits, with their raw values.
   if (tid == 0) so[4] = k;
   block_top_k(n, k, [&](int i) { return f2key(proc(i)); }, s);
@@ -1708,6 +1694,24 @@ __device__ void merge_pairs(const uint32_t* sc, int parts, int off, float* out) 
     }
   out[0] = M;
   out[1] = M == -INFINITY ? 0.f : (float)S;
+}
+
+// The top `want` entries of a row's parts (each part's list sorted, its f32 values at word
+// `val` of its scratch, its length at word `len`), as candidate indices c · cap + j in
+// s.sort[0 .. want); returns cap = min(want, widest part). Entries past a part's length are holes
+// with the smallest key (below −inf), never picked while `want` real entries exist.
+__device__ int merge_part_lists(const uint32_t* sc, int parts, int widest, int want, int len,
+                                int val, TopKSmem& s) {
+  const int cap = min(want, widest);
+  block_top_k(
+      parts * cap, want,
+      [&](int i) {
+        const int c = i / cap, j = i - c * cap;
+        const uint32_t* q = sc + (size_t)c * SP_WORDS;
+        return j < (int)q[len] ? f2key(__uint_as_float(q[val + j])) : 0u;
+      },
+      s);
+  return cap;
 }
 
 // Stage 2, grid rows, block 1024: merges a row's parts (candidate lists in increasing id order,
@@ -1741,17 +1745,8 @@ extern "C" __global__ void __launch_bounds__(1024) sample_prepare(
       fo[3] = 0.f;
     }
   }
-  // Candidate i = (part i / cap, entry i % cap); entries past a part's count are holes with the
-  // smallest key (below −inf), never picked while k real candidates exist.
-  const int cap = min(k, widest);
-  block_top_k(
-      parts * cap, k,
-      [&](int i) {
-        const int c = i / cap, j = i - c * cap;
-        const uint32_t* q = sc + (size_t)c * SP_WORDS;
-        return j < (int)q[4] ? f2key(__uint_as_float(q[SP_PROC + j])) : 0u;
-      },
-      s);
+  // Candidates: the top k of the parts' lists of processed values; then the raw top nt.
+  int cap = merge_part_lists(sc, parts, widest, k, 4, SP_PROC, s);
   for (int j = tid; j < k; j += bd) {
     const int i = (int)(uint32_t)s.sort[j], c = i / cap, e = i - c * cap;
     const uint32_t* q = sc + (size_t)c * SP_WORDS;
@@ -1761,17 +1756,9 @@ extern "C" __global__ void __launch_bounds__(1024) sample_prepare(
   }
   __syncthreads();
   if (nt > 0) {
-    const int tcap = min(nt, widest);
-    block_top_k(
-        parts * tcap, nt,
-        [&](int i) {
-          const int c = i / tcap, j = i - c * tcap;
-          const uint32_t* q = sc + (size_t)c * SP_WORDS;
-          return j < (int)q[5] ? f2key(__uint_as_float(q[SP_TV + j])) : 0u;
-        },
-        s);
+    cap = merge_part_lists(sc, parts, widest, nt, 5, SP_TV, s);
     for (int j = tid; j < nt; j += bd) {
-      const int i = (int)(uint32_t)s.sort[j], c = i / tcap, e = i - c * tcap;
+      const int i = (int)(uint32_t)s.sort[j], c = i / cap, e = i - c * cap;
       const uint32_t* q = sc + (size_t)c * SP_WORDS;
       fo[4 + 2 * k + j] = __uint_as_float(q[SP_TV + e]);
       uo[k + j] = start + q[SP_TI + e];
