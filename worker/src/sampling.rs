@@ -36,7 +36,10 @@
 //! - **Communication:** with world size 1 nothing is sent. Otherwise every row of the batch is packed
 //!   into one f32 and one u32 tensor: exactly 2 `all_gather` calls per step, whatever `B`.
 //!
-//! The local work (penalties, top-k selection, exp sums) runs on the host over `[B, V / world]`.
+//! Here the local work (penalties, top-k selection, exp sums) runs on the host over
+//! `[B, V / world]` (the CPU engine; the reference for the GPU sampler, `gpu::GpuSampler`, which
+//! runs both halves as kernels over the same packed layout: [`packed_layout`],
+//! [`penalty_entries`], [`finish_packed`]).
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};

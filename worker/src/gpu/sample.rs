@@ -5,10 +5,13 @@
 //!
 //! Per step: one upload of the rows' arguments (and their penalty entries, if any); the
 //! rank-local stage 1 over [`parts_for`] parts of each logits row at once (penalties,
-//! temperature, normalisers, each part's top candidates: a few rows still use the whole GPU),
-//! stage 2 merging the parts into the packed words; one NCCL all-gather of the packed candidates when the world size is above 1, the merge kernel
-//! (top-k, top-p, min-p, seeded draw, logprobs), one download of 44 words per row. Nothing of the
-//! vocabulary leaves the GPU.
+//! temperature, normalisers, each part's top candidates: a few rows still use the whole GPU);
+//! stage 2 merging the parts into the packed words; one NCCL all-gather of the packed
+//! candidates when the world size is above 1; the merge kernel (top-k, top-p, min-p, seeded
+//! draw, logprobs); one download of 44 words per row. Nothing of the vocabulary leaves the GPU.
+//!
+//! Every rank takes the same path (GPU or host sampler) for the same rows: [`GpuSampler::accepts`]
+//! depends only on the rows and the group's configuration.
 
 use r4b_kernels::{
     DBuf, DevPtr, Gpu, Nccl, SampleOut, SampleRowArgs, SAMPLE_MAX_K, SAMPLE_MAX_WORLD,
