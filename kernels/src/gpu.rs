@@ -1407,6 +1407,7 @@ impl Gpu {
             .launch(grid1(rows, 1024))?;
         Ok(())
     }
+
     /// Sampling, rank-local half, stage 1: for each row of `rows` ([`SampleRowArgs`] words on the
     /// device) and each of `parts` equal parts of its logits row (f32 `[_, width]`, modified in
     /// place), penalties and temperature, normalisers, the part's top candidates and raw top
