@@ -88,8 +88,10 @@ struct Funcs {
     /// `(head_dim, group)` → kernel.
     decode: Vec<((usize, usize), CudaFunction)>,
     decode_combine: CudaFunction,
-    /// `head_dim` → tensor-core prefill attention kernel.
+    /// `head_dim` → tensor-core prefill attention kernel, 64 query rows per CTA.
     flash: Vec<(usize, CudaFunction)>,
+    /// The same with 128 query rows per CTA (two m-tiles per warp).
+    flash2: Vec<(usize, CudaFunction)>,
     /// `head_dim` → tensor-core paged decode attention kernel.
     flash_decode: Vec<(usize, CudaFunction)>,
     gather_kv: CudaFunction,
@@ -134,6 +136,11 @@ pub struct Gpu {
     pub use_fused_silu: bool,
     /// Prefill attention runs the tensor-core kernel where it exists (off with `R4B_NO_FLASH=1`).
     pub use_flash: bool,
+    /// Query rows per CTA of the prefill attention: 64 or 128; `None` chooses per launch
+    /// (128 when that still gives every multiprocessor a CTA). `R4B_FLASH_ROWS` forces one.
+    pub flash_rows: Option<usize>,
+    /// Multiprocessors of the device.
+    pub sm_count: usize,
     /// Paged decode attention runs the tensor-core kernel where it exists (GQA groups ≤ 8, head
     /// dim 64 or 128; off with `R4B_NO_FLASH_DECODE=1`) for steps of at most
     /// `flash_decode_max_tokens` queries.
@@ -254,10 +261,16 @@ pub struct DecodeAttn {
 /// Head dims the tensor-core prefill attention is built for ([`Gpu::flash_attention`]).
 pub const FLASH_HEAD_DIMS: [usize; 5] = [64, 72, 80, 96, 128];
 
-/// Dynamic shared memory of the tensor-core attention kernel: two stages of a 64-key K tile and
+/// Dynamic shared memory of the tensor-core attention kernels: two stages of a 64-key K tile and
 /// a V tile, rows padded to a multiple of 16 plus 8 bf16.
 fn flash_smem_bytes(head_dim: usize) -> usize {
     2 * 2 * 64 * (head_dim.div_ceil(16) * 16 + 8) * 2
+}
+
+/// Dynamic shared memory of the prefill attention kernel with `rows` query rows per CTA: the
+/// CTA's Q rows (same pitch) before the K/V stages.
+fn flash_prefill_smem_bytes(head_dim: usize, rows: usize) -> usize {
+    flash_smem_bytes(head_dim) + rows * (head_dim.div_ceil(16) * 16 + 8) * 2
 }
 
 /// Arguments of [`Gpu::flash_attention`]: `rows` queries of each of `batch` independent sequences
@@ -373,13 +386,13 @@ impl Gpu {
         let stream = ctx.new_stream()?;
         let module = ctx.load_module(Ptx::from_src(PTX))?;
         let l = |n: &str| module.load_function(n);
-        // The tensor-core attention kernels keep two stages of K and V tiles in dynamic shared
-        // memory, above the 48 KB default.
-        let tiled = |name: String, hd: usize| -> Result<(usize, CudaFunction)> {
+        // The tensor-core attention kernels keep two stages of K and V tiles (and the prefill
+        // kernels their Q rows) in dynamic shared memory, above the 48 KB default.
+        let tiled = |name: String, hd: usize, smem: usize| -> Result<(usize, CudaFunction)> {
             let f = l(&name)?;
             f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                flash_smem_bytes(hd) as i32,
+                smem as i32,
             )?;
             Ok((hd, f))
         };
@@ -405,11 +418,27 @@ impl Gpu {
             decode_combine: l("decode_attn_combine")?,
             flash: FLASH_HEAD_DIMS
                 .iter()
-                .map(|&hd| tiled(format!("flash_attn_hd{hd}"), hd))
+                .map(|&hd| {
+                    tiled(
+                        format!("flash_attn_hd{hd}"),
+                        hd,
+                        flash_prefill_smem_bytes(hd, 64),
+                    )
+                })
+                .collect::<Result<_>>()?,
+            flash2: FLASH_HEAD_DIMS
+                .iter()
+                .map(|&hd| {
+                    tiled(
+                        format!("flash_attn2_hd{hd}"),
+                        hd,
+                        flash_prefill_smem_bytes(hd, 128),
+                    )
+                })
                 .collect::<Result<_>>()?,
             flash_decode: [64usize, 128]
                 .iter()
-                .map(|&hd| tiled(format!("flash_decode_hd{hd}"), hd))
+                .map(|&hd| tiled(format!("flash_decode_hd{hd}"), hd, flash_smem_bytes(hd)))
                 .collect::<Result<_>>()?,
             gather_kv: l("gather_kv")?,
             softmax_rows: l("softmax_rows")?,
@@ -429,6 +458,9 @@ impl Gpu {
             gemv_r4: l("gemv_r4")?,
             gemv_silu: l("gemv_silu")?,
         };
+        let sm_count = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )? as usize;
         let blas = CudaBlas::new(stream.clone())?;
         // A fixed cuBLAS workspace, so that GEMMs allocate nothing (required under graph capture).
         let ws_bytes = 64 << 20;
@@ -445,12 +477,19 @@ impl Gpu {
             pdl: std::sync::atomic::AtomicBool::new(false),
             use_fused_silu: std::env::var_os("R4B_NO_FUSED_SILU").is_none(),
             use_flash: std::env::var_os("R4B_NO_FLASH").is_none(),
+            flash_rows: std::env::var("R4B_FLASH_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|r| [64, 128].contains(r)),
+            sm_count,
             use_flash_decode: std::env::var_os("R4B_NO_FLASH_DECODE").is_none(),
-            // Measured on the H100 (bench/RESULTS.md); R4B_FLASH_DECODE_MAX overrides.
+            // Since its K/V copies lost their per-piece division and branches, the tensor-core
+            // kernel is the faster one at every batch measured (1–256 queries, H200,
+            // bench/RESULTS.md); R4B_FLASH_DECODE_MAX caps it for comparisons.
             flash_decode_max_tokens: std::env::var("R4B_FLASH_DECODE_MAX")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(128),
+                .unwrap_or(usize::MAX),
             timeline: std::sync::Mutex::new(None),
             linear_impl: std::sync::Mutex::new(std::collections::HashMap::new()),
             blas,
@@ -1090,8 +1129,8 @@ impl Gpu {
             .iter()
             .find(|(d, _)| *d == a.head_dim)
             .map(|(_, f)| f)
-            // Measured (r4b-gpu-check attn, H100): the tensor-core kernel is 2–7 % faster up
-            // to 64 queries, the CUDA-core one 3–5 % faster at 256.
+            // Measured (r4b-gpu-check attn, H200): the tensor-core kernel is 1.1–1.8× faster
+            // from 1 to 256 queries.
             .filter(|_| {
                 self.use_flash_decode
                     && (1..=8).contains(&group)
@@ -1154,18 +1193,29 @@ impl Gpu {
         if a.rows == 0 || a.batch == 0 {
             return Ok(());
         }
-        let func = self
-            .f
-            .flash
-            .iter()
-            .find(|(hd, _)| *hd == a.head_dim)
-            .map(|(_, f)| f)
-            .ok_or_else(|| {
-                GpuError::Invalid(format!(
-                    "flash attention: head_dim {} (built for {FLASH_HEAD_DIMS:?})",
-                    a.head_dim
-                ))
-            })?;
+        // 128 rows per CTA read each K/V fragment once for two m-tiles; 64 keep more CTAs for
+        // short prefills (measured, H200: 128 wins once there is a CTA per multiprocessor).
+        let rows_per_cta =
+            self.flash_rows
+                .unwrap_or(if a.rows.div_ceil(128) * a.nq * a.batch >= self.sm_count {
+                    128
+                } else {
+                    64
+                });
+        let func = if rows_per_cta == 128 {
+            &self.f.flash2
+        } else {
+            &self.f.flash
+        }
+        .iter()
+        .find(|(hd, _)| *hd == a.head_dim)
+        .map(|(_, f)| f)
+        .ok_or_else(|| {
+            GpuError::Invalid(format!(
+                "flash attention: head_dim {} (built for {FLASH_HEAD_DIMS:?})",
+                a.head_dim
+            ))
+        })?;
         if a.nkv == 0 || a.nq % a.nkv != 0 || a.nkeys == 0 {
             return Err(GpuError::Invalid(format!(
                 "flash attention: {} q heads over {} kv heads, {} keys",
@@ -1180,9 +1230,13 @@ impl Gpu {
         let causal = i32::from(a.causal);
         let scale_log2 = a.scale * std::f32::consts::LOG2_E;
         let cfg = LaunchConfig {
-            grid_dim: (a.rows.div_ceil(64) as u32, a.nq as u32, a.batch as u32),
+            grid_dim: (
+                a.rows.div_ceil(rows_per_cta) as u32,
+                a.nq as u32,
+                a.batch as u32,
+            ),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: flash_smem_bytes(a.head_dim) as u32,
+            shared_mem_bytes: flash_prefill_smem_bytes(a.head_dim, rows_per_cta) as u32,
         };
         self.launch_builder(func)
             .arg(&a.q)

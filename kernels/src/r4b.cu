@@ -536,16 +536,18 @@ extern "C" __global__ void softmax_rows(bf16* __restrict__ s, int ctx, int rows_
 
 // ---------------------------------------------------------------------------------------------
 // Prefill attention on tensor cores (flash style, mma.sync m16n8k16 bf16 → f32).
-// A CTA owns 64 query rows (16 per warp) of one q head and walks the keys in tiles of 64:
-// S = Q·Kᵀ (f32), online softmax in base 2 (scale folded into one FFMA per score), O += bf16(P)·V,
-// O / l at the end. K/V tiles come
-// into shared memory with cp.async, two stages (tile j + 1 loads while tile j is used; dynamic
-// shared memory: 2 · 2 · 64 · (HDP + 8) bf16). Keys come from a paged cache (block_table ≠ null:
-// key → slot = block_table[key / bs]·bs + key % bs, row = slot) or a contiguous buffer (row =
-// key); row `r` of kv head g is at base + r·kv_ld + g·HD. Causal: query row i (position
-// ctx_base + i) sees keys 0 ..= ctx_base + i; else every key < nkeys. Head dims that are not a
-// multiple of 16 are zero-padded in registers and shared memory (SigLIP: 72 → 80).
-// grid (ceil(rows / 64), nq, batch), block 128; batch z offsets q/kv/out by z·(q_z, kv_z, out_z).
+// A CTA owns 64·MT query rows (16·MT per warp: MT m-tiles) of one q head and walks the keys in
+// tiles of 64: S = Q·Kᵀ (f32), online softmax in base 2 (scale folded into one FFMA per score),
+// O += bf16(P)·V, O / l at the end. The CTA's Q rows and two stages of K/V tiles (tile j + 1
+// loads while tile j is used) come into shared memory with cp.async (dynamic shared memory:
+// (64·MT + 2 · 2 · 64) · (HDP + 8) bf16); every Q, K and V fragment is read with ldmatrix, and
+// each K/V fragment feeds the MT m-tiles of its warp. Keys come from a paged cache
+// (block_table ≠ null: key → slot = block_table[key / bs]·bs + key % bs, row = slot) or a
+// contiguous buffer (row = key); row `r` of kv head g is at base + r·kv_ld + g·HD. Causal: query
+// row i (position ctx_base + i) sees keys 0 ..= ctx_base + i; else every key < nkeys. Head dims
+// that are not a multiple of 16 are zero-padded in shared memory (SigLIP: 72 → 80).
+// grid (ceil(rows / (64·MT)), nq, batch), block 128; batch z offsets q/kv/out by z·(q_z, kv_z,
+// out_z).
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return (uint32_t)__cvta_generic_to_shared(p);
 }
@@ -580,31 +582,59 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 #define FA_ROWS 64
 #define FA_KEYS 64
 #define FA_BT_SMEM 1024  // block-table entries a CTA keeps in shared memory (the rest: global)
-// Keys [key0, key0 + 64) of kv head `kvh` into smem rows of LDS bf16 (zeros past `limit` / HD).
+// Keys [key0, key0 + 64) of kv head `kvh` into a K tile `ks` and the V tile after it (TILE bf16
+// further), rows of LDS bf16, zeros past `limit` / HD, by a CTA of 128 threads: each finds the
+// cache rows of its FA_KEYS·CH / 128 16-byte pieces once (a shift for power-of-two block sizes)
+// and issues the K and V copies from them.
 // Paged: block b of the table is sbt[b − bt_base] when that is below FA_BT_SMEM, else bt[b].
 template <int HD, int HDP, int LDS>
-__device__ __forceinline__ void fa_load_tile(bf16* sm, const bf16* __restrict__ base, int kv_ld,
-                                             int kvh, const int* sbt, int bt_base,
-                                             const int* __restrict__ bt, int bs, int key0,
-                                             int limit) {
-  constexpr int CH = HDP / 8, VALID = HD / 8;
-  for (int c = threadIdx.x; c < FA_KEYS * CH; c += blockDim.x) {
-    const int r = c / CH, ch = c % CH, key = key0 + r;
-    const bool ok = key < limit && ch < VALID;
-    const bf16* src = base;
-    if (ok) {
-      size_t row = key;
-      if (bt) {
-        const int b = key / bs, sb = b - bt_base;
-        row = (size_t)(sb < FA_BT_SMEM ? sbt[sb] : bt[b]) * bs + key % bs;
+__device__ __forceinline__ void fa_load_kv(bf16* ks, const bf16* __restrict__ k,
+                                           const bf16* __restrict__ v, int kv_ld, int kvh,
+                                           const int* sbt, int bt_base,
+                                           const int* __restrict__ bt, int bs, int key0,
+                                           int limit) {
+  constexpr int CH = HDP / 8, VALID = HD / 8, PER = FA_KEYS * CH / 128;
+  constexpr int TILE_BYTES = FA_KEYS * LDS * 2;
+  static_assert(FA_KEYS * CH % 128 == 0, "a tile is a whole number of copies per thread");
+  int row[PER];
+#pragma unroll
+  for (int i = 0; i < PER; ++i) row[i] = min(key0 + (int)(threadIdx.x + i * 128) / CH, limit - 1);
+  if (bt) {
+    const int sh = __ffs(bs) - 1;
+    if (bs == 1 << sh) {
+#pragma unroll
+      for (int i = 0; i < PER; ++i) {
+        const int b = row[i] >> sh, sb = b - bt_base;
+        row[i] = ((sb < FA_BT_SMEM ? sbt[sb] : bt[b]) << sh) | (row[i] & (bs - 1));
       }
-      src = base + row * kv_ld + (size_t)kvh * HD + ch * 8;
+    } else {
+#pragma unroll
+      for (int i = 0; i < PER; ++i) {
+        const int b = row[i] / bs, sb = b - bt_base;
+        row[i] = (sb < FA_BT_SMEM ? sbt[sb] : bt[b]) * bs + row[i] - b * bs;
+      }
     }
-    cp_async16(smem_u32(sm + r * LDS + ch * 8), src, ok ? 16 : 0);
+  }
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int c = threadIdx.x + i * 128;
+    const int r = c / CH, ch = c % CH;
+    const int bytes = key0 + r < limit && ch < VALID ? 16 : 0;
+    const size_t off = (size_t)row[i] * kv_ld + kvh * HD + min(ch, VALID - 1) * 8;
+    const uint32_t dst = smem_u32(ks + r * LDS + ch * 8);
+    cp_async16(dst, k + off, bytes);
+    cp_async16(dst + TILE_BYTES, v + off, bytes);
   }
 }
 
-template <int HD>
+// 2^x in one MUFU instruction (denormal results flush to 0: softmax weights below 2^-126).
+__device__ __forceinline__ float ex2_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <int HD, int MT>
 __device__ void flash_attn(const bf16* __restrict__ q, int q_ld, long long q_z,
                            const bf16* __restrict__ k, const bf16* __restrict__ v, int kv_ld,
                            long long kv_z, const int* __restrict__ bt, int bs,
@@ -614,159 +644,204 @@ __device__ void flash_attn(const bf16* __restrict__ q, int q_ld, long long q_z,
   constexpr int LDS = HDP + 8;              // smem row pitch: conflict-free ldmatrix
   constexpr int KC = HDP / 16;              // k-steps of Q·Kᵀ
   constexpr int NT = HDP / 8;               // n-tiles of O
+  constexpr int CH = HDP / 8, VALID = HD / 8;
+  constexpr int ROWS = FA_ROWS * MT;        // query rows of the CTA: MT m-tiles of 16 per warp
   constexpr int TILE = FA_KEYS * LDS;
-  // Two stages of (K, V) tiles: tile j + 1 loads while tile j is used.
+  // Shared memory: the CTA's Q rows, then two stages of (K, V) tiles (tile j + 1 loads while
+  // tile j is used).
   extern __shared__ __align__(16) unsigned char fa_smem[];
-  bf16* const kv_sm = reinterpret_cast<bf16*>(fa_smem);
+  bf16* const q_sm = reinterpret_cast<bf16*>(fa_smem);
+  bf16* const kv_sm = q_sm + ROWS * LDS;
   __shared__ int sbt[FA_BT_SMEM];
   const int rb = gridDim.x - 1 - blockIdx.x;  // the longest (last) row blocks start first
   const int h = blockIdx.y, z = blockIdx.z, kvh = h / group;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int r0 = rb * FA_ROWS;
+  const int r0 = rb * ROWS;
   q += z * q_z;
   k += z * kv_z;
   v += z * kv_z;
   out += z * out_z;
-  const int kmax = causal ? min(nkeys, ctx_base + r0 + FA_ROWS) : nkeys;
+  const int kmax = causal ? min(nkeys, ctx_base + r0 + ROWS) : nkeys;
   const int tiles = (kmax + FA_KEYS - 1) / FA_KEYS;
   // Tiles below `full` need no mask: every key exists and every row of the CTA sees it.
   const int full = causal ? min(nkeys, ctx_base + r0 + 1) / FA_KEYS : nkeys / FA_KEYS;
+  // The warp's rows: wr0 .. wr0 + 16·MT − 1; tiles wholly after its last position are skipped.
+  const int wr0 = r0 + warp * 16 * MT;
+  const int wlast = causal ? ctx_base + wr0 + 16 * MT - 1 : nkeys;
   if (bt) {
     const int nb = min(FA_BT_SMEM, (kmax + bs - 1) / bs);
     for (int i = threadIdx.x; i < nb; i += blockDim.x) sbt[i] = bt[i];
     __syncthreads();
   }
+  // Q rows (zeros past `rows` / HD), in the same commit group as the first K/V tile.
+  for (int c = threadIdx.x; c < ROWS * CH; c += blockDim.x) {
+    const int r = c / CH, ch = c % CH;
+    const bool ok = r0 + r < rows && ch < VALID;
+    const bf16* src = ok ? q + (size_t)(r0 + r) * q_ld + (size_t)h * HD + ch * 8 : q;
+    cp_async16(smem_u32(q_sm + r * LDS + ch * 8), src, ok ? 16 : 0);
+  }
   // Keys at or past kmax are masked for every row of the CTA: they load as zeros.
   auto load = [&](int j) {
-    bf16* st = kv_sm + (j & 1) * 2 * TILE;
-    fa_load_tile<HD, HDP, LDS>(st, k, kv_ld, kvh, sbt, 0, bt, bs, j * FA_KEYS, kmax);
-    fa_load_tile<HD, HDP, LDS>(st + TILE, v, kv_ld, kvh, sbt, 0, bt, bs, j * FA_KEYS, kmax);
+    fa_load_kv<HD, HDP, LDS>(kv_sm + (j & 1) * 2 * TILE, k, v, kv_ld, kvh, sbt, 0, bt, bs,
+                             j * FA_KEYS, kmax);
   };
   load(0);
   cp_commit();
 
-  // This thread's rows of the warp's 16: g and g + 8.
+  // This thread's rows of each 16-row m-tile: g and g + 8; its columns qc, qc + 1 (+ 8).
   const int g = lane >> 2, qc = (lane & 3) * 2;
-  const int qr = r0 + warp * 16 + g;
-  uint32_t qf[KC][4];
+  float o[MT][NT][4];
 #pragma unroll
-  for (int kc = 0; kc < KC; ++kc) {
+  for (int t = 0; t < MT; ++t)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = qr + (i & 1) * 8, col = kc * 16 + qc + (i >> 1) * 8;
-      qf[kc][i] = row < rows && col < HD
-                      ? *reinterpret_cast<const uint32_t*>(q + (size_t)row * q_ld +
-                                                           (size_t)h * HD + col)
-                      : 0u;
-    }
-  }
-  float o[NT][4];
+    for (int n = 0; n < NT; ++n) o[t][n][0] = o[t][n][1] = o[t][n][2] = o[t][n][3] = 0.f;
+  float m[MT][2], l[MT][2];
 #pragma unroll
-  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  for (int t = 0; t < MT; ++t) m[t][0] = m[t][1] = -INFINITY, l[t][0] = l[t][1] = 0.f;
 
   for (int j = 0; j < tiles; ++j) {
     if (j + 1 < tiles) load(j + 1);
     cp_commit();
-    cp_wait1();  // tile j is in (tile j + 1 may still be loading)
+    cp_wait1();  // tile j (and Q) are in; tile j + 1 may still be loading
     __syncthreads();
-    const bf16* ks = kv_sm + (j & 1) * 2 * TILE;
-    const bf16* vs = ks + TILE;
-    float s[8][4];
+    if (j * FA_KEYS <= wlast) {
+      const bf16* ks = kv_sm + (j & 1) * 2 * TILE;
+      const bf16* vs = ks + TILE;
+      // S = Q·Kᵀ: each K fragment (ldmatrix) feeds the MT m-tiles of the warp.
+      float s[MT][8][4];
 #pragma unroll
-    for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+      for (int t = 0; t < MT; ++t)
 #pragma unroll
-    for (int kc = 0; kc < KC; ++kc) {
+        for (int n = 0; n < 8; ++n) s[t][n][0] = s[t][n][1] = s[t][n][2] = s[t][n][3] = 0.f;
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        uint32_t b[4];
-        ldsm_x4(b, smem_u32(ks + ((np * 2 + (lane >> 4)) * 8 + (lane & 7)) * LDS + kc * 16 +
-                            ((lane >> 3) & 1) * 8));
-        mma_bf16(s[np * 2], qf[kc], b[0], b[1]);
-        mma_bf16(s[np * 2 + 1], qf[kc], b[2], b[3]);
-      }
-    }
-    // Mask where needed, running max of the raw scores over the row (4 lanes share a row); the
-    // scale (base 2) goes into one FFMA per score below.
-    float mx[2] = {m[0], m[1]};
-    if (j >= full) {
-      const int kb = j * FA_KEYS + qc;
-      const int qp0 = ctx_base + qr;
+      for (int kc = 0; kc < KC; ++kc) {
+        uint32_t qa[MT][4];
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
+        for (int t = 0; t < MT; ++t)
+          ldsm_x4(qa[t], smem_u32(q_sm + (warp * 16 * MT + t * 16 + (lane & 15)) * LDS +
+                                  kc * 16 + (lane >> 4) * 8));
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = kb + n * 8 + (e & 1);
-          const bool ok = key < nkeys && (!causal || key <= qp0 + (e >> 1) * 8);
-          if (!ok) s[n][e] = -INFINITY;
+        for (int np = 0; np < 4; ++np) {
+          uint32_t b[4];
+          ldsm_x4(b, smem_u32(ks + ((np * 2 + (lane >> 4)) * 8 + (lane & 7)) * LDS + kc * 16 +
+                              ((lane >> 3) & 1) * 8));
+#pragma unroll
+          for (int t = 0; t < MT; ++t) {
+            mma_bf16(s[t][np * 2], qa[t], b[0], b[1]);
+            mma_bf16(s[t][np * 2 + 1], qa[t], b[2], b[3]);
+          }
         }
       }
-    }
+      float ms[MT][2];  // running max in base 2 per row, subtracted in the exponent
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[n][0], s[n][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[n][2], s[n][3]));
-    }
-    float corr[2], ms[2];
+      for (int t = 0; t < MT; ++t) {
+        // Mask where needed, running max of the raw scores over the row (4 lanes share a
+        // row); the scale (base 2) goes into one FFMA per score below.
+        float mx[2] = {m[t][0], m[t][1]};
+        if (j >= full) {
+          const int kb = j * FA_KEYS + qc;
+          const int qp0 = ctx_base + wr0 + t * 16 + g;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      corr[r] = exp2f((m[r] - mx[r]) * scale_log2);  // 0 on the first tile (m = −∞)
-      m[r] = mx[r];
-      ms[r] = mx[r] * scale_log2;
-      l[r] *= corr[r];
-    }
+          for (int n = 0; n < 8; ++n) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      o[n][0] *= corr[0];
-      o[n][1] *= corr[0];
-      o[n][2] *= corr[1];
-      o[n][3] *= corr[1];
-    }
-    uint32_t pa[4][4];  // P as A fragments: keys 16·c .. 16·c + 15
+            for (int e = 0; e < 4; ++e) {
+              const int key = kb + n * 8 + (e & 1);
+              const bool ok = key < nkeys && (!causal || key <= qp0 + (e >> 1) * 8);
+              if (!ok) s[t][n][e] = -INFINITY;
+            }
+          }
+        }
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      const float p0 = exp2f(fmaf(s[n][0], scale_log2, -ms[0]));
-      const float p1 = exp2f(fmaf(s[n][1], scale_log2, -ms[0]));
-      const float p2 = exp2f(fmaf(s[n][2], scale_log2, -ms[1]));
-      const float p3 = exp2f(fmaf(s[n][3], scale_log2, -ms[1]));
-      l[0] += p0 + p1;
-      l[1] += p2 + p3;
-      pa[n >> 1][(n & 1) * 2] = pack_bf16(p0, p1);
-      pa[n >> 1][(n & 1) * 2 + 1] = pack_bf16(p2, p3);
-    }
+        for (int n = 0; n < 8; ++n) {
+          mx[0] = fmaxf(mx[0], fmaxf(s[t][n][0], s[t][n][1]));
+          mx[1] = fmaxf(mx[1], fmaxf(s[t][n][2], s[t][n][3]));
+        }
+        bool grow = false;
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
+        for (int r = 0; r < 2; ++r) {
+          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+          // Lazy rescaling: the reference max m moves (and O, l are rescaled) only when a row's
+          // max grew by more than 2^8 in base 2, for the whole warp at once; otherwise the
+          // weights below are up to 2^8 (exact in f32, same relative rounding in bf16).
+          grow |= (mx[r] - m[t][r]) * scale_log2 > 8.f;  // m = −∞: true once a key exists
+        }
+        if (__any_sync(0xffffffffu, grow)) {
 #pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t b[4];
-        ldsm_x4_t(b, smem_u32(vs + (c * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS +
-                              (np * 2 + (lane >> 4)) * 8));
-        mma_bf16(o[np * 2], pa[c], b[0], b[1]);
-        mma_bf16(o[np * 2 + 1], pa[c], b[2], b[3]);
+          for (int r = 0; r < 2; ++r) {
+            // 0 on the row's first tile (m = −∞); a row with no key yet keeps m = −∞.
+            const float corr =
+                mx[r] == -INFINITY ? 1.f : ex2_fast((m[t][r] - mx[r]) * scale_log2);
+            m[t][r] = mx[r];
+            l[t][r] *= corr;
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+              o[t][n][r * 2] *= corr;
+              o[t][n][r * 2 + 1] *= corr;
+            }
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) ms[t][r] = m[t][r] == -INFINITY ? 0.f : m[t][r] * scale_log2;
+      }
+      // O += P·V, 16 keys at a time: P of those keys becomes the A fragment of each m-tile (the
+      // scores are consumed as they go), and each V fragment (ldmatrix.trans) feeds the MT
+      // m-tiles.
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        uint32_t pa[MT][4];
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+#pragma unroll
+          for (int h2 = 0; h2 < 2; ++h2) {
+            const float* sn = s[t][c * 2 + h2];
+            const float p0 = ex2_fast(fmaf(sn[0], scale_log2, -ms[t][0]));
+            const float p1 = ex2_fast(fmaf(sn[1], scale_log2, -ms[t][0]));
+            const float p2 = ex2_fast(fmaf(sn[2], scale_log2, -ms[t][1]));
+            const float p3 = ex2_fast(fmaf(sn[3], scale_log2, -ms[t][1]));
+            l[t][0] += p0 + p1;
+            l[t][1] += p2 + p3;
+            pa[t][h2 * 2] = pack_bf16(p0, p1);
+            pa[t][h2 * 2 + 1] = pack_bf16(p2, p3);
+          }
+        }
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+          uint32_t b[4];
+          ldsm_x4_t(b, smem_u32(vs + (c * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS +
+                                (np * 2 + (lane >> 4)) * 8));
+#pragma unroll
+          for (int t = 0; t < MT; ++t) {
+            mma_bf16(o[t][np * 2], pa[t], b[0], b[1]);
+            mma_bf16(o[t][np * 2 + 1], pa[t], b[2], b[3]);
+          }
+        }
       }
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
   // Row sums over the 4 lanes of a row, then O / l.
-  float inv[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
-  }
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    const int col = n * 8 + qc;
-    if (col >= HD) continue;
+  for (int t = 0; t < MT; ++t) {
+    float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = qr + r * 8;
-      if (row < rows)
-        *reinterpret_cast<uint32_t*>(out + (size_t)row * out_ld + (size_t)h * HD + col) =
-            pack_bf16(o[n][r * 2] * inv[r], o[n][r * 2 + 1] * inv[r]);
+      float lr = l[t][r];
+      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+      inv[r] = lr > 0.f ? 1.f / lr : 0.f;
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int col = n * 8 + qc;
+      if (col >= HD) continue;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = wr0 + t * 16 + g + r * 8;
+        if (row < rows)
+          *reinterpret_cast<uint32_t*>(out + (size_t)row * out_ld + (size_t)h * HD + col) =
+              pack_bf16(o[t][n][r * 2] * inv[r], o[t][n][r * 2 + 1] * inv[r]);
+      }
     }
   }
 }
@@ -806,10 +881,8 @@ __device__ void flash_decode(const bf16* __restrict__ q, int q_stride,
     __syncthreads();
   }
   auto load = [&](int j) {
-    bf16* st = kv_sm + (j & 1) * 2 * TILE;
-    const int key0 = k0 + j * FA_KEYS;
-    fa_load_tile<HD, HD, LDS>(st, k_cache, nkv * HD, kvh, sbt, bt_base, bt, bs, key0, k1);
-    fa_load_tile<HD, HD, LDS>(st + TILE, v_cache, nkv * HD, kvh, sbt, bt_base, bt, bs, key0, k1);
+    fa_load_kv<HD, HD, LDS>(kv_sm + (j & 1) * 2 * TILE, k_cache, v_cache, nkv * HD, kvh, sbt,
+                            bt_base, bt, bs, k0 + j * FA_KEYS, k1);
   };
   load(0);
   cp_commit();
@@ -934,20 +1007,27 @@ __device__ void flash_decode(const bf16* __restrict__ q, int q_stride,
 FLASH_DECODE_KERNEL(64)
 FLASH_DECODE_KERNEL(128)
 
-#define FLASH_KERNEL(HD)                                                                         \
-  extern "C" __global__ void __launch_bounds__(128, 3) flash_attn_hd##HD(                            \
+// flash_attn_hd* take 64 query rows per CTA (16 per warp), flash_attn2_hd* 128 (32 per warp:
+// each K/V fragment read from shared memory feeds two m-tiles).
+#define FLASH_KERNEL(NAME, HD, MT, MINB)                                                          \
+  extern "C" __global__ void __launch_bounds__(128, MINB) NAME##HD(                              \
       const bf16* q, int q_ld, long long q_z, const bf16* k, const bf16* v, int kv_ld,            \
       long long kv_z, const int* bt, int bs, bf16* out, int out_ld, long long out_z, int rows,    \
       int ctx_base, int nkeys, int group, int causal, float scale_log2) {                         \
-    PDL_ENTRY();                                                                                 \
-    flash_attn<HD>(q, q_ld, q_z, k, v, kv_ld, kv_z, bt, bs, out, out_ld, out_z, rows, ctx_base, \
-                   nkeys, group, causal, scale_log2);                                             \
+    PDL_ENTRY();                                                                                  \
+    flash_attn<HD, MT>(q, q_ld, q_z, k, v, kv_ld, kv_z, bt, bs, out, out_ld, out_z, rows,         \
+                       ctx_base, nkeys, group, causal, scale_log2);                               \
   }
-FLASH_KERNEL(64)
-FLASH_KERNEL(72)
-FLASH_KERNEL(80)
-FLASH_KERNEL(96)
-FLASH_KERNEL(128)
+FLASH_KERNEL(flash_attn_hd, 64, 1, 3)
+FLASH_KERNEL(flash_attn_hd, 72, 1, 3)
+FLASH_KERNEL(flash_attn_hd, 80, 1, 3)
+FLASH_KERNEL(flash_attn_hd, 96, 1, 3)
+FLASH_KERNEL(flash_attn_hd, 128, 1, 3)
+FLASH_KERNEL(flash_attn2_hd, 64, 2, 2)
+FLASH_KERNEL(flash_attn2_hd, 72, 2, 2)
+FLASH_KERNEL(flash_attn2_hd, 80, 2, 2)
+FLASH_KERNEL(flash_attn2_hd, 96, 2, 2)
+FLASH_KERNEL(flash_attn2_hd, 128, 2, 2)
 
 // ---------------------------------------------------------------------------------------------
 // Elementwise.

@@ -514,6 +514,39 @@ fn profile() -> Result<()> {
             per_layer[&m] * 36.0 * 1e3
         );
     }
+    // Prefill GEMMs (cuBLAS): the decoder at the image prompt's 2998 rows, SigLIP over 5 views.
+    println!("| prefill GEMM (cuBLAS) | M | N | K | µs | TFLOP/s |");
+    println!("|---|---|---|---|---|---|");
+    let xp = random_bf16(&gpu, 3645 * 9728, 7)?;
+    let yp = gpu.alloc(3645 * 19456 * 2)?;
+    for (name, m, nn, k) in [
+        ("qkv", 2998usize, 6144usize, 2560usize),
+        ("o_proj", 2998, 2560, 4096),
+        ("gate_up", 2998, 19456, 2560),
+        ("down", 2998, 2560, 9728),
+        ("SigLIP qkv", 3645, 3456, 1152),
+        ("SigLIP out", 3645, 1152, 1152),
+        ("SigLIP fc1", 3645, 4304, 1152),
+        ("SigLIP fc2", 3645, 1152, 4304),
+    ] {
+        let w = random_bf16(&gpu, nn * k, 8)?;
+        // SAFETY: xp holds 3645·9728 ≥ m·k values, yp 3645·19456 bf16 ≥ m·n outputs.
+        let t = time_it(&gpu, 20, || unsafe {
+            gpu.linear_blas(
+                xp.ptr(),
+                w.ptr(),
+                yp.ptr(),
+                (m, nn, k),
+                OutType::Bf16,
+                false,
+            )
+        })?;
+        println!(
+            "| {name} | {m} | {nn} | {k} | {:.1} | {:.0} |",
+            t * 1e6,
+            2.0 * (m * nn * k) as f64 / t / 1e12
+        );
+    }
     // Paged attention, one layer: nq 32, nkv 8, hd 128, block 16.
     let (nq, nkv, hd, bs) = (32usize, 8usize, 128usize, 16usize);
     println!("| attention | queries | ctx | part | µs/layer | KV GB/s |");
@@ -650,19 +683,23 @@ fn bf16_diff(gpu: &Gpu, (a, b): (u64, u64), n: usize) -> Result<(f64, f64)> {
 /// bf16 row softmax — the path that matched HF), on random inputs: the decoder's shapes over a
 /// shuffled paged cache, and SigLIP's (head dim 72, every view at once, not causal).
 fn attn() -> Result<()> {
-    let gpu = Gpu::new(0)?;
-    println!("| case | flash µs | cuBLAS path µs | flash TFLOP/s | rel L2 | max diff / max |");
-    println!("|---|---|---|---|---|---|");
-    let (nq, nkv, hd, bs) = (32usize, 8usize, 128usize, 16usize);
+    let mut gpu = Gpu::new(0)?;
+    println!(
+        "| case | flash 64 rows/CTA µs | flash 128 rows/CTA µs | cuBLAS path µs | best flash TFLOP/s | rel L2 (64 / 128) | max diff / max (64 / 128) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let (nq, nkv, hd) = (32usize, 8usize, 128usize);
     let qkv_w = (nq + 2 * nkv) * hd;
-    // (query rows, keys before them, score scale × 1/√hd)
-    for (rows, base, sharp) in [
-        (2998usize, 0usize, 1.0f32),
-        (2998, 0, 8.0),
-        (1000, 1500, 1.0),
-        (200, 3000, 4.0),
-        (64, 0, 1.0),
-        (8192, 0, 1.0),
+    // (query rows, keys before them, score scale × 1/√hd, KV block size: 24 takes the kernel's
+    // division path, powers of two its shift path)
+    for (rows, base, sharp, bs) in [
+        (2998usize, 0usize, 1.0f32, 16usize),
+        (2998, 0, 8.0, 16),
+        (1000, 1500, 1.0, 16),
+        (1000, 1500, 1.0, 24),
+        (200, 3000, 4.0, 16),
+        (64, 0, 1.0, 16),
+        (8192, 0, 1.0, 16),
     ] {
         let ctx = base + rows;
         let nblocks = ctx.div_ceil(bs);
@@ -672,7 +709,8 @@ fn attn() -> Result<()> {
         let kc = random_bf16(&gpu, pool * bs * nkv * hd, 11)?;
         let vc = random_bf16(&gpu, pool * bs * nkv * hd, 12)?;
         let q = random_bf16(&gpu, rows * qkv_w, 13)?;
-        let (of, or) = (
+        let (of, of2, or) = (
+            gpu.alloc(rows * nq * hd * 2)?,
             gpu.alloc(rows * nq * hd * 2)?,
             gpu.alloc(rows * nq * hd * 2)?,
         );
@@ -710,7 +748,7 @@ fn attn() -> Result<()> {
         let block = ((512usize << 20) / (nkv * ctx * 2)).clamp(1, rows);
         let s = gpu.alloc(nkv * block * ctx * 2)?;
         // SAFETY: buffers sized above for `rows` queries over `ctx` keys.
-        let tf = time_it(&gpu, 10, || unsafe { gpu.flash_attention(&fa) })?;
+        let (tf, tf2) = time_flash_variants(&mut gpu, &fa, of2.ptr())?;
         let tr = time_it(&gpu, 3, || unsafe {
             gpu.gather_kv(
                 (kc.ptr(), vc.ptr()),
@@ -746,20 +784,21 @@ fn attn() -> Result<()> {
             Ok(())
         })?;
         let (l2, mx) = bf16_diff(&gpu, (of.ptr(), or.ptr()), rows * nq * hd)?;
+        let (l2b, mxb) = bf16_diff(&gpu, (of2.ptr(), or.ptr()), rows * nq * hd)?;
         let flops = 4.0 * (hd * nq) as f64 * (rows * base + rows * (rows + 1) / 2) as f64;
         println!(
-            "| decoder {rows} rows after {base} keys, scale ×{sharp} | {:.1} | {:.1} | {:.0} | {l2:.2e} | {mx:.2e} |",
+            "| decoder {rows} rows after {base} keys, scale ×{sharp}, blocks of {bs} | {:.1} | {:.1} | {:.1} | {:.0} | {l2:.2e} / {l2b:.2e} | {mx:.2e} / {mxb:.2e} |",
             tf * 1e6,
+            tf2 * 1e6,
             tr * 1e6,
-            flops / tf / 1e12
+            flops / tf.min(tf2) / 1e12
         );
     }
     // Paged decode attention: tensor-core kernel vs the CUDA-core kernel (the one the decode-path
     // check against HF validated), contexts varying per query so partitions end mid-tile.
     println!("| decode attention | queries | ctx | part | tensor-core µs | KV GB/s | CUDA-core µs | KV GB/s | rel L2 | max diff / max |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let mut gpu = gpu;
-    gpu.flash_decode_max_tokens = usize::MAX;
+    let bs = 16usize;
     for (bsz, ctx, ps, contiguous) in [
         (1usize, 640usize, 64usize, false),
         (1, 4096, 64, false),
@@ -859,7 +898,11 @@ fn attn() -> Result<()> {
     let (views, n, heads, vhd) = (5usize, 729usize, 16usize, 72usize);
     let c = heads * vhd;
     let qkv = random_bf16(&gpu, views * n * 3 * c, 14)?;
-    let (of, or) = (gpu.alloc(views * n * c * 2)?, gpu.alloc(views * n * c * 2)?);
+    let (of, of2, or) = (
+        gpu.alloc(views * n * c * 2)?,
+        gpu.alloc(views * n * c * 2)?,
+        gpu.alloc(views * n * c * 2)?,
+    );
     let s = gpu.alloc(heads * n * n * 2)?;
     for sharp in [1.0f32, 8.0] {
         let scale = sharp / (vhd as f32).sqrt();
@@ -885,8 +928,8 @@ fn attn() -> Result<()> {
             causal: false,
             scale,
         };
+        let (tf, tf2) = time_flash_variants(&mut gpu, &fa, of2.ptr())?;
         // SAFETY: buffers sized above.
-        let tf = time_it(&gpu, 10, || unsafe { gpu.flash_attention(&fa) })?;
         let tr = time_it(&gpu, 3, || unsafe {
             for v in 0..views {
                 let qv = qkv.at(v * n * 3 * c, 2);
@@ -916,15 +959,31 @@ fn attn() -> Result<()> {
             Ok(())
         })?;
         let (l2, mx) = bf16_diff(&gpu, (of.ptr(), or.ptr()), views * n * c)?;
+        let (l2b, mxb) = bf16_diff(&gpu, (of2.ptr(), or.ptr()), views * n * c)?;
         let flops = 4.0 * (vhd * heads * views * n * n) as f64;
         println!(
-            "| SigLIP {views} views × {n}, hd {vhd}, scale ×{sharp} | {:.1} | {:.1} | {:.0} | {l2:.2e} | {mx:.2e} |",
+            "| SigLIP {views} views × {n}, hd {vhd}, scale ×{sharp} | {:.1} | {:.1} | {:.1} | {:.0} | {l2:.2e} / {l2b:.2e} | {mx:.2e} / {mxb:.2e} |",
             tf * 1e6,
+            tf2 * 1e6,
             tr * 1e6,
-            flops / tf / 1e12
+            flops / tf.min(tf2) / 1e12
         );
     }
     Ok(())
+}
+
+/// Times the prefill attention `fa` with 64 and then 128 query rows per CTA; the 64-row output
+/// stays in `fa.out`, the 128-row one goes to `out128`. The automatic choice is restored after.
+fn time_flash_variants(gpu: &mut Gpu, fa: &FlashAttn, out128: u64) -> Result<(f64, f64)> {
+    let fa128 = FlashAttn { out: out128, ..*fa };
+    gpu.flash_rows = Some(64);
+    // SAFETY: the caller sized every buffer of `fa` (and `out128` like `fa.out`).
+    let t64 = time_it(gpu, 10, || unsafe { gpu.flash_attention(fa) });
+    gpu.flash_rows = Some(128);
+    // SAFETY: as above.
+    let t128 = time_it(gpu, 10, || unsafe { gpu.flash_attention(&fa128) });
+    gpu.flash_rows = None;
+    Ok((t64?, t128?))
 }
 
 /// Random logits `[rows, vocab]` with the awkward cases of real ones in some rows: all equal
