@@ -12,6 +12,7 @@
 //! A step made only of decodes (and no images) is a CUDA graph replay, captured once per
 //! (batch-size bucket, context-partition bucket), unless `enforce_eager`.
 
+mod image_cache;
 mod qwen3;
 mod sample;
 mod siglip;
@@ -217,6 +218,8 @@ pub struct GpuModel {
     pub load_report: (u64, f64, f64),
     /// The one-row product implementations measured and chosen at load.
     pub tuning: Vec<String>,
+    /// Device copies of recently encoded images' rows (see `image_cache`).
+    image_rows: std::sync::Mutex<image_cache::ImageRowCache>,
     // `gpu` last: buffers above free before the context goes.
     gpu: Gpu,
 }
@@ -299,6 +302,7 @@ impl GpuModel {
             pdl_allowed: std::env::var_os("R4B_NO_PDL").is_none(),
             load_report,
             tuning,
+            image_rows: Default::default(),
             gpu,
         })
     }
@@ -325,7 +329,12 @@ impl GpuModel {
     pub fn encode_image(&self, views: &PixelViews) -> Result<Tensor> {
         self.gpu.bind().map_err(gpu_err)?;
         self.gpu.set_pdl(false);
-        self.vision.encode(&self.gpu, views, &self.cfg)
+        let (rows, on_device) = self.vision.encode(&self.gpu, views, &self.cfg)?;
+        if let (Some(dev), Ok(mut cache)) = (on_device, self.image_rows.lock()) {
+            // SAFETY: the vision tower's packed buffer holds exactly `rows`.
+            unsafe { cache.insert(&self.gpu, &rows, dev)? };
+        }
+        Ok(rows)
     }
 
     fn plan(&self, chunks: &[SeqChunk]) -> Result<StepPlan> {
@@ -441,6 +450,19 @@ impl GpuModel {
         Ok(p)
     }
 
+    /// Uploads the step's plan; image rows still on the device are copied there.
+    ///
+    /// # Safety
+    /// As [`Qwen3Gpu::upload_plan`].
+    unsafe fn upload_plan(&self, p: &StepPlan, pad_to: Option<usize>) -> Result<()> {
+        let cache = self
+            .image_rows
+            .lock()
+            .map_err(|_| Error::Step("image row cache poisoned".into()))?;
+        self.llm
+            .upload_plan(&self.gpu, p, pad_to, &|rows| cache.find(rows))
+    }
+
     /// Runs one step; the logits of each chunk's last token are left in the logits buffer
     /// (row = chunk index, original order) and their arg-max in the arg-max buffers.
     fn forward(&mut self, chunks: &[SeqChunk]) -> Result<()> {
@@ -459,7 +481,7 @@ impl GpuModel {
         }
         // SAFETY: the plan was validated against the buffers' sizes (tokens, seqs, blocks).
         unsafe {
-            self.llm.upload_plan(&self.gpu, &p, None)?;
+            self.upload_plan(&p, None)?;
             let split = self.llm.split_for(p.paged_tokens, p.max_paged_ctx, false);
             self.llm.run(&self.gpu, &p, p.tokens, chunks.len(), split)?;
         }
@@ -470,7 +492,7 @@ impl GpuModel {
         let split = self.llm.split_for(bucket, p.max_paged_ctx, true);
         // SAFETY: as in `forward`; the padded rows read a reserved scratch block.
         unsafe {
-            self.llm.upload_plan(&self.gpu, p, Some(bucket))?;
+            self.upload_plan(p, Some(bucket))?;
             let key = (bucket, split.1);
             if !self.graphs.contains_key(&key) {
                 let stream = self.gpu.stream.clone();
@@ -591,7 +613,7 @@ impl GpuModel {
         self.gpu.mark("host plan").map_err(gpu_err)?;
         // SAFETY: as in `forward`.
         unsafe {
-            self.llm.upload_plan(&self.gpu, &p, None)?;
+            self.upload_plan(&p, None)?;
             self.gpu.mark("plan upload").map_err(gpu_err)?;
             let split = self.llm.split_for(p.paged_tokens, p.max_paged_ctx, false);
             self.llm.run_hidden(&self.gpu, &p, p.tokens, split)?;

@@ -428,9 +428,16 @@ impl Qwen3Gpu {
         self.bufs.logits.ptr()
     }
 
-    /// Copies the plan's metadata to the device; with `pad_to`, pads the decode rows to that many
-    /// (padding tokens: id 0 at position 0 in the scratch block, context 1).
-    pub unsafe fn upload_plan(&self, gpu: &Gpu, p: &StepPlan, pad_to: Option<usize>) -> Result<()> {
+    /// Copies the plan's metadata and image rows to the device; with `pad_to`, pads the decode
+    /// rows to that many (padding tokens: id 0 at position 0 in the scratch block, context 1).
+    /// `on_device` says where a chunk's image rows already are on the device, if anywhere.
+    pub unsafe fn upload_plan(
+        &self,
+        gpu: &Gpu,
+        p: &StepPlan,
+        pad_to: Option<usize>,
+        on_device: &dyn Fn(&[half::bf16]) -> Option<u64>,
+    ) -> Result<()> {
         let b = &self.bufs;
         let n = pad_to.unwrap_or(p.tokens);
         if n > self.max_tokens || p.order.len() > self.max_seqs {
@@ -487,8 +494,14 @@ impl Qwen3Gpu {
                     "image rows larger than the step buffers".into(),
                 ));
             }
-            // SAFETY: `image_rows` holds max_tokens rows of H (checked just above).
-            with_bf16(r, |v| gpu.htod(v, b.image_rows.at(at, 2)).map_err(map))?;
+            // SAFETY: `image_rows` holds max_tokens rows of H (checked just above); a device
+            // copy of `r` holds as many values as `r`.
+            with_bf16(r, |v| match on_device(v) {
+                Some(src) => gpu
+                    .dtod(src, b.image_rows.at(at, 2), v.len() * 2)
+                    .map_err(map),
+                None => gpu.htod(v, b.image_rows.at(at, 2)).map_err(map),
+            })?;
             at += n;
         }
         Ok(())

@@ -3,7 +3,7 @@
 //! (`model/anyres.rs::pack_features`).
 
 use candle_core::{Device, Tensor};
-use r4b_kernels::{DBuf, FlashAttn, Gpu, OutType};
+use r4b_kernels::{DBuf, DevPtr, FlashAttn, Gpu, OutType};
 
 use super::weights::{gpu_err, Loader, Split};
 use super::{attention_gemm, AttnGemm};
@@ -183,8 +183,14 @@ impl VisionGpu {
         })
     }
 
-    /// One image's views → its `<image>` rows `[num_image_tokens, hidden]` (bf16, host).
-    pub fn encode(&self, gpu: &Gpu, views: &PixelViews, cfg: &RConfig) -> Result<Tensor> {
+    /// One image's views → its `<image>` rows `[num_image_tokens, hidden]` (bf16, host), and
+    /// where the same rows are on the device (until the next encode) when they were packed there.
+    pub fn encode(
+        &self,
+        gpu: &Gpu,
+        views: &PixelViews,
+        cfg: &RConfig,
+    ) -> Result<(Tensor, Option<DevPtr>)> {
         let n = self.grid * self.grid;
         let (c, h) = (self.c, self.hidden);
         if views.views > self.max_views {
@@ -277,7 +283,10 @@ impl VisionGpu {
                     gpu.dtoh(b.packed.ptr(), &mut host).map_err(gpu_err)?;
                     gpu.mark("vision pack + download").map_err(gpu_err)?;
                 }
-                Ok(Tensor::from_vec(host, (src.len(), h), &Device::Cpu)?)
+                Ok((
+                    Tensor::from_vec(host, (src.len(), h), &Device::Cpu)?,
+                    Some(b.packed.ptr()),
+                ))
             }
             // Interpolated (more tiles than anyres_max allows): the host path.
             _ => {
@@ -292,7 +301,7 @@ impl VisionGpu {
                     &cfg.image_geometry(),
                     &self.newline,
                 )?;
-                Ok(packed.to_dtype(candle_core::DType::BF16)?)
+                Ok((packed.to_dtype(candle_core::DType::BF16)?, None))
             }
         }
     }
