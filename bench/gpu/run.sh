@@ -6,7 +6,8 @@
 set -uo pipefail
 BIN=$(realpath "${1:-dist}"); OUT=${2:-/tmp/r4b-out}; STAGES=${3:-ckpt,ref,logits,compare,sample,profile,decode,sampled,eager,nccl,http,hf}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 R4B_LOG=${R4B_LOG:-info,r4b_worker=debug,r4b_gateway::images=debug}
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export R4B_LOG=${R4B_LOG:-info,r4b_worker=debug,r4b_gateway::images=debug,r4b_gateway::generate=debug,r4b_coordinator::engine=debug}
 CK=/tmp/r4b-ckpt; REF=/tmp/r4b-ref; REF32=/tmp/r4b-ref32
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 stamp() { echo "== $(date +%T) $*"; }
@@ -65,6 +66,8 @@ if has http; then
   kill $SERVE; wait $SERVE 2>/dev/null
   grep -iE "error|panic|weights on GPU|encoded|image [0-9]" "$OUT/serve.log" | head -14
   grep -E "step [0-9]+: 1 sequences, 29" "$OUT/serve.log" | head -4
+  # Time to first token, split: gateway before submit / coordinator queue / steps / round trip.
+  grep -E "first token|first message" "$OUT/serve.log" | sed -n 3,8p
 fi
 if has hf; then stamp hf_generate; python3 bench/gpu/hf_generate.py $CK --json "$OUT/hf.json" 2>&1 | tail -8; fi
 stamp done

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use r4b_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
@@ -74,6 +74,9 @@ struct Active {
     images: Vec<pb::Image>,
     prompt_tokens: u32,
     first_sent: bool,
+    /// When the request arrived, and when its first step was sent (time-to-first-token log).
+    arrived: Instant,
+    first_step: Option<Instant>,
 }
 
 /// Builds the scheduler's view of a request; checks images against `<image>` runs.
@@ -238,6 +241,8 @@ impl Engine {
                                 images: req.images,
                                 prompt_tokens,
                                 first_sent: false,
+                                arrived: Instant::now(),
+                                first_step: None,
                             },
                         );
                         id
@@ -274,8 +279,12 @@ impl Engine {
             .chunks
             .iter()
             .map(|c| {
-                let a = self.active.get(&c.seq_id);
+                let a = self.active.get_mut(&c.seq_id);
                 let first = c.first_chunk;
+                let a = a.map(|a| {
+                    a.first_step.get_or_insert_with(Instant::now);
+                    &*a
+                });
                 pb::SeqStep {
                     seq_id: c.seq_id.0,
                     tokens: c.tokens.clone(),
@@ -348,6 +357,14 @@ impl Engine {
                 msg.prompt_tokens = a.prompt_tokens;
                 msg.cached_tokens = ev.cached_tokens.unwrap_or(0) as u32;
                 a.first_sent = true;
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                let started = a.first_step.unwrap_or(a.arrived);
+                tracing::debug!(
+                    id = %ev.seq_id,
+                    queued_ms = ms(started - a.arrived),
+                    steps_ms = ms(started.elapsed()),
+                    "first token"
+                );
             }
             for (id, forced) in ev.tokens {
                 let mut tok = if forced {

@@ -201,6 +201,7 @@ async fn start_choice(
 ) -> Result<ChoiceRun, ApiError> {
     let files = state.files();
     let proto = req.to_proto(index, files.stop_ids());
+    let submitted = Instant::now();
     let mut stream = state
         .replicas()
         .generate(proto)
@@ -213,6 +214,13 @@ async fn start_choice(
         .ok_or_else(|| {
             ApiError::Internal("the coordinator closed a stream before its first message".into())
         })?;
+    // Where a request's time to first token goes, gateway side (the coordinator logs its part).
+    tracing::debug!(
+        index,
+        before_submit_ms = (submitted - clock.start).as_secs_f64() * 1e3,
+        first_message_ms = submitted.elapsed().as_secs_f64() * 1e3,
+        "first message"
+    );
     Ok(ChoiceRun {
         index,
         prompt_tokens: first.prompt_tokens,
