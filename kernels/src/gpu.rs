@@ -396,6 +396,19 @@ impl Gpu {
             )?;
             Ok((hd, f))
         };
+        // The prefill attention kernels of every head dim, `rows` query rows per CTA.
+        let prefill = |prefix: &str, rows: usize| -> Result<Vec<(usize, CudaFunction)>> {
+            FLASH_HEAD_DIMS
+                .iter()
+                .map(|&hd| {
+                    tiled(
+                        format!("{prefix}{hd}"),
+                        hd,
+                        flash_prefill_smem_bytes(hd, rows),
+                    )
+                })
+                .collect()
+        };
         let f = Funcs {
             embed_gather: l("embed_gather")?,
             scatter_rows: l("scatter_rows")?,
@@ -416,26 +429,8 @@ impl Gpu {
                 v
             },
             decode_combine: l("decode_attn_combine")?,
-            flash: FLASH_HEAD_DIMS
-                .iter()
-                .map(|&hd| {
-                    tiled(
-                        format!("flash_attn_hd{hd}"),
-                        hd,
-                        flash_prefill_smem_bytes(hd, 64),
-                    )
-                })
-                .collect::<Result<_>>()?,
-            flash2: FLASH_HEAD_DIMS
-                .iter()
-                .map(|&hd| {
-                    tiled(
-                        format!("flash_attn2_hd{hd}"),
-                        hd,
-                        flash_prefill_smem_bytes(hd, 128),
-                    )
-                })
-                .collect::<Result<_>>()?,
+            flash: prefill("flash_attn_hd", 64)?,
+            flash2: prefill("flash_attn2_hd", 128)?,
             flash_decode: [64usize, 128]
                 .iter()
                 .map(|&hd| tiled(format!("flash_decode_hd{hd}"), hd, flash_smem_bytes(hd)))
