@@ -739,7 +739,7 @@ impl Gpu {
         out: OutType,
         accumulate: bool,
     ) -> Result<()> {
-        let aligned = k % 8 == 0 && x % 16 == 0 && w % 16 == 0;
+        let aligned = k % 8 == 0 && x.is_multiple_of(16) && w.is_multiple_of(16);
         if self.use_gemv && !accumulate && m == 1 && aligned {
             let chosen = self
                 .linear_impl
@@ -792,7 +792,7 @@ impl Gpu {
         (n, k): (usize, usize),
         out: OutType,
     ) -> Result<()> {
-        if k % 8 != 0 || x % 16 != 0 || w % 16 != 0 {
+        if k % 8 != 0 || !x.is_multiple_of(16) || !w.is_multiple_of(16) {
             return Err(GpuError::Invalid(format!(
                 "gemv4: k = {k} must be a multiple of 8, x and w 16-byte aligned"
             )));
@@ -1032,7 +1032,7 @@ impl Gpu {
         // One warp per head with the cos/sin table where the head dim allows, else one block
         // per head computing the angles.
         let (table, max_pos) = a.table.unwrap_or((0, 0));
-        let warp = a.table.is_some() && a.head_dim % 64 == 0 && a.head_dim <= 256;
+        let warp = a.table.is_some() && a.head_dim.is_multiple_of(64) && a.head_dim <= 256;
         let mp = i(max_pos);
         let (func, cfg) = if warp {
             let cfg = grid2(a.tokens, (a.nq + 2 * a.nkv).div_ceil(4), 128);
@@ -1092,7 +1092,7 @@ impl Gpu {
         if a.tokens == 0 {
             return Ok(());
         }
-        let group = if a.nkv > 0 && a.nq % a.nkv == 0 {
+        let group = if a.nkv > 0 && a.nq.is_multiple_of(a.nkv) {
             a.nq / a.nkv
         } else {
             0
@@ -1211,7 +1211,7 @@ impl Gpu {
                 a.head_dim
             ))
         })?;
-        if a.nkv == 0 || a.nq % a.nkv != 0 || a.nkeys == 0 {
+        if a.nkv == 0 || !a.nq.is_multiple_of(a.nkv) || a.nkeys == 0 {
             return Err(GpuError::Invalid(format!(
                 "flash attention: {} q heads over {} kv heads, {} keys",
                 a.nq, a.nkv, a.nkeys
@@ -1310,7 +1310,7 @@ impl Gpu {
         }
         let ff = i(f);
         // 8 values per thread where the rows allow 16-byte accesses.
-        let (func, grid) = if f % 8 == 0 && gu % 16 == 0 && out % 16 == 0 {
+        let (func, grid) = if f.is_multiple_of(8) && gu.is_multiple_of(16) && out.is_multiple_of(16) {
             (&self.f.silu_mul_v8, f.div_ceil(8 * 256))
         } else {
             (&self.f.silu_mul, f.div_ceil(256))
@@ -1334,7 +1334,7 @@ impl Gpu {
         (gu, act): (DevPtr, DevPtr),
         (tokens, f, k): (usize, usize, usize),
     ) -> Result<bool> {
-        let aligned = k % 8 == 0 && x % 16 == 0 && w % 16 == 0;
+        let aligned = k % 8 == 0 && x.is_multiple_of(16) && w.is_multiple_of(16);
         if tokens == 1 && self.use_gemv && self.use_fused_silu && aligned {
             let (ff, kk) = (i(f), i(k));
             self.launch_builder(&self.f.gemv_silu)
