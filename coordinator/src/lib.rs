@@ -21,6 +21,7 @@
 
 pub mod scheduler;
 
+pub mod deadline;
 pub mod engine;
 pub mod service;
 pub mod workers;
@@ -29,6 +30,8 @@ use std::time::Duration;
 
 use r4b_proto::v1 as pb;
 
+pub use deadline::StepDeadline;
+pub use engine::{EngineHandle, RestartPolicy};
 pub use service::CoordinatorService;
 pub use workers::{GpuOptions, GroupConfig, Launch, WorkerGroup};
 
@@ -49,6 +52,10 @@ pub struct ReplicaConfig {
     pub max_queue: usize,
     /// Reuse KV blocks of shared prompt prefixes.
     pub enable_prefix_caching: bool,
+    /// When a failed worker group is restarted and when the replica gives up.
+    pub restart: RestartPolicy,
+    /// How long a step may take before the group counts as frozen.
+    pub step_deadline: StepDeadline,
 }
 
 /// Errors starting a replica.
@@ -67,6 +74,8 @@ pub enum ReplicaError {
 pub struct Replica {
     /// The Coordinator service.
     pub service: CoordinatorService,
+    /// The engine: drain it on shutdown, and exit non-zero when [`EngineHandle::failed`] fires.
+    pub engine: EngineHandle,
     /// What ModelInfo answers.
     pub info: pb::ModelInfoResponse,
     /// Rank 0's shard load time.
@@ -109,9 +118,16 @@ pub async fn start_replica(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> 
         num_blocks: num_blocks as u32,
     };
     let load_time = Duration::from_millis(group.load_ms);
-    let engine = engine::spawn(group, sched).map_err(ReplicaError::Config)?;
+    let engine_cfg = engine::EngineConfig {
+        scheduler: sched,
+        group: cfg.group.clone(),
+        restart: cfg.restart.clone(),
+        deadline: cfg.step_deadline.clone(),
+    };
+    let engine = engine::spawn(group, engine_cfg).map_err(ReplicaError::Config)?;
     Ok(Replica {
-        service: CoordinatorService::new(engine, info.clone()),
+        service: CoordinatorService::new(engine.clone(), info.clone()),
+        engine,
         info,
         load_time,
     })

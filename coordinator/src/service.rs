@@ -1,6 +1,11 @@
 //! The `cluster.v1.Coordinator` gRPC service of one replica: `Generate` streams a request's
 //! tokens (dropping the stream aborts it), `Health` reports readiness (running a one-token probe
-//! through the real step path when no step succeeded recently), `ModelInfo` and `Load`.
+//! through the real step path when no step succeeded recently, unless `no_probe`), `ModelInfo`
+//! and `Load`.
+//!
+//! `Generate` applies the gateway's checks itself ([`check_request`]: prompt ids against the
+//! vocabulary, sampling bounds, image payloads), since a gRPC client can skip the gateway. The
+//! workers check again per sequence; whatever reaches them still fails only its own request.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -21,6 +26,31 @@ use crate::scheduler::SeqId;
 pub struct CoordinatorService {
     engine: EngineHandle,
     info: pb::ModelInfoResponse,
+}
+
+/// Checks a `Generate` request as the gateway does (INVALID_ARGUMENT naming what is wrong).
+pub fn check_request(
+    req: &pb::GenerateRequest,
+    info: &pb::ModelInfoResponse,
+) -> Result<(), Status> {
+    let invalid = |e: &dyn std::fmt::Display| Status::invalid_argument(e.to_string());
+    if req.prompt_ids.is_empty() {
+        return Err(Status::invalid_argument("prompt_ids is empty"));
+    }
+    r4b_model::check_prompt_ids(&req.prompt_ids, info.vocab_size).map_err(|e| invalid(&e))?;
+    if let Some(p) = &req.sampling {
+        r4b_model::check_sampling(p).map_err(|e| invalid(&format!("sampling: {e}")))?;
+    }
+    if let Some(s) = &req.stopping {
+        // Appended to the sequence by the thinking budget, so they are run like prompt ids.
+        r4b_model::check_prompt_ids(&s.think_close_ids, info.vocab_size)
+            .map_err(|e| invalid(&format!("stopping.think_close_ids: {e}")))?;
+    }
+    let limits = r4b_model::ImageLimits::from_pinpoints(info.tile, &info.pinpoints);
+    for (i, img) in req.images.iter().enumerate() {
+        r4b_model::check_image(i, img, limits).map_err(|e| invalid(&e))?;
+    }
+    Ok(())
 }
 
 impl CoordinatorService {
@@ -128,9 +158,7 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let req = request.into_inner();
-        if req.prompt_ids.is_empty() {
-            return Err(Status::invalid_argument("prompt_ids is empty"));
-        }
+        check_request(&req, &self.info)?;
         let (id, inner) = self.submit(req).await?;
         let stream = AbortOnDrop {
             inner,
@@ -143,11 +171,13 @@ impl Coordinator for CoordinatorService {
 
     async fn health(
         &self,
-        _: Request<pb::HealthRequest>,
+        request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
+        let no_probe = request.into_inner().no_probe;
         let mut stats = self.engine.stats();
-        let mut detail = String::new();
-        if stats.failed.is_none() && !is_ready(&stats, READY_WINDOW) {
+        let mut detail = stats.detail.clone();
+        let serving = stats.state == pb::ReplicaState::Serving;
+        if serving && !no_probe && !is_ready(&stats, READY_WINDOW) {
             match tokio::time::timeout(Duration::from_secs(20), self.probe()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => detail = format!("probe failed: {}", e.message()),
@@ -155,14 +185,14 @@ impl Coordinator for CoordinatorService {
             }
             stats = self.engine.stats();
         }
-        if let Some(f) = &stats.failed {
-            detail = f.clone();
-        }
         Ok(Response::new(pb::HealthResponse {
-            alive: stats.failed.is_none(),
+            alive: stats.state != pb::ReplicaState::Failed,
             ready: is_ready(&stats, READY_WINDOW),
             last_step_ok_unix_ms: stats.last_step_ok_unix_ms,
             detail,
+            state: stats.state as i32,
+            restarts: stats.restarts,
+            worker_pids: stats.worker_pids,
         }))
     }
 

@@ -263,6 +263,7 @@ fn image_req(id: u64, digest: u8) -> SeqRequest {
             start: 2,
             len: 6,
             digest: [digest; 32],
+            encode_cost: 3,
         }],
         stopping: stopping(1),
     }
@@ -272,19 +273,64 @@ fn image_req(id: u64, digest: u8) -> SeqRequest {
 fn image_digests_decide_prefix_hits() {
     let mut s = sched(config(64, 4, 64));
     s.submit(image_req(1, 0xAA)).unwrap();
-    let _ = step(&mut s, 5);
+    let (p, _) = step(&mut s, 5);
+    // The first chunk reaches the image: it is encoded in the same step.
+    assert_eq!(chunk_of(&p, 1).encode_images, 0..1);
     // Same ids, another image: block 0 holds image rows 0-1, so nothing is shared.
     s.submit(image_req(2, 0xBB)).unwrap();
     let (p, _) = step(&mut s, 5);
     assert_eq!(chunk_of(&p, 2).start_pos, 0);
     // Same image again: (11-1)/4 = 2 blocks hit, so the chunk starts at position 8, after all
-    // 6 image rows (positions 2..8).
+    // 6 image rows (positions 2..8): the image is never sent, and no row comes before the chunk
+    // among the rows the workers hold for it.
     s.submit(image_req(3, 0xAA)).unwrap();
     let (p, _) = step(&mut s, 5);
     let c = chunk_of(&p, 3);
     assert_eq!(c.start_pos, 8);
-    assert_eq!(c.image_row_offset, 6);
+    assert_eq!(c.encode_images, 0..0);
+    assert_eq!(c.image_row_offset, 0);
     assert_eq!(s.stats().prefix_hit_tokens, 8);
+}
+
+#[test]
+fn images_are_encoded_under_the_token_budget() {
+    // Budget 6; blocks of 4; the image (rows 2..8) costs 3.
+    let mut cfg = config(64, 4, 64);
+    cfg.max_batched_tokens = 6;
+    let mut s = sched(cfg);
+    s.submit(image_req(1, 0xAA)).unwrap();
+    // Step 1: 2 text tokens, the image (3 of the budget), 1 of its rows.
+    let (p, _) = step(&mut s, 5);
+    let c = chunk_of(&p, 1);
+    assert_eq!(
+        (c.encode_images.clone(), c.start_pos, c.tokens.len()),
+        (0..1, 0, 3)
+    );
+    // Step 2: the other 5 rows and 1 text token; nothing to encode.
+    let (p, _) = step(&mut s, 5);
+    let c = chunk_of(&p, 1);
+    assert_eq!(
+        (c.encode_images.clone(), c.start_pos, c.tokens.len()),
+        (0..0, 3, 6)
+    );
+    assert_eq!(c.image_row_offset, 1);
+}
+
+#[test]
+fn an_image_over_budget_is_encoded_when_no_other_prefill_runs() {
+    // Budget 2 < the image's cost of 3.
+    let mut cfg = config(64, 4, 64);
+    cfg.max_batched_tokens = 2;
+    let mut s = sched(cfg);
+    s.submit(image_req(1, 0xAA)).unwrap();
+    let (p, _) = step(&mut s, 5);
+    assert_eq!(chunk_of(&p, 1).tokens.len(), 2, "the text before the image");
+    let (p, _) = step(&mut s, 5);
+    let c = chunk_of(&p, 1);
+    assert_eq!(
+        (c.encode_images.clone(), c.start_pos, c.tokens.len()),
+        (0..1, 2, 1)
+    );
 }
 
 #[test]
@@ -449,16 +495,26 @@ fn stop_token_ends_and_is_reported() {
 fn full_queue_hands_the_request_back() {
     let mut cfg = config(64, 4, 64);
     cfg.max_queue = 1;
+    cfg.max_num_seqs = 1;
     let mut s = sched(cfg);
+    // One for the free running slot, one queued.
     s.submit(req(1, vec![5], 10)).unwrap();
-    let second = req(2, vec![6, 7], 10);
+    s.submit(req(2, vec![6], 10)).unwrap();
+    let third = req(3, vec![6, 7], 10);
     assert_eq!(
-        s.submit(second.clone()),
-        Err(SubmitError::Full(Box::new(second)))
+        s.submit(third.clone()),
+        Err(SubmitError::Full(Box::new(third.clone())))
     );
-    // Once the first is admitted the queue has room again.
+    // The first runs, the second still waits: no room.
     let _ = step(&mut s, 9);
-    assert_eq!(s.submit(req(2, vec![6, 7], 10)), Ok(()));
+    assert_eq!(
+        s.submit(third.clone()),
+        Err(SubmitError::Full(Box::new(third)))
+    );
+    // Once the first finished and the second runs, the queue has room again.
+    s.abort(SeqId(1));
+    let _ = step(&mut s, 9);
+    assert_eq!(s.submit(req(3, vec![6, 7], 10)), Ok(()));
 }
 
 #[test]

@@ -28,11 +28,17 @@ enum Key {
     Img(u8, usize),
 }
 
+/// One image of a prompt: `(start, len, digest byte, encode cost)`.
+type Img = (usize, usize, u8, usize);
+
 /// The test's own record of one sequence.
 #[derive(Clone, Debug)]
 struct Model {
     prompt: Vec<u32>,
-    image: Option<(usize, usize, u8)>,
+    images: Vec<Img>,
+    /// Images the workers hold since the latest first chunk (indexes `held.start..held.end`;
+    /// images before `held.start` lie inside the prefix hit and were never sent).
+    held: std::ops::Range<usize>,
     out: Vec<u32>,
     stopping: Stopping,
     /// Tokens at the latest (re)admission: chunks starting below are prefills.
@@ -51,12 +57,20 @@ impl Model {
     }
 
     fn key(&self, pos: usize) -> Key {
-        if let Some((start, len, d)) = self.image {
-            if pos >= start && pos < start + len {
-                return Key::Img(d, pos - start);
+        match self.image_at(pos) {
+            Some(i) => {
+                let (start, _, d, _) = self.images[i];
+                Key::Img(d, pos - start)
             }
+            None => Key::Text(self.tokens()[pos]),
         }
-        Key::Text(self.tokens()[pos])
+    }
+
+    /// The image whose rows include position `pos`.
+    fn image_at(&self, pos: usize) -> Option<usize> {
+        self.images
+            .iter()
+            .position(|&(start, len, _, _)| pos >= start && pos < start + len)
     }
 }
 
@@ -101,13 +115,16 @@ impl Harness {
         let max_prompt = (self.cfg.max_model_len - 1).min(14);
         let len = r.random_range(1..=max_prompt);
         let mut prompt: Vec<u32> = (0..len).map(|_| r.random_range(0..2)).collect();
-        let mut image = None;
-        if r.random_bool(0.3) {
-            let start = r.random_range(0..len);
+        // Up to two images, in order, each with an encode cost that may exceed the budget.
+        let mut images: Vec<Img> = Vec::new();
+        let mut from = 0;
+        while from < len && images.len() < 2 && r.random_bool(0.35) {
+            let start = r.random_range(from..len);
             let ilen = r.random_range(1..=(len - start).min(4));
             let d = r.random_range(1..=2u8);
             prompt[start..start + ilen].fill(IMG);
-            image = Some((start, ilen, d));
+            images.push((start, ilen, d, r.random_range(1..=20)));
+            from = start + ilen;
         }
         let think = r.random_bool(0.3);
         let stopping = Stopping {
@@ -136,19 +153,21 @@ impl Harness {
         let req = SeqRequest {
             id,
             prompt_ids: prompt.clone(),
-            images: image
-                .map(|(start, len, d)| ImageSpan {
+            images: images
+                .iter()
+                .map(|&(start, len, d, encode_cost)| ImageSpan {
                     start,
                     len,
                     digest: [d; 32],
+                    encode_cost,
                 })
-                .into_iter()
                 .collect(),
             stopping: stopping.clone(),
         };
         let model = Model {
             prompt,
-            image,
+            images,
+            held: 0..0,
             out: Vec::new(),
             think_open: stopping.think_open_in_prompt,
             stopping,
@@ -244,11 +263,41 @@ impl Harness {
 
     fn check_plan(&mut self, plan: &StepPlan) {
         let bs = self.cfg.block_size;
+        let budget = self.cfg.max_batched_tokens;
         let total: usize = plan.chunks.iter().map(|c| c.tokens.len()).sum();
-        assert!(
-            total <= self.cfg.max_batched_tokens,
-            "budget exceeded: {total}"
-        );
+        assert!(total <= budget, "budget exceeded: {total}");
+        // Image encodes count against the budget too; only one image may go over it, alone
+        // with one of its rows, as the step's first prefill work.
+        let costs: usize = plan
+            .chunks
+            .iter()
+            .flat_map(|c| c.encode_images.clone().map(move |i| (c.seq_id, i)))
+            .map(|(id, i)| self.models[&id].images[i].3)
+            .sum();
+        if total + costs > budget {
+            let encoding: Vec<&PlannedChunk> = plan
+                .chunks
+                .iter()
+                .filter(|c| !c.encode_images.is_empty())
+                .collect();
+            assert_eq!(
+                encoding.len(),
+                1,
+                "over budget with several encodes: {plan:?}"
+            );
+            let c = encoding[0];
+            assert_eq!(c.encode_images.len(), 1, "{plan:?}");
+            assert_eq!(
+                c.tokens.len(),
+                1,
+                "an image over budget runs one row: {plan:?}"
+            );
+            let first_prefill = plan.chunks.iter().find(|x| {
+                let m = &self.models[&x.seq_id];
+                x.first_chunk || x.start_pos < m.admitted_len
+            });
+            assert_eq!(first_prefill.map(|x| x.seq_id), Some(c.seq_id), "{plan:?}");
+        }
         assert!(plan.chunks.len() <= self.cfg.max_num_seqs);
         let mut seen = HashSet::new();
         // Batch order: decodes, then prefill continuations, then admissions.
@@ -278,8 +327,29 @@ impl Harness {
                 assert_eq!(c.history, tokens[..c.start_pos]);
                 assert_eq!(c.start_pos % bs, 0, "a prefix hit is whole blocks");
                 assert!(c.start_pos < tokens.len(), "never a full-prompt hit");
+                // The workers start from nothing; images inside the hit are never sent.
+                let skipped = m
+                    .images
+                    .iter()
+                    .take_while(|&&(start, len, _, _)| start + len <= c.start_pos)
+                    .count();
+                m.held = skipped..skipped;
             } else {
                 assert!(c.history.is_empty());
+            }
+            // Images arrive in order, each once, and before any of their rows is run.
+            if !c.encode_images.is_empty() {
+                assert_eq!(c.encode_images.start, m.held.end, "{}: {plan:?}", c.seq_id);
+                m.held.end = c.encode_images.end;
+            }
+            for p in c.start_pos..end.min(m.prompt.len()) {
+                if let Some(i) = m.image_at(p) {
+                    assert!(
+                        m.held.contains(&i),
+                        "{}: row at {p} of image {i} runs before it was encoded",
+                        c.seq_id
+                    );
+                }
             }
             let this_phase = if c.first_chunk {
                 2
@@ -293,8 +363,9 @@ impl Harness {
             assert_eq!(c.tokens, tokens[c.start_pos..end]);
             assert_eq!(c.sample, end == tokens.len());
             assert_eq!(c.prompt_len, m.prompt.len());
+            // Row offsets count only the rows of the images the workers hold.
             let rows = (0..c.start_pos)
-                .filter(|&p| matches!(m.key(p), Key::Img(..)))
+                .filter(|&p| m.image_at(p).is_some_and(|i| m.held.contains(&i)))
                 .count();
             assert_eq!(c.image_row_offset, rows);
             // Everything the chunk attends to must be this sequence's own tokens.

@@ -70,13 +70,12 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, Ap
         validate::chat_logprobs(chat.logprobs, chat.top_logprobs, config.max_top_logprobs)?;
     let params =
         validate::validate_params(&common, logprobs, state.files().sampling_defaults(), config)?;
-    let rendered = prompt::render_chat(
-        state,
-        chat.messages,
-        chat.chat_template_kwargs,
-        chat.add_generation_prompt.unwrap_or(true),
-        false,
-    )?;
+    let (messages, kwargs) = (chat.messages, chat.chat_template_kwargs);
+    let add_generation_prompt = chat.add_generation_prompt.unwrap_or(true);
+    let rendered = prompt::off_runtime(state, move |state| {
+        prompt::render_chat(state, messages, kwargs, add_generation_prompt, false, true)
+    })
+    .await?;
     let images = state.images().load_all(&rendered.images).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let parts = PromptParts {

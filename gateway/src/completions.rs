@@ -31,7 +31,7 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Response, ApiError> {
-    let req = parse(&state, &body)?;
+    let req = parse(&state, &body).await?;
     let span = tracing::info_span!("completion", request_id = %req.id, prompt_tokens = req.prompt_ids.len(), n = req.params.n);
     run(state, req).instrument(span).await
 }
@@ -89,9 +89,15 @@ fn prompt_ids(state: &AppState, prompt: Option<Value>) -> Result<Vec<u32>, ApiEr
             field: "prompt".into(),
         }
         .into()),
-        Some(Value::String(s)) => prompt::tokenize(state, &s, true),
+        Some(Value::String(s)) => {
+            prompt::check_text_length(state, s.len())?;
+            prompt::tokenize(state, &s, true)
+        }
         Some(Value::Array(items)) => match items.as_slice() {
-            [Value::String(s)] => prompt::tokenize(state, s, true),
+            [Value::String(s)] => {
+                prompt::check_text_length(state, s.len())?;
+                prompt::tokenize(state, s, true)
+            }
             _ => items
                 .iter()
                 .map(|v| {
@@ -106,7 +112,7 @@ fn prompt_ids(state: &AppState, prompt: Option<Value>) -> Result<Vec<u32>, ApiEr
     }
 }
 
-fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, ApiError> {
+async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, ApiError> {
     let req: CompletionBody = body.parse()?;
     let common: CommonParams = body.parse()?;
     let config = state.config();
@@ -114,7 +120,8 @@ fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, ApiError
     let logprobs = validate::completion_logprobs(req.logprobs, config.max_top_logprobs)?;
     let params =
         validate::validate_params(&common, logprobs, state.files().sampling_defaults(), config)?;
-    let ids = prompt_ids(state, req.prompt)?;
+    let prompt = req.prompt;
+    let ids = prompt::off_runtime(state, move |state| prompt_ids(state, prompt)).await?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let parts = PromptParts {
         id,

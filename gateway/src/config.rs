@@ -18,7 +18,10 @@ pub struct GatewayConfig {
     pub max_images_per_request: usize,
     /// Largest encoded image (data URI payload or fetched body) in bytes, default 20 MiB.
     pub max_image_bytes: usize,
-    /// Largest `width * height`, checked from the image header before decoding (default 64 Mpx).
+    /// Largest `width * height`, checked from the image header before decoding. Default
+    /// 33,177,600 (8K UHD, 7680x4320): far above the largest anyres canvas R-4B uses (2304x2304,
+    /// 5.3 Mpx; larger images are scaled down anyway), and small enough that a decompression bomb
+    /// declaring 8000x8000 is refused before any pixel is decoded.
     pub max_image_pixels: u64,
     /// Allow image URLs that resolve to loopback, private, link-local or unspecified addresses.
     pub allow_private_image_urls: bool,
@@ -38,6 +41,12 @@ pub struct GatewayConfig {
     /// How long [`crate::AppState::connect`] keeps retrying ModelInfo while no coordinator
     /// answers, default 30 s.
     pub connect_timeout: Duration,
+    /// Time limit for receiving a request body once its headers arrived, default 60 s (408).
+    pub body_read_timeout: Duration,
+    /// Most bytes of decoded pixels (`width · height · 4` per image) all requests together may
+    /// hold while images decode, default 1 GiB. An image waits for room, so a burst of large
+    /// images cannot grow the gateway's memory beyond this.
+    pub max_decode_bytes: u64,
 }
 
 impl GatewayConfig {
@@ -50,7 +59,7 @@ impl GatewayConfig {
             max_n: 8,
             max_images_per_request: 8,
             max_image_bytes: 20 << 20,
-            max_image_pixels: 64_000_000,
+            max_image_pixels: 33_177_600,
             allow_private_image_urls: false,
             image_fetch_timeout: Duration::from_secs(10),
             default_max_thinking_tokens: None,
@@ -59,6 +68,8 @@ impl GatewayConfig {
             max_top_logprobs: 20,
             rpc_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(60),
+            max_decode_bytes: 1 << 30,
         }
     }
 }

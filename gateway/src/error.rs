@@ -88,6 +88,9 @@ pub enum ApiError {
     /// No route for this path.
     #[error("Not found: {0}")]
     RouteNotFound(String),
+    /// The body did not arrive within the time limit.
+    #[error("The request body did not arrive within {0} s.")]
+    BodyTimeout(u64),
     /// Anything else; the detail is logged, never sent.
     #[error("Internal server error.")]
     Internal(String),
@@ -125,6 +128,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -152,6 +156,7 @@ impl ApiError {
             }
             ApiError::Overloaded { .. } => ("rate_limit_error", Some("rate_limit_exceeded"), None),
             ApiError::Unavailable(_) => ("server_error", Some("service_unavailable"), None),
+            ApiError::BodyTimeout(_) => ("invalid_request_error", Some("request_timeout"), None),
             ApiError::Internal(_) => ("server_error", Some("internal_error"), None),
         };
         ErrorBody {

@@ -15,6 +15,9 @@ use serde_json::{Map, Value};
 use crate::error::ApiError;
 use crate::state::AppState;
 
+/// Bodies at least this large are parsed off the async runtime.
+const BLOCKING_PARSE_BYTES: usize = 256 << 10;
+
 /// A request body parsed as a JSON object, `extra_body` merged.
 #[derive(Clone, Debug)]
 pub struct JsonBody(pub Value);
@@ -24,17 +27,29 @@ impl FromRequest<AppState> for JsonBody {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let limit = state.config().body_limit_bytes;
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge { limit }
-            } else {
-                ApiError::BadJson {
-                    message: rejection.body_text(),
-                    param: None,
+        let timeout = state.config().body_read_timeout;
+        let read = tokio::time::timeout(timeout, Bytes::from_request(req, state));
+        let bytes = read
+            .await
+            .map_err(|_| ApiError::BodyTimeout(timeout.as_secs()))?
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge { limit }
+                } else {
+                    ApiError::BadJson {
+                        message: rejection.body_text(),
+                        param: None,
+                    }
                 }
-            }
-        })?;
-        parse_body(&bytes).map(JsonBody)
+            })?;
+        if bytes.len() < BLOCKING_PARSE_BYTES {
+            return parse_body(&bytes).map(JsonBody);
+        }
+        // A large body is parsed on the blocking pool, so it cannot stall other requests.
+        tokio::task::spawn_blocking(move || parse_body(&bytes))
+            .await
+            .map_err(|e| ApiError::Internal(format!("parsing task failed: {e}")))?
+            .map(JsonBody)
     }
 }
 

@@ -99,6 +99,8 @@ pub struct ChoiceRun {
     pipeline: OutputPipeline,
     clock: Arc<RequestClock>,
     last_token_at: Option<Instant>,
+    /// For the shutdown signal that ends open generations.
+    app: AppState,
 }
 
 impl ChoiceRun {
@@ -106,7 +108,15 @@ impl ChoiceRun {
     pub async fn next_event(&mut self) -> Option<ChoiceEvent> {
         let msg = match self.first.take() {
             Some(m) => Ok(Some(m)),
-            None => self.stream.as_mut()?.message().await,
+            None => {
+                let (stream, app) = (self.stream.as_mut()?, &self.app);
+                tokio::select! {
+                    m = stream.message() => m,
+                    _ = app.shutdown().streams_ended() => Err(tonic::Status::unavailable(
+                        "the server is shutting down; the request did not finish in time",
+                    )),
+                }
+            }
         };
         let event = match msg {
             Err(status) => {
@@ -230,6 +240,7 @@ async fn start_choice(
         pipeline: OutputPipeline::new(files.tokenizer().clone(), req, files.stop_ids()),
         clock: clock.clone(),
         last_token_at: None,
+        app: state.clone(),
     })
 }
 

@@ -1,9 +1,12 @@
 //! `GET /health` (the process is up) and `GET /ready` (a replica can generate).
 //!
-//! `/ready` asks every coordinator's Health RPC and answers 200 when at least one says `ready`
-//! (a real one-token forward succeeded within its readiness window) and, if
-//! [`GatewayConfig::ready_window`](crate::GatewayConfig::ready_window) is set, its last good step
-//! is at most that old. Otherwise 503 with the replicas' details.
+//! `/health` is liveness: 200 while this process works, with what each replica is doing
+//! (`serving`, `restarting` and why, `draining`, ...) from their state alone, never a probe, so
+//! it cannot queue behind work. `/ready` asks every coordinator's Health RPC and answers 200
+//! when at least one says `ready` (a real one-token forward succeeded within its readiness
+//! window) and, if [`GatewayConfig::ready_window`](crate::GatewayConfig::ready_window) is set,
+//! its last good step is at most that old. Otherwise, and while the gateway drains, 503 with the
+//! details.
 
 use std::time::Duration;
 
@@ -23,8 +26,41 @@ pub fn router() -> Router<AppState> {
         .route("/ready", get(ready))
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+async fn health(State(state): State<AppState>) -> Json<Value> {
+    let answers = state.replicas().health(true).await;
+    let replicas: Vec<Value> = answers
+        .iter()
+        .map(|(url, res)| match res {
+            Ok(h) => json!({
+                "replica": url,
+                "state": state_name(h.state),
+                "restarts": h.restarts,
+                "detail": h.detail,
+                "worker_pids": h.worker_pids,
+            }),
+            Err(status) => {
+                json!({"replica": url, "state": "unreachable", "detail": status.message()})
+            }
+        })
+        .collect();
+    let status = if state.shutdown().is_draining() {
+        "draining"
+    } else {
+        "ok"
+    };
+    Json(json!({"status": status, "replicas": replicas}))
+}
+
+/// The lower-case name of a `ReplicaState`.
+fn state_name(state: i32) -> &'static str {
+    match pb::ReplicaState::try_from(state) {
+        Ok(pb::ReplicaState::Starting) => "starting",
+        Ok(pb::ReplicaState::Serving) => "serving",
+        Ok(pb::ReplicaState::Restarting) => "restarting",
+        Ok(pb::ReplicaState::Draining) => "draining",
+        Ok(pb::ReplicaState::Failed) => "failed",
+        _ => "unknown",
+    }
 }
 
 fn now_ms() -> u64 {
@@ -46,9 +82,13 @@ pub fn is_ready(h: &pb::HealthResponse, window: Duration, now_ms: u64) -> bool {
 }
 
 async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    if state.shutdown().is_draining() {
+        let body = json!({"status": "draining", "replicas": []});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body));
+    }
     let window = state.config().ready_window;
     let now = now_ms();
-    let answers = state.replicas().health().await;
+    let answers = state.replicas().health(false).await;
     let mut any_ready = false;
     let replicas: Vec<Value> = answers
         .iter()
@@ -56,7 +96,13 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             Ok(h) => {
                 let ok = is_ready(h, window, now);
                 any_ready |= ok;
-                json!({"replica": url, "alive": h.alive, "ready": ok, "detail": h.detail})
+                json!({
+                    "replica": url,
+                    "alive": h.alive,
+                    "ready": ok,
+                    "state": state_name(h.state),
+                    "detail": h.detail,
+                })
             }
             Err(status) => {
                 json!({"replica": url, "alive": false, "ready": false, "detail": status.message()})
@@ -82,7 +128,7 @@ mod tests {
             alive: true,
             ready,
             last_step_ok_unix_ms: last,
-            detail: String::new(),
+            ..Default::default()
         };
         let w = Duration::from_secs(10);
         assert!(!is_ready(&h(false, 1_000), Duration::ZERO, 1_000));

@@ -6,6 +6,7 @@
 //! tests pin against the HF processor) and are sent channel-major (`[views, 3, tile, tile]`).
 
 use std::io::Cursor;
+use std::sync::Arc;
 
 use base64::engine::{general_purpose::GeneralPurpose, DecodePaddingMode, GeneralPurposeConfig};
 use base64::Engine;
@@ -13,6 +14,7 @@ use image::{ImageReader, Limits, RgbImage};
 use r4b_proto::v1 as pb;
 use r4b_worker::model::anyres::{views_u8, ImageGeometry, Resample};
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 
 use crate::config::GatewayConfig;
 use crate::fetch::{FetchError, ImageFetcher};
@@ -102,7 +104,14 @@ pub struct ImagePipeline {
     max_bytes: usize,
     max_pixels: u64,
     max_images: usize,
+    /// Decoded bytes all decodes together may hold, in KiB permits.
+    decode_budget: Arc<Semaphore>,
+    decode_budget_kib: u32,
 }
+
+/// Bytes one decode may hold per pixel at its peak: the decoder's RGBA buffer (4) plus the RGB
+/// copy (3), rounded up.
+const DECODE_BYTES_PER_PIXEL: u64 = 8;
 
 impl ImagePipeline {
     /// A pipeline for `geometry` (`None`: images are refused) with the limits of `config`.
@@ -116,6 +125,9 @@ impl ImagePipeline {
             config.max_image_bytes,
             config.image_fetch_timeout,
         )?;
+        let decode_budget_kib = u32::try_from(config.max_decode_bytes.div_ceil(1024).max(1))
+            .unwrap_or(u32::MAX)
+            .min(Semaphore::MAX_PERMITS as u32);
         Ok(ImagePipeline {
             geometry,
             resample,
@@ -123,6 +135,8 @@ impl ImagePipeline {
             max_bytes: config.max_image_bytes,
             max_pixels: config.max_image_pixels,
             max_images: config.max_images_per_request,
+            decode_budget: Arc::new(Semaphore::new(decode_budget_kib as usize)),
+            decode_budget_kib,
         })
     }
 
@@ -157,7 +171,24 @@ impl ImagePipeline {
             .map_err(at)?;
         let bytes = self.bytes_of(&image.url).await.map_err(at)?;
         let (max_pixels, resample) = (self.max_pixels, self.resample);
+        // The header alone says how much memory decoding takes; wait for that much room.
+        let (width, height) = probe_dimensions(&bytes, max_pixels).map_err(at)?;
+        let need = u64::from(width) * u64::from(height) * DECODE_BYTES_PER_PIXEL;
+        let kib = u32::try_from(need.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.decode_budget_kib);
+        let permit = self
+            .decode_budget
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .map_err(|_| {
+                at(ImageErrorKind::Preprocess(
+                    "the image decoder is shut down".into(),
+                ))
+            })?;
         let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let t = std::time::Instant::now();
             let rgb = decode_rgb(&bytes, max_pixels)?;
             let decoded = t.elapsed();
@@ -254,13 +285,15 @@ pub fn decode_data_uri(uri: &str, max_bytes: usize) -> Result<Vec<u8>, ImageErro
     Ok(bytes)
 }
 
-/// Reads the dimensions from the header, refuses more than `max_pixels`, then decodes to RGB.
-pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageErrorKind> {
-    let reader = |bytes| {
-        ImageReader::new(Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| ImageErrorKind::Undecodable(e.to_string()))
-    };
+fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, ImageErrorKind> {
+    ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageErrorKind::Undecodable(e.to_string()))
+}
+
+/// `(width, height)` from the header alone; refuses an unknown format, a zero size and more
+/// than `max_pixels`.
+pub fn probe_dimensions(bytes: &[u8], max_pixels: u64) -> Result<(u32, u32), ImageErrorKind> {
     let mut probe = reader(bytes)?;
     probe.limits(Limits::no_limits()); // only the header is read here
     if probe.format().is_none() {
@@ -281,6 +314,12 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageErrorK
             "image has zero size {width}x{height}"
         )));
     }
+    Ok((width, height))
+}
+
+/// Reads the dimensions from the header, refuses more than `max_pixels`, then decodes to RGB.
+pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageErrorKind> {
+    let (width, height) = probe_dimensions(bytes, max_pixels)?;
     let mut decoder = reader(bytes)?;
     let mut limits = Limits::default();
     limits.max_image_width = Some(width);

@@ -42,6 +42,7 @@ pub mod output;
 pub mod prompt;
 pub mod reasoning;
 pub mod replica;
+pub mod server;
 pub mod sse;
 pub mod state;
 pub mod stop;
@@ -53,7 +54,7 @@ pub mod validate;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::Uri;
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 pub use config::GatewayConfig;
@@ -73,9 +74,32 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .merge(metrics::router())
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_while_draining,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// While the gateway drains, new generations get 503 (health, metrics and the rest still answer).
+async fn refuse_while_draining(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path();
+    let generates = path == "/v1/chat/completions" || path == "/v1/completions";
+    if generates && state.shutdown().is_draining() {
+        // Read the body first: closing a socket with unread data resets the connection, and
+        // the client would see that instead of the 503.
+        let limit = state.config().body_limit_bytes;
+        let read = axum::body::to_bytes(req.into_body(), limit);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+        return ApiError::Unavailable("the server is shutting down".into()).into_response();
+    }
+    next.run(req).await
 }
 
 async fn not_found(uri: Uri) -> ApiError {

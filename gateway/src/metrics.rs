@@ -151,6 +151,11 @@ impl Metrics {
         }
     }
 
+    /// Generations in flight at this gateway.
+    pub fn running(&self) -> i64 {
+        self.running.load(Ordering::Relaxed)
+    }
+
     /// Marks a generation as running until the guard drops.
     pub fn start_request(self: &Arc<Self>) -> RunningGuard {
         self.running.fetch_add(1, Ordering::Relaxed);

@@ -173,6 +173,35 @@ pub fn render(
         .map_err(|e| ValidationError::Template { reason: e.0 })
 }
 
+/// Runs `f` on the blocking pool: rendering and tokenizing a large body takes seconds of CPU,
+/// which must not stall the async runtime that serves every other request.
+pub async fn off_runtime<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || f(&state))
+        .await
+        .map_err(|e| ApiError::Internal(format!("blocking task failed: {e}")))?
+}
+
+/// Refuses text that is too long for the context from its byte length alone, before it is
+/// tokenized: `bytes` of text are at least [`TextTokenizer::min_tokens`] tokens.
+///
+/// [`TextTokenizer::min_tokens`]: crate::tokens::TextTokenizer::min_tokens
+pub fn check_text_length(state: &AppState, bytes: usize) -> Result<(), ValidationError> {
+    let min_tokens = state.files().tokenizer().min_tokens(bytes);
+    let max_model_len = state.max_model_len();
+    if min_tokens >= max_model_len {
+        return Err(ValidationError::PromptTooLongBytes {
+            max_model_len,
+            bytes,
+            min_tokens,
+        });
+    }
+    Ok(())
+}
+
 /// Tokenizes prompt text.
 pub fn tokenize(
     state: &AppState,
@@ -220,14 +249,30 @@ pub struct RenderedChat {
 /// The chat prompt path shared by `/v1/chat/completions` and `/tokenize`: converts `messages`,
 /// checks `chat_template_kwargs` (`thinking_mode`), renders the template, tokenizes the text and
 /// checks that its `<image>` placeholders pair up with the images.
+///
+/// With `check_length`, text that is provably longer than the context (from its byte length)
+/// is refused before the template runs.
 pub fn render_chat(
     state: &AppState,
     messages: Option<Vec<ChatMessage>>,
     kwargs: Option<Map<String, Value>>,
     add_generation_prompt: bool,
     add_special_tokens: bool,
+    check_length: bool,
 ) -> Result<RenderedChat, ApiError> {
     let conv = conversation(messages)?;
+    if check_length {
+        let bytes = conv
+            .messages
+            .iter()
+            .flat_map(|m| &m.parts)
+            .map(|p| match p {
+                TemplatePart::Text(t) => t.len(),
+                TemplatePart::Image => 0,
+            })
+            .sum();
+        check_text_length(state, bytes)?;
+    }
     let kwargs = template_kwargs(kwargs)?;
     let text = render(state, &conv, add_generation_prompt, &kwargs)?;
     let ids = tokenize(state, &text, add_special_tokens)?;
@@ -279,6 +324,10 @@ pub fn finish_prompt(
     let prompt_ids = expand_images(state, parts.ids, &parts.images)?;
     if prompt_ids.is_empty() {
         return Err(invalid("prompt".into(), "the prompt is empty"));
+    }
+    if state.vocab_size() > 0 {
+        r4b_model::check_prompt_ids(&prompt_ids, state.vocab_size())
+            .map_err(|e| invalid("prompt".into(), &e.to_string()))?;
     }
     let max_new_tokens = max_new_tokens(
         prompt_ids.len(),

@@ -130,17 +130,19 @@ impl ReplicaPool {
         Err(last)
     }
 
-    /// Health of every replica (errors and timeouts as `Err`).
-    pub async fn health(&self) -> Vec<(String, Result<pb::HealthResponse, tonic::Status>)> {
+    /// Health of every replica (errors and timeouts as `Err`). `no_probe`: the replicas answer
+    /// from their state without running a probe forward.
+    pub async fn health(
+        &self,
+        no_probe: bool,
+    ) -> Vec<(String, Result<pb::HealthResponse, tonic::Status>)> {
         let calls = self.replicas.iter().map(|r| async move {
             let mut client = r.client.clone();
-            let result =
-                match tokio::time::timeout(self.rpc_timeout, client.health(pb::HealthRequest {}))
-                    .await
-                {
-                    Ok(res) => res.map(tonic::Response::into_inner),
-                    Err(_) => Err(tonic::Status::deadline_exceeded("Health timed out")),
-                };
+            let req = pb::HealthRequest { no_probe };
+            let result = match tokio::time::timeout(self.rpc_timeout, client.health(req)).await {
+                Ok(res) => res.map(tonic::Response::into_inner),
+                Err(_) => Err(tonic::Status::deadline_exceeded("Health timed out")),
+            };
             (r.url.clone(), result)
         });
         futures::future::join_all(calls).await

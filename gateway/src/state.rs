@@ -1,8 +1,11 @@
 //! [`AppState`]: what every handler shares (config, model files, image pipeline, replicas,
 //! metrics). Built once by [`AppState::connect`], which asks a coordinator for the model facts.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
 
 use r4b_proto::v1 as pb;
 use r4b_worker::model::anyres::ImageGeometry;
@@ -22,14 +25,65 @@ pub struct AppState {
 
 #[derive(Debug)]
 struct Inner {
+    shutdown: Shutdown,
     config: GatewayConfig,
     files: ModelFiles,
     images: ImagePipeline,
     replicas: ReplicaPool,
     metrics: Arc<Metrics>,
     max_model_len: usize,
+    vocab_size: u32,
     image_token_id: Option<u32>,
     created: u64,
+}
+
+/// The gateway's part of a graceful shutdown: once [`Shutdown::start_draining`] ran, `/ready` is
+/// 503 and new generation requests get 503; [`Shutdown::end_streams`] makes every open
+/// generation end now with an error (an SSE error event and `[DONE]` for streams).
+#[derive(Debug)]
+pub struct Shutdown {
+    draining: AtomicBool,
+    end: watch::Sender<bool>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            draining: AtomicBool::new(false),
+            end: watch::channel(false).0,
+        }
+    }
+}
+
+impl Shutdown {
+    /// Stops admitting generation requests.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the gateway is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Ends every open generation with an error.
+    pub fn end_streams(&self) {
+        self.start_draining();
+        self.end.send_replace(true);
+    }
+
+    /// Resolves once [`Shutdown::end_streams`] ran.
+    pub async fn streams_ended(&self) {
+        let mut rx = self.end.subscribe();
+        loop {
+            if *rx.borrow_and_update() {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
 }
 
 /// Seconds since the Unix epoch.
@@ -111,16 +165,23 @@ impl AppState {
             })?;
         Ok(AppState {
             inner: Arc::new(Inner {
+                shutdown: Shutdown::default(),
                 config,
                 files,
                 images,
                 replicas,
                 metrics: Arc::new(Metrics::default()),
                 max_model_len,
+                vocab_size: info.vocab_size,
                 image_token_id,
                 created: unix_now(),
             }),
         })
+    }
+
+    /// Shutdown state: draining, and the signal that ends the streams still open.
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.inner.shutdown
     }
 
     /// The configuration.
@@ -151,6 +212,11 @@ impl AppState {
     /// Context length in tokens.
     pub fn max_model_len(&self) -> usize {
         self.inner.max_model_len
+    }
+
+    /// The model's vocabulary size (ModelInfo); 0 when the coordinator did not say.
+    pub fn vocab_size(&self) -> u32 {
+        self.inner.vocab_size
     }
 
     /// `<image>` token id, if the tokenizer has one.

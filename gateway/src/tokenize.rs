@@ -53,20 +53,24 @@ async fn tokenize(
 async fn text_and_ids(state: &AppState, req: TokenizeBody) -> Result<(String, Vec<u32>), ApiError> {
     match (req.messages, req.prompt) {
         (Some(messages), None) => {
-            let chat = prompt::render_chat(
-                state,
-                Some(messages),
-                req.chat_template_kwargs,
-                req.add_generation_prompt.unwrap_or(true),
-                req.add_special_tokens.unwrap_or(false),
-            )?;
+            let kwargs = req.chat_template_kwargs;
+            let generation = req.add_generation_prompt.unwrap_or(true);
+            let special = req.add_special_tokens.unwrap_or(false);
+            let chat = prompt::off_runtime(state, move |state| {
+                prompt::render_chat(state, Some(messages), kwargs, generation, special, false)
+            })
+            .await?;
             let images = state.images().load_all(&chat.images).await?;
             let ids = prompt::expand_images(state, chat.ids, &images)?;
             Ok((chat.text, ids))
         }
         (None, Some(text)) => {
-            let ids = prompt::tokenize(state, &text, req.add_special_tokens.unwrap_or(true))?;
-            Ok((text, ids))
+            let special = req.add_special_tokens.unwrap_or(true);
+            prompt::off_runtime(state, move |state| {
+                let ids = prompt::tokenize(state, &text, special)?;
+                Ok((text, ids))
+            })
+            .await
         }
         (Some(_), Some(_)) => Err(ValidationError::Invalid {
             field: "prompt".into(),

@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
+use tokenizers::models::ModelWrapper;
+use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::Tokenizer;
 
 /// Tokenizer failures (input the tokenizer cannot handle).
@@ -54,6 +56,28 @@ pub struct TextTokenizer {
     inner: Tokenizer,
     /// Added tokens by id: content and whether they are special.
     added: HashMap<u32, (String, bool)>,
+    /// Most input bytes one token can stand for (see [`TextTokenizer::min_tokens`]); `None` when
+    /// the normalizer can shrink text by an unknown factor.
+    max_bytes_per_token: Option<usize>,
+}
+
+/// By how much a normalizer can shrink UTF-8 text at most (`None`: unbounded or unknown).
+/// NFC/NFD and lowercasing turn at most 3 input bytes into 1 output byte (Hangul jamo into a
+/// syllable, U+212A KELVIN SIGN into `k`); NFKC/NFKD at most 4 (U+1D400 MATHEMATICAL BOLD CAPITAL
+/// A into `A`). Stripping accents or whitespace can drop any number of characters.
+fn normalizer_shrink(n: Option<&NormalizerWrapper>) -> Option<usize> {
+    match n {
+        None => Some(1),
+        Some(NormalizerWrapper::NFC(_) | NormalizerWrapper::NFD(_)) => Some(3),
+        Some(NormalizerWrapper::Lowercase(_)) => Some(3),
+        Some(NormalizerWrapper::NFKC(_) | NormalizerWrapper::NFKD(_)) => Some(4),
+        Some(NormalizerWrapper::Prepend(_) | NormalizerWrapper::ByteLevel(_)) => Some(1),
+        Some(NormalizerWrapper::Sequence(seq)) => seq
+            .as_ref()
+            .iter()
+            .try_fold(1usize, |acc, n| Some(acc * normalizer_shrink(Some(n))?)),
+        Some(_) => None,
+    }
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -79,7 +103,34 @@ impl TextTokenizer {
             .into_iter()
             .map(|(id, t)| (id, (t.content.clone(), t.special)))
             .collect();
-        TextTokenizer { inner, added }
+        // A vocabulary piece's UTF-8 length bounds the bytes it stands for: a byte-level piece
+        // has one char (of 1 or 2 UTF-8 bytes) per byte, a `<0x41>` fallback 6 chars for 1 byte.
+        let longest_piece = inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        // Only BPE maps every token to at most one piece (or one unknown char, <= 4 bytes);
+        // WordPiece and Unigram can map a whole unknown word to one token.
+        let bpe = matches!(inner.get_model(), ModelWrapper::BPE(_));
+        let max_bytes_per_token = normalizer_shrink(inner.get_normalizer())
+            .filter(|_| bpe)
+            .map(|shrink| longest_piece.max(4) * shrink);
+        TextTokenizer {
+            inner,
+            added,
+            max_bytes_per_token,
+        }
+    }
+
+    /// A lower bound on the tokens of any text of `bytes` bytes (0 when none is known): every
+    /// token stands for at most [`max_bytes_per_token`](Self) input bytes. Lets an over-long
+    /// prompt be refused from its length, before it is tokenized.
+    pub fn min_tokens(&self, bytes: usize) -> usize {
+        self.max_bytes_per_token
+            .map_or(0, |per_token| bytes.div_ceil(per_token))
     }
 
     /// The wrapped `tokenizers` tokenizer.

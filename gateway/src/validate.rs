@@ -6,6 +6,8 @@
 
 use r4b_proto::v1 as pb;
 
+use r4b_model::sampling::{self, FloatBound, SamplingError};
+
 use crate::api::{CommonParams, StopField};
 use crate::config::GatewayConfig;
 use crate::model_files::SamplingDefaults;
@@ -48,6 +50,20 @@ pub enum ValidationError {
         max_model_len: usize,
         /// Prompt tokens (images expanded).
         prompt: usize,
+    },
+    /// The prompt's text is provably too long from its byte length (it was not tokenized).
+    #[error(
+        "This model's maximum context length is {max_model_len} tokens. However, your request has \
+         {bytes} bytes of text, which is at least {min_tokens} tokens. Please reduce the length of \
+         the messages or prompt."
+    )]
+    PromptTooLongBytes {
+        /// Context length.
+        max_model_len: usize,
+        /// Bytes of text.
+        bytes: usize,
+        /// Fewest tokens that many bytes can be.
+        min_tokens: usize,
     },
     /// Prompt plus `max_tokens` does not fit the context.
     #[error(
@@ -92,9 +108,9 @@ impl ValidationError {
             ValidationError::Missing { field }
             | ValidationError::OutOfRange { field, .. }
             | ValidationError::Invalid { field, .. } => Some(field.clone()),
-            ValidationError::PromptTooLong { .. } | ValidationError::ContextLength { .. } => {
-                Some("messages".into())
-            }
+            ValidationError::PromptTooLong { .. }
+            | ValidationError::PromptTooLongBytes { .. }
+            | ValidationError::ContextLength { .. } => Some("messages".into()),
             ValidationError::ImageCount { .. } | ValidationError::Template { .. } => {
                 Some("messages".into())
             }
@@ -106,9 +122,9 @@ impl ValidationError {
     pub fn code(&self) -> &'static str {
         match self {
             ValidationError::Missing { .. } => "missing_required_parameter",
-            ValidationError::PromptTooLong { .. } | ValidationError::ContextLength { .. } => {
-                "context_length_exceeded"
-            }
+            ValidationError::PromptTooLong { .. }
+            | ValidationError::PromptTooLongBytes { .. }
+            | ValidationError::ContextLength { .. } => "context_length_exceeded",
             _ => "invalid_value",
         }
     }
@@ -150,16 +166,20 @@ pub struct GenerationParams {
     pub include_usage: bool,
 }
 
-fn float_in(
-    field: &str,
-    v: Option<f64>,
-    ok: impl Fn(f64) -> bool,
-    bound: &str,
-) -> Result<Option<f32>, ValidationError> {
-    match v {
-        Some(x) if !(x.is_finite() && ok(x)) => Err(out_of_range(field, bound, x)),
-        Some(x) => Ok(Some(x as f32)),
-        None => Ok(None),
+/// A float field converted to the worker's `f32` and checked against the shared bound.
+fn float_param(bound: &FloatBound, v: Option<f64>) -> Result<Option<f32>, ValidationError> {
+    v.map(|x| bound.check_f64(x))
+        .transpose()
+        .map_err(ValidationError::from)
+}
+
+impl From<SamplingError> for ValidationError {
+    fn from(e: SamplingError) -> Self {
+        ValidationError::OutOfRange {
+            field: e.field.into(),
+            bound: e.bound.into(),
+            value: e.value,
+        }
     }
 }
 
@@ -176,44 +196,19 @@ fn sampling(
     defaults: &SamplingDefaults,
     logprobs: LogprobRequest,
 ) -> Result<pb::SamplingParams, ValidationError> {
-    let temperature = float_in(
-        "temperature",
-        raw.temperature,
-        |x| (0.0..=2.0).contains(&x),
-        "in [0, 2]",
-    )?;
-    let top_p = float_in("top_p", raw.top_p, |x| x > 0.0 && x <= 1.0, "in (0, 1]")?;
-    let min_p = float_in(
-        "min_p",
-        raw.min_p,
-        |x| (0.0..=1.0).contains(&x),
-        "in [0, 1]",
-    )?;
-    let presence = float_in(
-        "presence_penalty",
-        raw.presence_penalty,
-        |x| (-2.0..=2.0).contains(&x),
-        "in [-2, 2]",
-    )?;
-    let frequency = float_in(
-        "frequency_penalty",
-        raw.frequency_penalty,
-        |x| (-2.0..=2.0).contains(&x),
-        "in [-2, 2]",
-    )?;
-    let repetition = float_in(
-        "repetition_penalty",
-        raw.repetition_penalty,
-        |x| x > 0.0,
-        "> 0",
-    )?;
+    let temperature = float_param(&sampling::TEMPERATURE, raw.temperature)?;
+    let top_p = float_param(&sampling::TOP_P, raw.top_p)?;
+    let min_p = float_param(&sampling::MIN_P, raw.min_p)?;
+    let presence = float_param(&sampling::PRESENCE_PENALTY, raw.presence_penalty)?;
+    let frequency = float_param(&sampling::FREQUENCY_PENALTY, raw.frequency_penalty)?;
+    let repetition = float_param(&sampling::REPETITION_PENALTY, raw.repetition_penalty)?;
     let top_k = match raw.top_k {
         None => None,
         Some(-1) | Some(0) => Some(0),
         Some(k) if k >= 1 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
         Some(k) => return Err(out_of_range("top_k", "-1, 0 (off) or >= 1", k)),
     };
-    Ok(pb::SamplingParams {
+    let params = pb::SamplingParams {
         temperature: temperature.or(defaults.temperature).unwrap_or(1.0),
         top_p: top_p.or(defaults.top_p).unwrap_or(1.0),
         top_k: top_k.or(defaults.top_k).unwrap_or(0),
@@ -224,7 +219,10 @@ fn sampling(
         repetition_penalty: repetition.or(defaults.repetition_penalty).unwrap_or(1.0),
         logprobs: logprobs.is_some(),
         top_logprobs: logprobs.unwrap_or(0),
-    })
+    };
+    // The generation_config.json defaults pass the same bounds as the request fields.
+    r4b_model::check_sampling(&params)?;
+    Ok(params)
 }
 
 fn stop_strings(stop: &Option<StopField>, max: usize) -> Result<Vec<String>, ValidationError> {
@@ -507,7 +505,19 @@ mod tests {
         rejects(
             json!({"repetition_penalty": 0}),
             "repetition_penalty",
-            "> 0",
+            "in [0.01, 100]",
+        );
+        // Values that pass in f64 but break in the worker's f32 are refused too.
+        rejects(
+            json!({"repetition_penalty": 1e300}),
+            "repetition_penalty",
+            "infinite as a 32-bit float",
+        );
+        rejects(json!({"top_p": 1e-300}), "top_p", "0 as a 32-bit float");
+        rejects(
+            json!({"repetition_penalty": 1e-300}),
+            "repetition_penalty",
+            "in [0.01, 100]",
         );
         rejects(json!({"max_tokens": 0}), "max_tokens", "in [1,");
         rejects(json!({"max_tokens": -5}), "max_tokens", "got -5");

@@ -7,8 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use r4b_coordinator::{GpuOptions, GroupConfig, Launch, ReplicaConfig};
+use r4b_coordinator::{
+    EngineHandle, GpuOptions, GroupConfig, Launch, ReplicaConfig, RestartPolicy, StepDeadline,
+};
+use r4b_gateway::server::HttpTimeouts;
 use r4b_gateway::{AppState, GatewayConfig, ModelFiles};
+use tokio::sync::oneshot;
 
 /// Which checkpoint to serve.
 #[derive(Args, Debug, Clone)]
@@ -87,6 +91,29 @@ pub struct ReplicaArgs {
     /// Name clients use as `model` (default: the model argument, or "r4b" for the embedded default).
     #[arg(long)]
     served_model_name: Option<String>,
+    /// Seconds every step may take before the worker group counts as frozen, plus an allowance
+    /// per token and image view (larger of a floor and 8x what recent steps took).
+    #[arg(long, default_value_t = 15.0)]
+    step_timeout: f64,
+    /// Seconds a rank waits for its peers inside a collective before it gives up.
+    #[arg(long, default_value_t = 60)]
+    collective_timeout: u64,
+    /// Worker-group failures tolerated within --worker-restart-window; one more and the process
+    /// exits non-zero (so Kubernetes restarts the pod).
+    #[arg(long, default_value_t = 5)]
+    max_worker_restarts: usize,
+    /// Window, in seconds, in which --max-worker-restarts failures are counted.
+    #[arg(long, default_value_t = 600)]
+    worker_restart_window: u64,
+}
+
+/// Shutdown flags.
+#[derive(Args, Debug, Clone)]
+pub struct ShutdownOpts {
+    /// Seconds in-flight requests get to finish after SIGTERM or SIGINT; those left then end with
+    /// an error (SSE: an error event and `[DONE]`). A second signal ends them at once.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
 }
 
 /// Gateway flags.
@@ -110,6 +137,13 @@ pub struct GatewayOpts {
     /// Largest `n`.
     #[arg(long, default_value_t = 8)]
     max_n: u32,
+    /// Largest image, in pixels (width x height), checked from its header before decoding.
+    #[arg(long, default_value_t = 33_177_600)]
+    max_image_pixels: u64,
+    /// Seconds a client may take to send a request's headers; also how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long, default_value_t = 10)]
+    http_header_timeout: u64,
 }
 
 /// `r4b serve`.
@@ -121,6 +155,8 @@ pub struct ServeArgs {
     replica: ReplicaArgs,
     #[command(flatten)]
     gateway: GatewayOpts,
+    #[command(flatten)]
+    shutdown: ShutdownOpts,
 }
 
 /// `r4b gateway`.
@@ -136,6 +172,8 @@ pub struct GatewayArgs {
     /// Name clients use as `model` (default: the coordinator's).
     #[arg(long)]
     served_model_name: Option<String>,
+    #[command(flatten)]
+    shutdown: ShutdownOpts,
 }
 
 /// `r4b coordinator`.
@@ -148,6 +186,8 @@ pub struct CoordinatorArgs {
     /// Address of the Coordinator gRPC service.
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    #[command(flatten)]
+    shutdown: ShutdownOpts,
 }
 
 fn served_name(explicit: Option<&str>, model: &ModelArgs) -> String {
@@ -188,6 +228,10 @@ fn replica_config(r: &ReplicaArgs, m: &ModelArgs, checkpoint: PathBuf) -> Result
     let max_num_batched_tokens =
         r.max_num_batched_tokens
             .unwrap_or(if r.device == "cuda" { 8192 } else { 2048 });
+    if !(r.step_timeout.is_finite() && r.step_timeout > 0.0) {
+        bail!("--step-timeout must be a positive number of seconds");
+    }
+    let step_base = Duration::from_secs_f64(r.step_timeout);
     Ok(ReplicaConfig {
         group: GroupConfig {
             launch,
@@ -195,7 +239,7 @@ fn replica_config(r: &ReplicaArgs, m: &ModelArgs, checkpoint: PathBuf) -> Result
             block_size: r.block_size,
             kv_cache_bytes: (r.kv_cache_space * (1u64 << 30) as f64) as u64,
             num_blocks: r.num_kv_blocks,
-            peer_timeout: Duration::from_secs(600),
+            peer_timeout: Duration::from_secs(r.collective_timeout.max(1)),
             device: r.device.clone(),
             gpu: GpuOptions {
                 max_num_seqs: r.max_num_seqs as u32,
@@ -211,6 +255,11 @@ fn replica_config(r: &ReplicaArgs, m: &ModelArgs, checkpoint: PathBuf) -> Result
         max_num_batched_tokens,
         max_queue: r.max_queue,
         enable_prefix_caching: !r.no_enable_prefix_caching,
+        restart: RestartPolicy {
+            max_failures: r.max_worker_restarts,
+            window: Duration::from_secs(r.worker_restart_window),
+        },
+        step_deadline: StepDeadline::for_device(&r.device, step_base),
     })
 }
 
@@ -220,6 +269,7 @@ fn gateway_config(g: &GatewayOpts, served_model_name: String) -> GatewayConfig {
     cfg.default_max_thinking_tokens = g.default_max_thinking_tokens;
     cfg.body_limit_bytes = g.max_body_mb << 20;
     cfg.max_n = g.max_n;
+    cfg.max_image_pixels = g.max_image_pixels;
     cfg
 }
 
@@ -249,22 +299,123 @@ async fn start_coordinator(
     Ok(replica)
 }
 
-async fn serve_http(state: AppState, g: &GatewayOpts) -> Result<()> {
+/// Resolves on SIGTERM (what Kubernetes sends) or SIGINT.
+async fn termination() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Why a process stops.
+enum Stop {
+    /// SIGTERM or SIGINT: drain, exit 0.
+    Signal,
+    /// The replica gave up (too many worker-group failures): exit non-zero.
+    Failed(String),
+}
+
+/// Waits for a signal, or for the replica to give up.
+async fn stop_reason(engine: Option<&EngineHandle>) -> Stop {
+    let failed = async {
+        match engine {
+            Some(e) => e.failed().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = termination() => Stop::Signal,
+        why = failed => Stop::Failed(why),
+    }
+}
+
+/// The HTTP side of a process: the gateway router on `g.host:g.port`, with a drain on
+/// SIGTERM/SIGINT. `engine` (the in-process replica of `r4b serve`) is drained with it, and
+/// its failure ends the process with an error.
+async fn serve_http(
+    state: AppState,
+    g: &GatewayOpts,
+    shutdown: &ShutdownOpts,
+    engine: Option<EngineHandle>,
+) -> Result<()> {
     let addr = format!("{}:{}", g.host, g.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
     eprintln!("r4b: OpenAI API on http://{}", listener.local_addr()?);
-    // Small SSE chunks and responses must not wait for Nagle's algorithm.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, r4b_gateway::router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("HTTP server")
+    let timeouts = HttpTimeouts {
+        header_read: Duration::from_secs(g.http_header_timeout.max(1)),
+        ..HttpTimeouts::default()
+    };
+    let (close_tx, close_rx) = oneshot::channel::<()>();
+    let router = r4b_gateway::router(state.clone());
+    // Its own task: it keeps accepting (and answering 503 and /health) during the drain.
+    let mut http = tokio::spawn(r4b_gateway::server::serve(
+        listener,
+        router,
+        timeouts,
+        async move {
+            let _ = close_rx.await;
+        },
+    ));
+    let stop = tokio::select! {
+        r = &mut http => return r.context("HTTP server task")?.context("HTTP server"),
+        stop = stop_reason(engine.as_ref()) => stop,
+    };
+    let timeout = Duration::from_secs(shutdown.shutdown_timeout);
+    let failed = match stop {
+        Stop::Signal => {
+            eprintln!(
+                "r4b: draining: no new requests, {} running get up to {timeout:?}",
+                state.metrics().running()
+            );
+            state.shutdown().start_draining();
+            let drain = async {
+                match &engine {
+                    Some(e) => e.drain(timeout).await,
+                    None => wait_idle(&state, timeout).await,
+                }
+            };
+            tokio::select! {
+                _ = drain => {}
+                _ = termination() => eprintln!("r4b: second signal: ending the requests left now"),
+            }
+            None
+        }
+        Stop::Failed(why) => Some(why),
+    };
+    // Whatever is still open ends with an error event and `[DONE]`.
+    state.shutdown().end_streams();
+    let _ = close_tx.send(());
+    http.await
+        .context("HTTP server task")?
+        .context("HTTP server")?;
+    match failed {
+        None => {
+            eprintln!("r4b: drained, exiting");
+            Ok(())
+        }
+        Some(why) => bail!("the replica gave up: {why}"),
+    }
+}
+
+/// Waits until this gateway has no generation in flight, or `timeout`.
+async fn wait_idle(state: &AppState, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while state.metrics().running() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `r4b serve`: gateway + coordinator here, workers as child processes.
@@ -287,7 +438,7 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
     );
     let files = ModelFiles::load(&dir).context("loading tokenizer and chat template")?;
     let state = AppState::connect(gateway_config(&a.gateway, name), files, vec![coord_url]).await?;
-    serve_http(state, &a.gateway).await
+    serve_http(state, &a.gateway, &a.shutdown, Some(replica.engine.clone())).await
 }
 
 /// `r4b gateway`.
@@ -301,7 +452,7 @@ pub async fn gateway(a: GatewayArgs) -> Result<()> {
         a.coordinator.clone(),
     )
     .await?;
-    serve_http(state, &a.gateway).await
+    serve_http(state, &a.gateway, &a.shutdown, None).await
 }
 
 /// `r4b coordinator`.
@@ -312,7 +463,17 @@ pub async fn coordinator(a: CoordinatorArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", a.listen))?;
     eprintln!("r4b: coordinator on {}", listener.local_addr()?);
-    let _replica = start_coordinator(cfg, listener).await?;
-    tokio::signal::ctrl_c().await?;
-    Ok(())
+    let replica = start_coordinator(cfg, listener).await?;
+    match stop_reason(Some(&replica.engine)).await {
+        Stop::Signal => {
+            let timeout = Duration::from_secs(a.shutdown.shutdown_timeout);
+            eprintln!("r4b: draining: no new requests, running ones get up to {timeout:?}");
+            tokio::select! {
+                _ = replica.engine.drain(timeout) => {}
+                _ = termination() => eprintln!("r4b: second signal: stopping now"),
+            }
+            Ok(())
+        }
+        Stop::Failed(why) => bail!("the replica gave up: {why}"),
+    }
 }

@@ -16,6 +16,7 @@
 //! - The KV cache is paged ([`kv`]); a step mixes prefill chunks and single-token decodes of
 //!   sequences of different lengths.
 
+pub mod admission;
 pub mod checkpoint;
 pub mod collective;
 pub mod config;

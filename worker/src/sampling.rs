@@ -57,7 +57,7 @@ pub const DEFAULT_CANDIDATES: usize = 256;
 /// Most candidates per row (a larger `top_k` is cut to this many).
 pub const MAX_CANDIDATES: usize = 1024;
 /// Most alternatives `top_logprobs` may ask for (OpenAI's limit).
-pub const MAX_TOP_LOGPROBS: u32 = 20;
+pub use r4b_model::sampling::MAX_TOP_LOGPROBS;
 
 /// Plain-Rust sampling parameters (mirrors `cluster.v1.SamplingParams`).
 #[derive(Clone, Debug, PartialEq)]
@@ -103,44 +103,27 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// Checks the ranges; a violation is [`Error::Step`] naming the field.
+    /// Checks the ranges (the shared bounds of `r4b_model::sampling`); a violation is
+    /// [`Error::Step`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &str, value: String, rule: &str| {
-            Err(Error::Step(format!(
-                "sampling params: {field} = {value}: {rule}"
-            )))
-        };
-        let t = self.temperature;
-        if !(t.is_finite() && t >= 0.0) {
-            return bad("temperature", t.to_string(), "must be finite and >= 0");
+        r4b_model::check_sampling(&self.to_proto())
+            .map_err(|e| Error::Step(format!("sampling params: {e}")))
+    }
+
+    /// The same parameters as a `cluster.v1.SamplingParams`.
+    pub fn to_proto(&self) -> r4b_proto::v1::SamplingParams {
+        r4b_proto::v1::SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            repetition_penalty: self.repetition_penalty,
+            logprobs: self.logprobs,
+            top_logprobs: self.top_logprobs,
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p", self.top_p.to_string(), "must be in (0, 1]");
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return bad("min_p", self.min_p.to_string(), "must be in [0, 1]");
-        }
-        let rp = self.repetition_penalty;
-        if !(rp.is_finite() && rp > 0.0) {
-            return bad(
-                "repetition_penalty",
-                rp.to_string(),
-                "must be finite and > 0",
-            );
-        }
-        for (field, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if !(-2.0..=2.0).contains(&v) {
-                return bad(field, v.to_string(), "must be in [-2, 2]");
-            }
-        }
-        if self.top_logprobs > MAX_TOP_LOGPROBS {
-            let rule = format!("must be at most {MAX_TOP_LOGPROBS}");
-            return bad("top_logprobs", self.top_logprobs.to_string(), &rule);
-        }
-        Ok(())
     }
 
     /// Whether this is greedy decoding (`temperature < 1e-5`).

@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::admission::StepLimits;
 use crate::checkpoint::Checkpoint;
 use crate::collective::{Collective, CollectiveError, SingleRank, SocketCollective, SocketConfig};
 use crate::config::{ImagePreprocessing, RConfig};
@@ -66,8 +67,9 @@ impl Collective for Timed {
 
 /// What the executor remembers about one sequence between steps.
 struct SeqState {
-    /// All `<image>` rows of the sequence, `[n, hidden]`.
-    image_rows: Option<Tensor>,
+    /// `<image>` rows of the images received since the first chunk, one `[n_i, hidden]` per
+    /// image, in order.
+    image_rows: Vec<Tensor>,
     params: SamplingParams,
     history: TokenHistory,
     seed: u64,
@@ -144,6 +146,7 @@ pub struct StepExecutor {
     pre: ImagePreprocessing,
     comm: Arc<Timed>,
     seqs: HashMap<u64, SeqState>,
+    limits: StepLimits,
 }
 
 impl std::fmt::Debug for StepExecutor {
@@ -216,6 +219,19 @@ impl StepExecutor {
         };
         let pre = ImagePreprocessing::from_dir(dir)?;
         let geom = cfg.image_geometry();
+        // The GPU engine sized its buffers for `max_model_len` positions.
+        let max_positions = match (req.device.as_str(), req.max_model_len) {
+            ("cuda", n) if n > 0 => (n as usize).min(cfg.text.max_position_embeddings),
+            _ => cfg.text.max_position_embeddings,
+        };
+        let limits = StepLimits {
+            vocab_size: cfg.text.vocab_size,
+            max_positions,
+            num_blocks,
+            block_size: block_size.max(1),
+            image_token: cfg.image_token_index,
+            geometry: geom.clone(),
+        };
         let facts = pb::ModelFacts {
             vocab_size: cfg.text.vocab_size as u32,
             image_token_id: cfg.image_token_index,
@@ -242,6 +258,7 @@ impl StepExecutor {
                 pre,
                 comm,
                 seqs: HashMap::new(),
+                limits,
             },
             resp,
         ))
@@ -294,32 +311,46 @@ impl StepExecutor {
         ))
     }
 
-    /// Runs one step. Rank 0's response carries the sampled tokens.
+    /// Runs one step. Rank 0's response carries the sampled tokens. Sequences whose data fail
+    /// the admission checks are refused alone (`rejected`); an error is a failure of the rank.
     pub fn step(&mut self, req: &pb::StepRequest) -> Result<pb::StepResponse> {
         let t0 = Instant::now();
         self.comm.ns.store(0, Ordering::Relaxed);
         for id in &req.release_seq_ids {
             self.seqs.remove(id);
         }
+        let mut rejected = Vec::new();
+        let mut run = Vec::with_capacity(req.seqs.len());
         for s in &req.seqs {
-            self.admit(s)?;
+            match self.admit(s)? {
+                Ok(()) => run.push(s),
+                Err(reason) => {
+                    tracing::warn!(seq = s.seq_id, %reason, "sequence refused");
+                    self.seqs.remove(&s.seq_id);
+                    rejected.push(pb::SeqRejection {
+                        seq_id: s.seq_id,
+                        reason,
+                    });
+                }
+            }
         }
-        if req.seqs.is_empty() {
-            return Ok(pb::StepResponse {
-                step_id: req.step_id,
-                ..Default::default()
-            });
+        let mut resp = pb::StepResponse {
+            step_id: req.step_id,
+            rejected,
+            ..Default::default()
+        };
+        if run.is_empty() {
+            return Ok(resp);
         }
-        let chunks = req
-            .seqs
+        let chunks = run
             .iter()
             .map(|s| self.chunk(s))
             .collect::<Result<Vec<_>>>()?;
-        let states: Vec<(usize, &SeqState)> = (0..req.seqs.len())
-            .filter(|&i| req.seqs[i].sample)
+        let states: Vec<(usize, &SeqState)> = (0..run.len())
+            .filter(|&i| run[i].sample)
             .map(|i| {
                 self.seqs
-                    .get(&req.seqs[i].seq_id)
+                    .get(&run[i].seq_id)
                     .map(|s| (i, s))
                     .ok_or_else(|| Error::Step("unknown sequence".into()))
             })
@@ -349,48 +380,39 @@ impl StepExecutor {
             );
         }
         drop(chunks);
-        let mut sampled = Vec::with_capacity(rows.len());
-        for (&(i, _), t) in rows.iter().zip(tokens) {
-            sampled.push(pb::Sampled {
-                seq_id: req.seqs[i].seq_id,
-                token: Some(pb::Token {
-                    id: t.id,
-                    logprob: t.logprob,
-                    top: t
-                        .top
-                        .into_iter()
-                        .map(|(id, logprob)| pb::TopLogprob { id, logprob })
-                        .collect(),
-                    forced: false,
-                }),
-            });
+        if self.model.shard().rank == 0 {
+            resp.sampled = rows
+                .iter()
+                .zip(tokens)
+                .map(|(&(i, _), t)| pb::Sampled {
+                    seq_id: run[i].seq_id,
+                    token: Some(pb::Token {
+                        id: t.id,
+                        logprob: t.logprob,
+                        top: t
+                            .top
+                            .into_iter()
+                            .map(|(id, logprob)| pb::TopLogprob { id, logprob })
+                            .collect(),
+                        forced: false,
+                    }),
+                })
+                .collect();
         }
-        if self.model.shard().rank != 0 {
-            sampled.clear();
-        }
-        Ok(pb::StepResponse {
-            step_id: req.step_id,
-            sampled,
-            forward_ns: t0.elapsed().as_nanos() as u64,
-            collective_ns: self.comm.ns.load(Ordering::Relaxed),
-        })
+        resp.forward_ns = t0.elapsed().as_nanos() as u64;
+        resp.collective_ns = self.comm.ns.load(Ordering::Relaxed);
+        Ok(resp)
     }
 
-    /// Records a sequence's first chunk (images, sampling, history) and this chunk's tokens.
-    fn admit(&mut self, s: &pb::SeqStep) -> Result<()> {
+    /// Records a sequence's first chunk (sampling, history), encodes the images the step
+    /// brings, and this chunk's tokens. The inner `Err` refuses the sequence (its data cannot
+    /// run); the outer one fails the rank.
+    fn admit(&mut self, s: &pb::SeqStep) -> Result<std::result::Result<(), String>> {
         if let Some(p) = &s.sampling {
-            let params = sampling_from_proto(p);
-            params.validate()?;
-            let t = Instant::now();
-            let image_rows = self.encode_images(&s.images)?;
-            if !s.images.is_empty() {
-                tracing::debug!(
-                    seq = s.seq_id,
-                    "encoded {} image(s) in {:.1} ms",
-                    s.images.len(),
-                    t.elapsed().as_secs_f64() * 1e3
-                );
+            if let Err(reason) = self.limits.check_first_chunk(s, p) {
+                return Ok(Err(reason));
             }
+            let params = sampling_from_proto(p);
             let prompt_len = s.prompt_len as usize;
             let mut history = TokenHistory::default();
             for (i, &t) in s.history.iter().enumerate() {
@@ -404,7 +426,7 @@ impl StepExecutor {
             self.seqs.insert(
                 s.seq_id,
                 SeqState {
-                    image_rows,
+                    image_rows: Vec::new(),
                     params,
                     history,
                     seed,
@@ -412,12 +434,38 @@ impl StepExecutor {
                 },
             );
         }
-        let st = self.seqs.get_mut(&s.seq_id).ok_or_else(|| {
-            Error::Step(format!(
-                "sequence {} has no state (first chunk without sampling params)",
+        if !self.seqs.contains_key(&s.seq_id) {
+            return Ok(Err(format!(
+                "sequence {} has no state (its first chunk never came)",
                 s.seq_id
-            ))
-        })?;
+            )));
+        }
+        if !s.images.is_empty() {
+            if let Err(reason) = self.limits.check_images(&s.images) {
+                return Ok(Err(reason));
+            }
+            let t = Instant::now();
+            let rows = self.encode_images(&s.images)?;
+            tracing::debug!(
+                seq = s.seq_id,
+                "encoded {} image(s) in {:.1} ms",
+                s.images.len(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            if let Some(st) = self.seqs.get_mut(&s.seq_id) {
+                st.image_rows.extend(rows);
+            }
+        }
+        let Some(st) = self.seqs.get_mut(&s.seq_id) else {
+            return Ok(Err(format!("sequence {} has no state", s.seq_id)));
+        };
+        let mut rows = 0;
+        for r in &st.image_rows {
+            rows += r.dim(0)?;
+        }
+        if let Err(reason) = self.limits.check_chunk(s, rows, st.prompt_len) {
+            return Ok(Err(reason));
+        }
         for (i, &t) in s.tokens.iter().enumerate() {
             if s.start_pos as usize + i < st.prompt_len {
                 st.history.push_prompt(t);
@@ -425,13 +473,11 @@ impl StepExecutor {
                 st.history.push_output(t);
             }
         }
-        Ok(())
+        Ok(Ok(()))
     }
 
-    fn encode_images(&self, images: &[pb::Image]) -> Result<Option<Tensor>> {
-        if images.is_empty() {
-            return Ok(None);
-        }
+    /// Each image's `<image>` rows, in order.
+    fn encode_images(&self, images: &[pb::Image]) -> Result<Vec<Tensor>> {
         let mut rows = Vec::with_capacity(images.len());
         for img in images {
             let views = PixelViews::from_u8_chw(
@@ -453,10 +499,7 @@ impl StepExecutor {
             }
             rows.push(r);
         }
-        Ok(Some(match rows.len() {
-            1 => rows.remove(0),
-            _ => Tensor::cat(&rows, 0)?,
-        }))
+        Ok(rows)
     }
 
     fn chunk<'a>(&self, s: &'a pb::SeqStep) -> Result<SeqChunk<'a>> {
@@ -474,23 +517,36 @@ impl StepExecutor {
         };
         let n = chunk.image_count(image_id);
         if n > 0 {
-            let rows = st.image_rows.as_ref().ok_or_else(|| {
-                Error::Step(format!(
-                    "chunk has {n} `<image>` tokens but the sequence has no images"
-                ))
-            })?;
-            let off = s.image_row_offset as usize;
-            if off + n > rows.dim(0)? {
-                return Err(Error::Step(format!(
-                    "chunk needs image rows {off}..{} of {}",
-                    off + n,
-                    rows.dim(0)?
-                )));
-            }
-            chunk.image_rows = Some(rows.narrow(0, off, n)?);
+            chunk.image_rows = Some(rows_range(&st.image_rows, s.image_row_offset as usize, n)?);
         }
         Ok(chunk)
     }
+}
+
+/// Rows `off..off + n` of the images' rows laid end to end (a view of one image's tensor when
+/// the range lies inside it).
+fn rows_range(images: &[Tensor], off: usize, n: usize) -> Result<Tensor> {
+    let mut pieces = Vec::new();
+    let (mut start, end) = (off, off + n);
+    let mut base = 0;
+    for t in images {
+        let len = t.dim(0)?;
+        if start < base + len && start < end {
+            let take = (base + len).min(end) - start;
+            pieces.push(t.narrow(0, start - base, take)?);
+            start += take;
+        }
+        base += len;
+    }
+    if start < end {
+        return Err(Error::Step(format!(
+            "chunk needs image rows {off}..{end} of {base}"
+        )));
+    }
+    Ok(match pieces.len() {
+        1 => pieces.remove(0),
+        _ => Tensor::cat(&pieces, 0)?,
+    })
 }
 
 type Job = (pb::StepRequest, oneshot::Sender<Result<pb::StepResponse>>);

@@ -199,7 +199,7 @@ fn wide_cases() -> Vec<Case> {
                 top_p,
                 logprobs: true,
                 top_logprobs: 4,
-                ..sampling(3.0, s)
+                ..sampling(2.0, s)
             };
             case(p, TokenHistory::default())
         })

@@ -2,19 +2,38 @@
 //! step loop. Requests reach it as [`Command`]s through an [`EngineHandle`]; tokens go back on a
 //! per-request channel. A request whose channel closes (client gone) is aborted before the next
 //! step and its KV blocks are freed.
+//!
+//! # Failures
+//!
+//! * **A sequence the workers refuse** (their admission checks, `StepResponse.rejected`) fails
+//!   alone with INVALID_ARGUMENT; the step and the other sequences go on.
+//! * **A failed group** (a worker exits, a stream breaks, a step misses its deadline, ranks
+//!   disagree): every process is killed and reaped, requests that already streamed tokens (or
+//!   were retried once already) fail with UNAVAILABLE, the others are queued again, and a new
+//!   group is started in the background while new requests keep queueing. More than
+//!   [`RestartPolicy::max_failures`] failures within [`RestartPolicy::window`] and the engine
+//!   gives up: [`EngineHandle::failed`] resolves and the process should exit non-zero.
+//! * **Drain** ([`Command::Drain`], on SIGTERM): new requests get UNAVAILABLE, running ones finish
+//!   until the timeout, then what is left fails with UNAVAILABLE and the workers are shut down.
 
-use std::collections::HashMap;
+mod lifecycle;
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use r4b_proto::v1 as pb;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
+use crate::deadline::StepDeadline;
 use crate::scheduler::{
-    Finish, ImageSpan, Scheduler, SchedulerConfig, SeqId, SeqRequest, Stopping, SubmitError,
+    Finish, ImageSpan, Scheduler, SchedulerConfig, SeqId, SeqRequest, StepPlan, Stopping,
+    SubmitError,
 };
-use crate::workers::WorkerGroup;
+use crate::workers::{GroupConfig, GroupError, WorkerGroup};
 
 /// Messages a request's stream receives.
 pub type EventSender = mpsc::UnboundedSender<Result<pb::GenerateResponse, Status>>;
@@ -33,17 +52,63 @@ pub enum Command {
     },
     /// Drop a request (client gone).
     Abort(SeqId),
+    /// Stop admitting, let running requests finish for up to `timeout`, fail the rest, shut the
+    /// workers down; `done` fires when the engine has stopped.
+    Drain {
+        /// How long running requests may take.
+        timeout: Duration,
+        /// Fired when the engine stopped.
+        done: oneshot::Sender<()>,
+    },
 }
 
-/// Counters the engine publishes after every step.
+/// When a failing worker group is restarted and when the engine gives up.
+#[derive(Clone, Debug)]
+pub struct RestartPolicy {
+    /// Most group failures tolerated within `window`; one more and the engine gives up.
+    pub max_failures: usize,
+    /// The window failures are counted in.
+    pub window: Duration,
+}
+
+impl Default for RestartPolicy {
+    /// 5 failures in 10 minutes.
+    fn default() -> Self {
+        RestartPolicy {
+            max_failures: 5,
+            window: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Everything the engine needs besides a started group.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Scheduler limits (`num_blocks` from the started group).
+    pub scheduler: SchedulerConfig,
+    /// How to start the group again after a failure.
+    pub group: GroupConfig,
+    /// Restart policy.
+    pub restart: RestartPolicy,
+    /// Step deadline policy.
+    pub deadline: StepDeadline,
+}
+
+/// Counters and state the engine publishes after every step and state change.
 #[derive(Clone, Debug, Default)]
 pub struct EngineStats {
     /// Scheduler counters and gauges.
     pub load: pb::LoadResponse,
     /// Unix ms of the last step that succeeded (0 = never).
     pub last_step_ok_unix_ms: u64,
-    /// Set once a step failed: the replica is broken until restarted.
-    pub failed: Option<String>,
+    /// What the replica is doing.
+    pub state: pb::ReplicaState,
+    /// Why, when not serving (restart reason, drain, gave up).
+    pub detail: String,
+    /// Group restarts since start.
+    pub restarts: u32,
+    /// Process ids of the running group's ranks (empty while it is down).
+    pub worker_pids: Vec<u32>,
 }
 
 /// A cloneable handle to the engine task.
@@ -51,6 +116,7 @@ pub struct EngineStats {
 pub struct EngineHandle {
     tx: mpsc::UnboundedSender<Command>,
     stats: Arc<Mutex<EngineStats>>,
+    failed: watch::Receiver<Option<String>>,
 }
 
 impl EngineHandle {
@@ -65,26 +131,73 @@ impl EngineHandle {
     pub fn stats(&self) -> EngineStats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
+
+    /// Resolves with the reason once the engine gave up (too many group failures). Pending
+    /// forever otherwise.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failed.clone();
+        loop {
+            if let Some(reason) = rx.borrow_and_update().clone() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// Drains the engine (see [`Command::Drain`]) and waits until it stopped.
+    pub async fn drain(&self, timeout: Duration) {
+        let (done, rx) = oneshot::channel();
+        if self.send(Command::Drain { timeout, done }).is_ok() {
+            let _ = rx.await;
+        }
+    }
 }
 
 /// One admitted request.
 struct Active {
     events: EventSender,
+    /// The request, its seed resolved; kept to queue it again after a group failure.
+    req: Box<pb::GenerateRequest>,
     sampling: pb::SamplingParams,
-    images: Vec<pb::Image>,
-    prompt_tokens: u32,
     first_sent: bool,
+    /// Times it was queued again after a group failure.
+    retries: u32,
     /// When the request arrived, and when its first step was sent (time-to-first-token log).
     arrived: Instant,
     first_step: Option<Instant>,
+}
+
+/// What the scheduler needs to know of the model.
+#[derive(Clone, Copy, Debug)]
+struct ModelCosts {
+    /// `<image>` token id.
+    image_token: u32,
+    /// Step budget (tokens) one image view's encode is charged.
+    view_cost: usize,
+}
+
+impl ModelCosts {
+    /// From the facts the workers reported. One view costs a quarter of its patch count in
+    /// tokens (R-4B: 729 / 4 = 182): on the H200 a SigLIP view took ~3 ms and a prefill token
+    /// ~16 µs (bench/RESULTS.md, fourth pass), 190 tokens per view.
+    fn of(facts: &pb::ModelFacts) -> Self {
+        let side = (facts.tile / facts.patch.max(1)) as usize;
+        ModelCosts {
+            image_token: facts.image_token_id,
+            view_cost: (side * side / 4).max(1),
+        }
+    }
 }
 
 /// Builds the scheduler's view of a request; checks images against `<image>` runs.
 fn seq_request(
     id: SeqId,
     req: &pb::GenerateRequest,
-    image_token: u32,
+    costs: ModelCosts,
 ) -> Result<SeqRequest, Status> {
+    let image_token = costs.image_token;
     let ids = &req.prompt_ids;
     let mut spans = Vec::with_capacity(req.images.len());
     let mut cursor = 0;
@@ -106,7 +219,12 @@ fn seq_request(
             img.digest.as_slice().try_into().map_err(|_| {
                 Status::invalid_argument(format!("image {i}: digest must be 32 bytes"))
             })?;
-        spans.push(ImageSpan { start, len, digest });
+        spans.push(ImageSpan {
+            start,
+            len,
+            digest,
+            encode_cost: img.views as usize * costs.view_cost,
+        });
         cursor = start + len;
     }
     if ids[cursor..].contains(&image_token) {
@@ -150,50 +268,115 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// A group being started in the background.
+type Restarting = Pin<Box<dyn Future<Output = Result<WorkerGroup, GroupError>> + Send>>;
+
+/// A drain in progress.
+struct Drain {
+    deadline: Instant,
+    done: Vec<oneshot::Sender<()>>,
+}
+
 /// The engine task's state.
 struct Engine {
     scheduler: Scheduler,
-    group: WorkerGroup,
+    sched_cfg: SchedulerConfig,
+    group_cfg: GroupConfig,
+    policy: RestartPolicy,
+    deadline: StepDeadline,
+    /// The running group (None while restarting or after giving up).
+    group: Option<WorkerGroup>,
+    restart: Option<Restarting>,
+    /// Times of recent group failures (within the policy's window).
+    failures: VecDeque<Instant>,
+    drain: Option<Drain>,
+    gave_up: bool,
     active: HashMap<SeqId, Active>,
     next_id: u64,
     step_id: u64,
-    image_token: u32,
+    costs: ModelCosts,
     stats: Arc<Mutex<EngineStats>>,
+    failed: watch::Sender<Option<String>>,
     totals: pb::LoadResponse,
 }
 
+/// What woke the engine up.
+enum Wake {
+    /// A command (None: every handle is gone).
+    Command(Option<Command>),
+    /// The idle group failed.
+    GroupFailed(GroupError),
+    /// The background restart ended.
+    Restarted(Result<WorkerGroup, GroupError>),
+    /// The drain deadline passed.
+    DrainDeadline,
+    /// There is work to schedule.
+    Work,
+}
+
 /// Starts the engine task over a started worker group.
-pub fn spawn(group: WorkerGroup, cfg: SchedulerConfig) -> Result<EngineHandle, String> {
-    let scheduler = Scheduler::new(cfg.clone()).map_err(|e| e.to_string())?;
+pub fn spawn(group: WorkerGroup, cfg: EngineConfig) -> Result<EngineHandle, String> {
+    let scheduler = Scheduler::new(cfg.scheduler.clone()).map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let stats = Arc::new(Mutex::new(EngineStats::default()));
+    let stats = Arc::new(Mutex::new(EngineStats {
+        state: pb::ReplicaState::Serving,
+        worker_pids: group.pids(),
+        ..Default::default()
+    }));
+    let (failed, failed_rx) = watch::channel(None);
     let engine = Engine {
-        image_token: group.facts.image_token_id,
+        costs: ModelCosts::of(&group.facts),
         scheduler,
-        group,
+        totals: pb::LoadResponse {
+            queue_capacity: cfg.scheduler.max_queue as u32,
+            ..Default::default()
+        },
+        sched_cfg: cfg.scheduler,
+        group_cfg: cfg.group,
+        policy: cfg.restart,
+        deadline: cfg.deadline,
+        group: Some(group),
+        restart: None,
+        failures: VecDeque::new(),
+        drain: None,
+        gave_up: false,
         active: HashMap::new(),
         next_id: 1,
         step_id: 0,
         stats: stats.clone(),
-        totals: pb::LoadResponse {
-            queue_capacity: cfg.max_queue as u32,
-            ..Default::default()
-        },
+        failed,
     };
     tokio::spawn(engine.run(rx));
-    Ok(EngineHandle { tx, stats })
+    Ok(EngineHandle {
+        tx,
+        stats,
+        failed: failed_rx,
+    })
 }
 
 impl Engine {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
         self.publish();
         loop {
-            // Block for work only when there is nothing to run.
-            if self.scheduler.is_idle() {
-                match rx.recv().await {
-                    Some(cmd) => self.handle(cmd),
-                    None => break,
+            if self.gave_up || self.drain_over() {
+                break;
+            }
+            match self.wake(&mut rx).await {
+                Wake::Command(Some(cmd)) => {
+                    self.handle(cmd);
+                    continue;
                 }
+                Wake::Command(None) => break,
+                Wake::GroupFailed(e) => {
+                    self.on_group_failure(e).await;
+                    continue;
+                }
+                Wake::Restarted(r) => {
+                    self.on_restarted(r).await;
+                    continue;
+                }
+                Wake::DrainDeadline => continue,
+                Wake::Work => {}
             }
             while let Ok(cmd) = rx.try_recv() {
                 self.handle(cmd);
@@ -206,48 +389,51 @@ impl Engine {
                 continue;
             };
             if let Err(e) = self.run_step(plan).await {
-                self.fail_all(&e);
-                // A broken group cannot run steps; answer every later request with the error.
-                while let Some(cmd) = rx.recv().await {
-                    if let Command::Submit { ack, .. } = cmd {
-                        let _ = ack.send(Err(Status::unavailable(format!("replica failed: {e}"))));
-                    }
-                }
-                break;
+                self.on_group_failure(e).await;
+                continue;
             }
             self.publish();
         }
-        self.group.shutdown().await;
+        self.stop().await;
+    }
+
+    /// Waits for something to do: work when sequences are scheduled, otherwise a command, a
+    /// failure of the idle group, the end of a restart or the drain deadline.
+    async fn wake(&mut self, rx: &mut mpsc::UnboundedReceiver<Command>) -> Wake {
+        let drain_at = self.drain.as_ref().map(|d| d.deadline);
+        let drain_deadline = async move {
+            match drain_at {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        if let Some(restart) = self.restart.as_mut() {
+            return tokio::select! {
+                c = rx.recv() => Wake::Command(c),
+                r = restart => Wake::Restarted(r),
+                _ = drain_deadline => Wake::DrainDeadline,
+            };
+        }
+        let Some(group) = self.group.as_mut() else {
+            return tokio::select! {
+                c = rx.recv() => Wake::Command(c),
+                _ = drain_deadline => Wake::DrainDeadline,
+            };
+        };
+        if !self.scheduler.is_idle() {
+            return Wake::Work;
+        }
+        tokio::select! {
+            c = rx.recv() => Wake::Command(c),
+            e = group.wait_failure() => Wake::GroupFailed(e),
+            _ = drain_deadline => Wake::DrainDeadline,
+        }
     }
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Submit { req, events, ack } => {
-                let id = SeqId(self.next_id);
-                self.next_id += 1;
-                let result = seq_request(id, &req, self.image_token)
-                    .and_then(|sr| self.scheduler.submit(sr).map_err(submit_status))
-                    .map(|()| {
-                        let mut sampling = req.sampling.unwrap_or_default();
-                        if sampling.seed.is_none() {
-                            sampling.seed = Some(random_seed(id));
-                        }
-                        let prompt_tokens = req.prompt_ids.len() as u32;
-                        self.active.insert(
-                            id,
-                            Active {
-                                events,
-                                sampling,
-                                images: req.images,
-                                prompt_tokens,
-                                first_sent: false,
-                                arrived: Instant::now(),
-                                first_step: None,
-                            },
-                        );
-                        id
-                    });
-                let _ = ack.send(result);
+                let _ = ack.send(self.submit(req, events));
             }
             Command::Abort(id) => {
                 tracing::debug!(%id, "abort");
@@ -255,7 +441,39 @@ impl Engine {
                     self.scheduler.abort(id);
                 }
             }
+            Command::Drain { timeout, done } => self.start_drain(timeout, done),
         }
+    }
+
+    fn submit(
+        &mut self,
+        req: Box<pb::GenerateRequest>,
+        events: EventSender,
+    ) -> Result<SeqId, Status> {
+        if self.drain.is_some() {
+            return Err(Status::unavailable("the replica is shutting down"));
+        }
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        let sr = seq_request(id, &req, self.costs)?;
+        self.scheduler.submit(sr).map_err(submit_status)?;
+        let mut sampling = req.sampling.unwrap_or_else(neutral_sampling);
+        if sampling.seed.is_none() {
+            sampling.seed = Some(random_seed(id));
+        }
+        self.active.insert(
+            id,
+            Active {
+                events,
+                req,
+                sampling,
+                first_sent: false,
+                retries: 0,
+                arrived: Instant::now(),
+                first_step: None,
+            },
+        );
+        Ok(id)
     }
 
     /// Aborts requests whose client went away.
@@ -273,7 +491,7 @@ impl Engine {
         }
     }
 
-    fn step_request(&mut self, plan: &crate::scheduler::StepPlan) -> pb::StepRequest {
+    fn step_request(&mut self, plan: &StepPlan) -> pb::StepRequest {
         self.step_id += 1;
         let seqs = plan
             .chunks
@@ -291,11 +509,10 @@ impl Engine {
                     start_pos: c.start_pos as u32,
                     block_table: c.block_table.clone(),
                     prompt_len: c.prompt_len as u32,
-                    images: if first {
-                        a.map(|a| a.images.clone()).unwrap_or_default()
-                    } else {
-                        Vec::new()
-                    },
+                    images: a
+                        .and_then(|a| a.req.images.get(c.encode_images.clone()))
+                        .map(<[pb::Image]>::to_vec)
+                        .unwrap_or_default(),
                     image_row_offset: c.image_row_offset as u32,
                     sample: c.sample,
                     sampling: if first { a.map(|a| a.sampling) } else { None },
@@ -310,41 +527,71 @@ impl Engine {
         }
     }
 
-    async fn run_step(&mut self, plan: crate::scheduler::StepPlan) -> Result<(), String> {
+    async fn run_step(&mut self, plan: StepPlan) -> Result<(), GroupError> {
         let req = self.step_request(&plan);
+        let tokens: usize = req.seqs.iter().map(|s| s.tokens.len()).sum();
+        let views: usize = req
+            .seqs
+            .iter()
+            .flat_map(|s| &s.images)
+            .map(|i| i.views as usize)
+            .sum();
+        let deadline = self.deadline.for_step(tokens, views);
         tracing::trace!(
             step = req.step_id,
             seqs = req.seqs.len(),
-            release = req.release_seq_ids.len(),
+            tokens,
+            ?deadline,
             "step"
         );
-        let batch_tokens: usize = plan.chunks.iter().map(|c| c.tokens.len()).sum();
-        let (resp, timing) = self.group.step(req).await.map_err(|e| e.to_string())?;
-        tracing::trace!(step = self.step_id, "step done");
-        let mut tokens: HashMap<u64, pb::Token> = HashMap::new();
+        let group = self
+            .group
+            .as_mut()
+            .ok_or_else(|| GroupError::Config("no worker group".into()))?;
+        let result = group.step(req, deadline).await;
+        let (resp, timing) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // End the plan; the failure handler requeues or fails its sequences.
+                self.scheduler.on_step_done(&plan, &[]);
+                return Err(e);
+            }
+        };
+        self.deadline.observe(tokens, timing.wall);
+        // Sequences the workers refused fail alone.
+        for r in &resp.rejected {
+            self.refuse(SeqId(r.seq_id), &r.reason);
+        }
+        let mut tokens_by_seq: HashMap<u64, pb::Token> = HashMap::new();
         let sampled: Vec<(SeqId, u32)> = resp
             .sampled
             .into_iter()
             .filter_map(|s| {
                 let t = s.token?;
                 let id = t.id;
-                tokens.insert(s.seq_id, t);
+                tokens_by_seq.insert(s.seq_id, t);
                 Some((SeqId(s.seq_id), id))
             })
             .collect();
-        let expected = plan.chunks.iter().filter(|c| c.sample).count();
+        let refused = |id: SeqId| resp.rejected.iter().any(|r| r.seq_id == id.0);
+        let expected = plan
+            .chunks
+            .iter()
+            .filter(|c| c.sample && !refused(c.seq_id))
+            .count();
         if sampled.len() != expected {
-            return Err(format!(
-                "rank 0 sampled {} tokens for {expected} sequences",
-                sampled.len()
-            ));
+            self.scheduler.on_step_done(&plan, &[]);
+            return Err(GroupError::Diverged {
+                rank: 0,
+                reason: format!("sampled {} tokens for {expected} sequences", sampled.len()),
+            });
         }
         let t = &mut self.totals;
         t.steps += 1;
         t.step_wall_ns += timing.wall.as_nanos() as u64;
         t.step_forward_ns += timing.forward.as_nanos() as u64;
         t.collective_ns += timing.collective.as_nanos() as u64;
-        t.batch_tokens += batch_tokens as u64;
+        t.batch_tokens += tokens as u64;
         if let Ok(mut s) = self.stats.lock() {
             s.last_step_ok_unix_ms = now_ms();
         }
@@ -354,7 +601,7 @@ impl Engine {
             };
             let mut msg = pb::GenerateResponse::default();
             if !a.first_sent {
-                msg.prompt_tokens = a.prompt_tokens;
+                msg.prompt_tokens = a.req.prompt_ids.len() as u32;
                 msg.cached_tokens = ev.cached_tokens.unwrap_or(0) as u32;
                 a.first_sent = true;
                 let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -370,7 +617,7 @@ impl Engine {
                 let mut tok = if forced {
                     None
                 } else {
-                    tokens.remove(&ev.seq_id.0)
+                    tokens_by_seq.remove(&ev.seq_id.0)
                 };
                 if tok.as_ref().is_some_and(|t| t.id != id) {
                     tok = None;
@@ -396,16 +643,16 @@ impl Engine {
         Ok(())
     }
 
-    fn fail_all(&mut self, err: &str) {
-        tracing::error!("step failed, replica stops: {err}");
-        for (_, a) in self.active.drain() {
+    /// Fails one request the workers refused (its data cannot run); the others go on.
+    fn refuse(&mut self, id: SeqId, reason: &str) {
+        tracing::warn!(%id, reason, "request refused by the workers");
+        self.totals.rejected_seqs += 1;
+        if let Some(a) = self.active.remove(&id) {
             let _ = a
                 .events
-                .send(Err(Status::unavailable(format!("replica failed: {err}"))));
+                .send(Err(Status::invalid_argument(reason.to_string())));
         }
-        if let Ok(mut s) = self.stats.lock() {
-            s.failed = Some(err.to_string());
-        }
+        self.scheduler.abort(id);
     }
 
     fn publish(&mut self) {
@@ -421,6 +668,30 @@ impl Engine {
         if let Ok(mut s) = self.stats.lock() {
             s.load = load;
         }
+    }
+
+    /// Sets the published state and its detail.
+    fn set_state(&mut self, state: pb::ReplicaState, detail: String) {
+        let pids = self
+            .group
+            .as_ref()
+            .map(WorkerGroup::pids)
+            .unwrap_or_default();
+        if let Ok(mut s) = self.stats.lock() {
+            s.state = state;
+            s.detail = detail;
+            s.restarts = self.totals.group_restarts as u32;
+            s.worker_pids = pids;
+        }
+    }
+}
+
+/// Greedy, no penalties: the parameters of a request that sent none.
+fn neutral_sampling() -> pb::SamplingParams {
+    pb::SamplingParams {
+        top_p: 1.0,
+        repetition_penalty: 1.0,
+        ..Default::default()
     }
 }
 
@@ -438,9 +709,9 @@ fn random_seed(id: SeqId) -> u64 {
 /// How long a successful step keeps the replica "ready".
 pub const READY_WINDOW: Duration = Duration::from_secs(30);
 
-/// Whether a step succeeded within `window` and nothing has failed since.
+/// Whether the replica serves and a step succeeded within `window`.
 pub fn is_ready(stats: &EngineStats, window: Duration) -> bool {
-    stats.failed.is_none()
+    stats.state == pb::ReplicaState::Serving
         && stats.last_step_ok_unix_ms > 0
         && now_ms().saturating_sub(stats.last_step_ok_unix_ms) <= window.as_millis() as u64
 }

@@ -99,6 +99,7 @@ mod tests {
             start,
             len,
             digest: [d; 32],
+            encode_cost: 1,
         }
     }
 

@@ -106,7 +106,9 @@ impl Scheduler {
         if self.seqs.contains_key(&req.id) {
             return Err(SubmitError::DuplicateId(req.id));
         }
-        if self.waiting.push_back(req.id).is_err() {
+        // Requests that free running slots will take at the next step are not queued.
+        let free = self.cfg.max_num_seqs.saturating_sub(self.running.len());
+        if self.waiting.push_back(req.id, free).is_err() {
             return Err(SubmitError::Full(Box::new(req)));
         }
         self.seqs.insert(req.id, Sequence::new(req));

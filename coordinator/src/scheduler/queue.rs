@@ -24,9 +24,10 @@ impl<T: PartialEq> WaitQueue<T> {
         self.items.len()
     }
 
-    /// Appends a new item, or hands it back when the queue is at capacity.
-    pub(super) fn push_back(&mut self, item: T) -> Result<(), T> {
-        if self.items.len() >= self.capacity {
+    /// Appends a new item, or hands it back when the queue is at capacity; `room` more may wait
+    /// beyond it (items the next step admits anyway: free running slots).
+    pub(super) fn push_back(&mut self, item: T, room: usize) -> Result<(), T> {
+        if self.items.len() >= self.capacity + room {
             return Err(item);
         }
         self.items.push_back(item);
@@ -72,17 +73,19 @@ mod tests {
     #[test]
     fn fifo_with_capacity_and_front_for_preempted() {
         let mut q = WaitQueue::new(2);
-        assert_eq!(q.push_back(1), Ok(()));
-        assert_eq!(q.push_back(2), Ok(()));
-        assert_eq!(q.push_back(3), Err(3), "full: the item comes back");
+        assert_eq!(q.push_back(1, 0), Ok(()));
+        assert_eq!(q.push_back(2, 0), Ok(()));
+        assert_eq!(q.push_back(3, 0), Err(3), "full: the item comes back");
         q.push_front(9);
         assert_eq!(q.len(), 3, "preempted items may exceed capacity");
         assert_eq!(q.iter().copied().collect::<Vec<_>>(), [9, 1, 2]);
         assert_eq!(q.pop_front(), Some(9));
-        assert_eq!(q.push_back(3), Err(3), "still at capacity");
+        assert_eq!(q.push_back(3, 0), Err(3), "still at capacity");
+        assert_eq!(q.push_back(3, 1), Ok(()), "one more when there is room");
+        assert!(q.remove(&3));
         assert!(q.remove(&2));
         assert!(!q.remove(&2));
-        assert_eq!(q.push_back(3), Ok(()));
+        assert_eq!(q.push_back(3, 0), Ok(()));
         assert_eq!(q.front(), Some(&1));
     }
 }

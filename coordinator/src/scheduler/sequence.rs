@@ -103,6 +103,12 @@ pub(super) struct Sequence {
     pub(super) fresh: bool,
     /// The workers may hold this sequence's state (a first chunk went out, no release since).
     pub(super) worker_state: bool,
+    /// Images `..images_ready` need no encoding in this admission: inside the prefix hit, or
+    /// sent to the workers for encoding already.
+    pub(super) images_ready: usize,
+    /// `<image>` rows of the images inside the prefix hit (never sent to the workers in this
+    /// admission): subtracted from row offsets.
+    pub(super) image_row_base: usize,
     /// Prefix-hit tokens of the first admission, until reported with the first event.
     pub(super) unreported_hit: Option<usize>,
     /// Admissions so far.
@@ -128,6 +134,8 @@ impl Sequence {
             running: false,
             fresh: true,
             worker_state: false,
+            images_ready: 0,
+            image_row_base: 0,
             unreported_hit: None,
             admissions: 0,
         }
@@ -166,6 +174,9 @@ impl Sequence {
         debug_assert!(self.blocks.len() >= hit_blocks);
         let hit_tokens = hit_blocks * block_size;
         self.num_computed = hit_tokens;
+        let inside = |s: &&ImageSpan| s.start + s.len <= hit_tokens;
+        self.images_ready = self.images.iter().take_while(inside).count();
+        self.image_row_base = self.images.iter().take_while(inside).map(|s| s.len).sum();
         self.registered = hit_blocks;
         self.admitted_len = self.tokens.len();
         self.running = true;
@@ -397,6 +408,7 @@ mod tests {
         let span = |start, len| ImageSpan {
             start,
             len,
+            encode_cost: 1,
             digest: [0; 32],
         };
         let ok = stop(1);

@@ -2,30 +2,55 @@
 
 use std::collections::HashMap;
 
-use super::policy::{blocks_for, extra_blocks, image_rows_before, max_prefix_blocks, TokenBudget};
+use std::ops::Range;
+
+use super::policy::{
+    blocks_for, extra_blocks, grant_prefill, image_rows_before, max_prefix_blocks, PrefillGrant,
+    TokenBudget,
+};
 use super::types::{PlannedChunk, SeqEvent, SeqId, StepPlan};
 use super::{Scheduler, Sequence};
 
-/// A plan under construction: `(sequence, chunk length)` in batch order.
+/// One sequence's part of a plan under construction.
+#[derive(Debug)]
+struct Item {
+    id: SeqId,
+    len: usize,
+    /// Images encoded before the chunk.
+    encode: Range<usize>,
+    /// Budget taken (tokens plus encode costs, cut to what was left).
+    spent: usize,
+}
+
+/// A plan under construction, in batch order.
 #[derive(Debug)]
 struct PlanBuilder {
     budget: TokenBudget,
-    items: Vec<(SeqId, usize)>,
+    items: Vec<Item>,
     /// Some sequence was preempted while building: admit nobody this step.
     preempted: bool,
+    /// A prefill chunk or an image encode is planned (a large image may exceed the budget
+    /// only while none is).
+    prefill_planned: bool,
 }
 
 impl PlanBuilder {
-    fn push(&mut self, id: SeqId, len: usize) {
-        self.budget.spend(len);
-        self.items.push((id, len));
+    fn push_prefill(&mut self, id: SeqId, g: PrefillGrant) {
+        let spent = g.cost.min(self.budget.left());
+        self.budget.spend(spent);
+        self.items.push(Item {
+            id,
+            len: g.len,
+            encode: g.encode,
+            spent,
+        });
     }
 
-    /// Takes a preempted sequence's chunk out of the plan and returns its tokens to the budget.
+    /// Takes a preempted sequence's chunk out of the plan and returns its budget.
     fn remove(&mut self, id: SeqId) {
-        if let Some(i) = self.items.iter().position(|(s, _)| *s == id) {
-            let (_, len) = self.items.remove(i);
-            self.budget.refund(len);
+        if let Some(i) = self.items.iter().position(|it| it.id == id) {
+            let it = self.items.remove(i);
+            self.budget.refund(it.spent);
         }
     }
 }
@@ -53,6 +78,7 @@ impl Scheduler {
             budget: TokenBudget::new(self.cfg.max_batched_tokens),
             items: Vec::new(),
             preempted: false,
+            prefill_planned: false,
         };
         self.schedule_running(&mut b, Pass::Decode);
         self.schedule_running(&mut b, Pass::Prefill);
@@ -98,10 +124,29 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            let len = b.budget.grant(want);
-            let kv_len = seq.num_computed + len;
+            let grant = match pass {
+                Pass::Decode => PrefillGrant {
+                    encode: 0..0,
+                    len: b.budget.grant(want),
+                    cost: b.budget.grant(want),
+                },
+                Pass::Prefill => grant_prefill(
+                    &seq.images,
+                    seq.images_ready,
+                    (seq.num_computed, seq.tokens.len()),
+                    b.budget.left(),
+                    !b.prefill_planned,
+                ),
+            };
+            if grant.len == 0 {
+                // Waits for an image the budget cannot encode this step.
+                i += 1;
+                continue;
+            }
+            let kv_len = seq.num_computed + grant.len;
             if self.reserve_blocks(id, kv_len, b) {
-                b.push(id, len);
+                b.prefill_planned |= pass == Pass::Prefill;
+                b.push_prefill(id, grant);
                 i += 1;
             } else {
                 // `id` preempted itself: it was the last running sequence, the loop ends.
@@ -180,8 +225,21 @@ impl Scheduler {
                 idle_hits += usize::from(self.blocks.is_idle_cached(block));
             }
         }
-        // 2. First chunk under the budget, and the fresh blocks it needs.
-        let chunk = b.budget.grant(len - hits * bs);
+        // 2. First chunk under the budget (images encoded as it reaches them, the ones inside
+        //    the hit excepted), and the fresh blocks it needs.
+        let held = |s: &&super::ImageSpan| s.start + s.len <= hits * bs;
+        let ready = seq.images.iter().take_while(held).count();
+        let grant = grant_prefill(
+            &seq.images,
+            ready,
+            (hits * bs, len),
+            b.budget.left(),
+            !b.prefill_planned,
+        );
+        let chunk = grant.len;
+        if chunk == 0 {
+            return false;
+        }
         let fresh = extra_blocks(hits * bs + chunk, hits, bs);
         if self.blocks.num_available() < fresh + idle_hits {
             return false;
@@ -214,7 +272,8 @@ impl Scheduler {
         self.prefix_hit_tokens += (hits * bs) as u64;
         self.waiting.pop_front();
         self.running.push(id);
-        b.push(id, chunk);
+        b.prefill_planned = true;
+        b.push_prefill(id, grant);
         true
     }
 
@@ -224,7 +283,10 @@ impl Scheduler {
         let chunks = b
             .items
             .iter()
-            .filter_map(|&(id, len)| self.seqs.get_mut(&id).map(|s| plan_chunk(s, len)))
+            .filter_map(|it| {
+                let seq = self.seqs.get_mut(&it.id)?;
+                Some(plan_chunk(seq, it.len, it.encode.clone()))
+            })
             .collect();
         StepPlan { chunks, release }
     }
@@ -275,13 +337,19 @@ impl Scheduler {
     }
 }
 
-/// The chunk of `len` tokens of `seq` at its KV frontier; the sequence's first-chunk flag is
-/// consumed.
-fn plan_chunk(seq: &mut Sequence, len: usize) -> PlannedChunk {
+/// The chunk of `len` tokens of `seq` at its KV frontier, after encoding images `encode`; the
+/// sequence's first-chunk flag is consumed.
+fn plan_chunk(seq: &mut Sequence, len: usize, encode: Range<usize>) -> PlannedChunk {
     let start = seq.num_computed;
     let end = start + len;
     let first_chunk = std::mem::take(&mut seq.fresh);
     seq.worker_state = true;
+    let encode = if encode.is_empty() {
+        0..0
+    } else {
+        seq.images_ready = encode.end;
+        encode
+    };
     PlannedChunk {
         seq_id: seq.id,
         tokens: seq.tokens[start..end].to_vec(),
@@ -290,7 +358,8 @@ fn plan_chunk(seq: &mut Sequence, len: usize) -> PlannedChunk {
         prompt_len: seq.prompt_len,
         sample: end == seq.tokens.len(),
         first_chunk,
-        image_row_offset: image_rows_before(&seq.images, start),
+        encode_images: encode,
+        image_row_offset: image_rows_before(&seq.images, start) - seq.image_row_base,
         history: if first_chunk {
             seq.tokens[..start].to_vec()
         } else {

@@ -26,7 +26,8 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     /// Most tokens (prefill chunks + decodes) in one step. Default 2048.
     pub max_batched_tokens: usize,
-    /// Most sequences waiting for admission, preempted ones included. Default 1024.
+    /// Most sequences waiting for admission beyond the free running slots (the ones the next
+    /// step admits anyway), preempted ones included. Default 1024.
     pub max_queue: usize,
     /// Reuse KV blocks of identical prompt prefixes. Default true.
     pub enable_prefix_caching: bool,
@@ -123,6 +124,8 @@ pub struct ImageSpan {
     pub len: usize,
     /// Content digest (the proto's SHA-256 `Image.digest`): the image's prefix-cache identity.
     pub digest: [u8; 32],
+    /// What encoding the image (vision tower + projector) costs, in tokens of a step's budget.
+    pub encode_cost: usize,
 }
 
 /// When generation ends, and the thinking budget (the proto's `StoppingParams`).
@@ -229,7 +232,13 @@ pub struct PlannedChunk {
     /// First chunk since (re)admission: the runtime attaches images, sampling parameters and
     /// `history`.
     pub first_chunk: bool,
-    /// `<image>` tokens of this sequence before `start_pos`.
+    /// Images of the sequence (indexes into its `images`) the workers encode in this step,
+    /// before running the chunk; they hold their rows until the sequence is released. Images
+    /// are encoded in order, each once per admission, when a chunk is about to reach them;
+    /// images wholly inside a prefix-cache hit are never sent.
+    pub encode_images: std::ops::Range<usize>,
+    /// Rows of the images the workers hold for this sequence (those sent since its latest
+    /// admission, in order) that come before `start_pos`: where the chunk's `<image>` rows start.
     pub image_row_offset: usize,
     /// When `first_chunk`: every token before `start_pos` (a prefix-cache hit, or what is already
     /// recomputed), for penalties. Empty otherwise.

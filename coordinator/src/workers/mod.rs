@@ -2,19 +2,26 @@
 //! addresses), sends each its shard plan (`Init`), then drives one bidirectional `Step` stream
 //! per rank. Every step goes to every rank; the group waits for all answers (so a failing rank is
 //! seen at once) and returns rank 0's, which carries the sampled tokens.
+//!
+//! A group fails as a whole: a worker process that exits (its watcher reports it at once, see
+//! [`process`]), a step stream that breaks, a step that misses its deadline, or ranks that
+//! disagree. The engine then kills and reaps every process ([`WorkerGroup::kill`]) and starts
+//! a new group; nothing here retries.
+
+mod process;
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use r4b_proto::v1 as pb;
 use r4b_proto::v1::worker_client::WorkerClient;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Streaming;
+
+pub use process::describe;
+use process::{spawn_worker, Exit, Supervised};
 
 /// Line a worker prints on stdout once it listens: `R4B_WORKER_LISTENING <host:port>`.
 pub const LISTENING_PREFIX: &str = "R4B_WORKER_LISTENING ";
@@ -44,6 +51,32 @@ pub enum GroupError {
     /// The configuration cannot work.
     #[error("worker group: {0}")]
     Config(String),
+    /// A worker process ended.
+    #[error("worker rank {rank} {how}")]
+    Exited {
+        /// The rank.
+        rank: usize,
+        /// How it ended (`killed by signal 9 (SIGKILL)`, ...).
+        how: String,
+    },
+    /// A step did not finish within its deadline (a frozen rank or collective).
+    #[error("step {step_id} ({tokens} tokens) did not finish within its deadline of {deadline:?}")]
+    Deadline {
+        /// The step.
+        step_id: u64,
+        /// Tokens in the step.
+        tokens: usize,
+        /// The deadline it missed.
+        deadline: Duration,
+    },
+    /// Ranks answered a step differently where they must agree.
+    #[error("worker rank {rank} disagrees with rank 0: {reason}")]
+    Diverged {
+        /// The rank.
+        rank: usize,
+        /// What differs.
+        reason: String,
+    },
 }
 
 /// How the ranks come to exist.
@@ -119,7 +152,9 @@ struct Rank {
 
 /// The ranks of one replica.
 pub struct WorkerGroup {
-    children: Vec<Child>,
+    children: Vec<Supervised>,
+    /// Exits of spawned workers, reported by their watchers.
+    exits: mpsc::UnboundedReceiver<Exit>,
     clients: Vec<WorkerClient<Channel>>,
     ranks: Vec<Rank>,
     /// Model facts reported by rank 0.
@@ -141,48 +176,17 @@ impl std::fmt::Debug for WorkerGroup {
     }
 }
 
-async fn spawn_one(
-    exe: &PathBuf,
-    rank: usize,
-    args: &[String],
-) -> Result<(Child, String), GroupError> {
-    let err = |reason: String| GroupError::Spawn { rank, reason };
-    let mut child = Command::new(exe)
-        .arg("worker")
-        .args(["--listen", "127.0.0.1:0", "--exit-with-parent"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| err(format!("{}: {e}", exe.display())))?;
-    let stdout = child.stdout.take().ok_or_else(|| err("no stdout".into()))?;
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.map_err(|e| err(e.to_string()))? {
-            if let Some(addr) = line.strip_prefix(LISTENING_PREFIX) {
-                return Ok(addr.trim().to_string());
-            }
-        }
-        Err(err("exited before listening".into()))
-    })
-    .await
-    .map_err(|_| err("did not report its address within 60 s".into()))??;
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((child, addr))
-}
-
 impl WorkerGroup {
     /// Starts (or attaches to) the ranks, initialises them together and opens the step streams.
+    /// A worker that exits while the group starts fails the start at once.
     pub async fn start(cfg: &GroupConfig) -> Result<Self, GroupError> {
+        let (exits_tx, mut exits) = mpsc::unbounded_channel();
         let mut children = Vec::new();
         let addrs = match &cfg.launch {
             Launch::Spawn { exe, tp, args } => {
                 let mut addrs = Vec::with_capacity(*tp);
                 for rank in 0..*tp {
-                    let (child, addr) = spawn_one(exe, rank, args).await?;
+                    let (child, addr) = spawn_worker(exe, rank, args, &exits_tx).await?;
                     children.push(child);
                     addrs.push(addr);
                 }
@@ -190,6 +194,41 @@ impl WorkerGroup {
             }
             Launch::Attach { addrs } => addrs.clone(),
         };
+        drop(exits_tx);
+        let started = tokio::select! {
+            r = Self::connect_and_init(cfg, &addrs) => r,
+            Some((rank, how)) = exits.recv() => Err(GroupError::Exited { rank, how }),
+        };
+        let (clients, ranks, inits) = match started {
+            Ok(x) => x,
+            Err(e) => {
+                for c in children {
+                    c.kill(KILL_WAIT).await;
+                }
+                return Err(e);
+            }
+        };
+        let facts = inits[0]
+            .facts
+            .clone()
+            .ok_or_else(|| GroupError::Config("rank 0 reported no model facts".into()))?;
+        Ok(WorkerGroup {
+            children,
+            exits,
+            clients,
+            ranks,
+            facts,
+            num_blocks: inits.iter().map(|r| r.num_blocks).min().unwrap_or(0),
+            load_ms: inits[0].load_ms,
+            bytes_loaded: inits.iter().map(|r| r.bytes_loaded).collect(),
+        })
+    }
+
+    /// Connects to every rank, sends `Init` to all of them together and opens the step streams.
+    async fn connect_and_init(
+        cfg: &GroupConfig,
+        addrs: &[String],
+    ) -> Result<(Vec<WorkerClient<Channel>>, Vec<Rank>, Vec<pb::InitResponse>), GroupError> {
         if addrs.is_empty() {
             return Err(GroupError::Config("no workers".into()));
         }
@@ -272,11 +311,6 @@ impl WorkerGroup {
             .await
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
-        let facts = inits[0]
-            .facts
-            .clone()
-            .ok_or_else(|| GroupError::Config("rank 0 reported no model facts".into()))?;
-        let num_blocks = inits.iter().map(|r| r.num_blocks).min().unwrap_or(0);
         let mut ranks = Vec::with_capacity(clients.len());
         for (rank, c) in clients.iter().enumerate() {
             let (tx, rx) = mpsc::channel(4);
@@ -293,15 +327,12 @@ impl WorkerGroup {
                 rx: resp.into_inner(),
             });
         }
-        Ok(WorkerGroup {
-            children,
-            clients,
-            ranks,
-            facts,
-            num_blocks,
-            load_ms: inits[0].load_ms,
-            bytes_loaded: inits.iter().map(|r| r.bytes_loaded).collect(),
-        })
+        Ok((clients, ranks, inits))
+    }
+
+    /// Process ids of the spawned ranks, in rank order (empty when attached).
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().filter_map(|c| c.pid).collect()
     }
 
     /// Tensor-parallel size.
@@ -309,78 +340,148 @@ impl WorkerGroup {
         self.ranks.len()
     }
 
-    /// Runs one step on every rank; returns rank 0's answer and the timings.
+    /// Runs one step on every rank; returns rank 0's answer and the timings. Fails when a rank
+    /// exits, a stream breaks, the ranks disagree on which sequences they refused, or the step
+    /// takes longer than `deadline`.
     pub async fn step(
         &mut self,
         req: pb::StepRequest,
+        deadline: Duration,
     ) -> Result<(pb::StepResponse, StepTiming), GroupError> {
-        let t0 = Instant::now();
         let step_id = req.step_id;
-        // Every rank but the last gets a copy; the last one takes the request itself.
-        let last = self.ranks.len().saturating_sub(1);
-        let mut req = Some(req);
-        for (rank, r) in self.ranks.iter().enumerate() {
-            let msg = if rank == last {
-                req.take()
-            } else {
-                req.clone()
-            };
-            let Some(msg) = msg else { break };
-            r.tx.send(msg).await.map_err(|_| GroupError::Stream {
-                rank,
-                reason: "is closed".into(),
-            })?;
+        let tokens = req.seqs.iter().map(|s| s.tokens.len()).sum();
+        let WorkerGroup { ranks, exits, .. } = self;
+        tokio::select! {
+            r = step_all(ranks, req) => r,
+            Some((rank, how)) = exits.recv() => Err(GroupError::Exited { rank, how }),
+            _ = tokio::time::sleep(deadline) => Err(GroupError::Deadline { step_id, tokens, deadline }),
         }
-        tracing::trace!(step_id, "sent to all ranks");
-        let mut rank0 = None;
-        for (rank, r) in self.ranks.iter_mut().enumerate() {
-            let resp = match r.rx.message().await {
-                Ok(Some(resp)) => resp,
-                Ok(None) => {
-                    return Err(GroupError::Stream {
-                        rank,
-                        reason: "ended".into(),
-                    })
-                }
-                Err(s) => {
-                    return Err(GroupError::Rpc {
-                        rank,
-                        status: Box::new(s),
-                    })
-                }
-            };
-            if resp.step_id != step_id {
-                return Err(GroupError::Stream {
-                    rank,
-                    reason: format!("answered step {} for step {step_id}", resp.step_id),
-                });
-            }
-            if rank == 0 {
-                rank0 = Some(resp);
-            }
-        }
-        let rank0 = rank0.ok_or_else(|| GroupError::Config("no ranks".into()))?;
-        let timing = StepTiming {
-            wall: t0.elapsed(),
-            forward: Duration::from_nanos(rank0.forward_ns),
-            collective: Duration::from_nanos(rank0.collective_ns),
-        };
-        Ok((rank0, timing))
     }
 
-    /// Asks every rank to exit and waits briefly for spawned processes.
-    pub async fn shutdown(mut self) {
-        for c in &mut self.clients {
-            let _ = c.shutdown(pb::ShutdownRequest {}).await;
+    /// Resolves when the idle group fails: a worker process exits, or a step stream ends or
+    /// answers while no step is outstanding. Cancel-safe (call it in a `select!`).
+    pub async fn wait_failure(&mut self) -> GroupError {
+        let WorkerGroup { ranks, exits, .. } = self;
+        let streams = futures::future::select_all(
+            ranks
+                .iter_mut()
+                .enumerate()
+                .map(|(rank, r)| Box::pin(async move { (rank, r.rx.message().await) })),
+        );
+        tokio::select! {
+            Some((rank, how)) = exits.recv() => GroupError::Exited { rank, how },
+            ((rank, msg), _, _) = streams => match msg {
+                Ok(Some(m)) => GroupError::Stream {
+                    rank,
+                    reason: format!("answered step {} while none was running", m.step_id),
+                },
+                Ok(None) => GroupError::Stream { rank, reason: "ended".into() },
+                Err(s) => GroupError::Rpc { rank, status: Box::new(s) },
+            },
         }
+    }
+
+    /// Kills every spawned rank (SIGKILL) and reaps it; asks attached ranks to exit (whoever
+    /// runs them restarts them). For a failed group: nothing is waited for beyond that.
+    pub async fn kill(mut self) {
         self.ranks.clear();
-        for mut child in self.children.drain(..) {
-            if tokio::time::timeout(Duration::from_secs(5), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
+        if self.children.is_empty() {
+            self.shutdown_attached().await;
+        }
+        for child in self.children.drain(..) {
+            child.kill(KILL_WAIT).await;
+        }
+    }
+
+    /// Asks every rank to exit, then waits briefly for spawned processes (killing laggards).
+    pub async fn shutdown(mut self) {
+        self.ranks.clear();
+        self.shutdown_attached().await;
+        for child in self.children.drain(..) {
+            child.wait_or_kill(KILL_WAIT).await;
+        }
+    }
+
+    async fn shutdown_attached(&mut self) {
+        let calls = self.clients.iter_mut().map(|c| {
+            tokio::time::timeout(Duration::from_secs(1), c.shutdown(pb::ShutdownRequest {}))
+        });
+        futures::future::join_all(calls).await;
+    }
+}
+
+/// How long a killed or shut-down worker may take to be reaped.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Sends `req` to every rank and reads every answer (see [`WorkerGroup::step`]).
+async fn step_all(
+    ranks: &mut [Rank],
+    req: pb::StepRequest,
+) -> Result<(pb::StepResponse, StepTiming), GroupError> {
+    let t0 = Instant::now();
+    let step_id = req.step_id;
+    // Every rank but the last gets a copy; the last one takes the request itself.
+    let last = ranks.len().saturating_sub(1);
+    let mut req = Some(req);
+    for (rank, r) in ranks.iter().enumerate() {
+        let msg = if rank == last {
+            req.take()
+        } else {
+            req.clone()
+        };
+        let Some(msg) = msg else { break };
+        r.tx.send(msg).await.map_err(|_| GroupError::Stream {
+            rank,
+            reason: "is closed".into(),
+        })?;
+    }
+    tracing::trace!(step_id, "sent to all ranks");
+    let mut rank0: Option<pb::StepResponse> = None;
+    for (rank, r) in ranks.iter_mut().enumerate() {
+        let resp = match r.rx.message().await {
+            Ok(Some(resp)) => resp,
+            Ok(None) => {
+                return Err(GroupError::Stream {
+                    rank,
+                    reason: "ended".into(),
+                })
+            }
+            Err(s) => {
+                return Err(GroupError::Rpc {
+                    rank,
+                    status: Box::new(s),
+                })
+            }
+        };
+        if resp.step_id != step_id {
+            return Err(GroupError::Stream {
+                rank,
+                reason: format!("answered step {} for step {step_id}", resp.step_id),
+            });
+        }
+        match &rank0 {
+            None => rank0 = Some(resp),
+            Some(r0) => {
+                let ids =
+                    |r: &pb::StepResponse| r.rejected.iter().map(|x| x.seq_id).collect::<Vec<_>>();
+                if ids(r0) != ids(&resp) {
+                    return Err(GroupError::Diverged {
+                        rank,
+                        reason: format!(
+                            "refused sequences {:?}, rank 0 refused {:?}",
+                            ids(&resp),
+                            ids(r0)
+                        ),
+                    });
+                }
             }
         }
     }
+    let rank0 = rank0.ok_or_else(|| GroupError::Config("no ranks".into()))?;
+    let timing = StepTiming {
+        wall: t0.elapsed(),
+        forward: Duration::from_nanos(rank0.forward_ns),
+        collective: Duration::from_nanos(rank0.collective_ns),
+    };
+    Ok((rank0, timing))
 }

@@ -195,6 +195,13 @@ impl Coordinator for Fake {
             } else {
                 "warming up".into()
             },
+            state: if self.ready {
+                pb::ReplicaState::Serving
+            } else {
+                pb::ReplicaState::Starting
+            } as i32,
+            restarts: 0,
+            worker_pids: Vec::new(),
         }))
     }
 

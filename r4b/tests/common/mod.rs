@@ -1,6 +1,9 @@
 //! Starts the real `r4b serve` binary on loopback for end-to-end tests.
 #![allow(dead_code)]
 
+pub mod procs;
+pub mod python;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,6 +34,25 @@ fn free_port() -> u16 {
 }
 
 impl Server {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `timeout` for the server to exit; its status, if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Starts `r4b serve` with the embedded default and `args`; waits until `/ready` is 200.
     pub fn start(args: &[&str]) -> Server {
         let cache = tempfile::tempdir().unwrap();
@@ -174,4 +196,118 @@ pub fn client() -> reqwest::blocking::Client {
         .timeout(Duration::from_secs(300))
         .build()
         .unwrap()
+}
+
+/// How one streamed request ended, with its timings.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// HTTP status.
+    pub status: u16,
+    /// The body of a non-200 answer.
+    pub body: String,
+    /// `data: [DONE]` arrived.
+    pub done: bool,
+    /// The last `finish_reason` seen.
+    pub finish: Option<String>,
+    /// The message of an error event (`data: {"error": ...}`).
+    pub error: Option<String>,
+    /// Content or reasoning pieces received.
+    pub pieces: usize,
+    /// When the request was sent.
+    pub sent: Instant,
+    /// When the first chunk with output arrived.
+    pub first: Option<Instant>,
+    /// When the response ended (or the connection broke).
+    pub ended: Instant,
+    /// The `Retry-After` header of a 429.
+    pub retry_after: Option<Duration>,
+}
+
+impl Outcome {
+    /// A 200 stream that finished normally (finish reason and `[DONE]`, no error).
+    pub fn complete(&self) -> bool {
+        self.status == 200 && self.done && self.error.is_none() && self.finish.is_some()
+    }
+
+    /// A stream that ended with an error event and `[DONE]`, or a non-200 answer with an
+    /// OpenAI error body.
+    pub fn clear_error(&self) -> bool {
+        (self.status == 200 && self.done && self.error.is_some())
+            || (self.status != 200 && self.body.contains("\"error\""))
+    }
+}
+
+/// Sends a streamed chat request and reads it to the end.
+pub fn stream_chat(base: &str, body: &Value) -> Outcome {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let sent = Instant::now();
+    let mut out = Outcome {
+        status: 0,
+        body: String::new(),
+        done: false,
+        finish: None,
+        error: None,
+        pieces: 0,
+        sent,
+        first: None,
+        ended: sent,
+        retry_after: None,
+    };
+    let resp = match client()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            out.body = format!("request failed: {e}");
+            out.ended = Instant::now();
+            return out;
+        }
+    };
+    out.status = resp.status().as_u16();
+    out.retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs);
+    if out.status != 200 {
+        out.body = resp.text().unwrap_or_default();
+        out.ended = Instant::now();
+        return out;
+    }
+    for line in BufReader::new(resp).lines() {
+        let Ok(line) = line else { break };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            out.done = true;
+            break;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            continue;
+        };
+        if let Some(msg) = v["error"]["message"].as_str() {
+            out.error = Some(msg.to_string());
+            continue;
+        }
+        let choice = &v["choices"][0];
+        let d = &choice["delta"];
+        if d["content"].as_str().is_some_and(|c| !c.is_empty())
+            || d["reasoning_content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+        {
+            out.pieces += 1;
+            out.first.get_or_insert_with(Instant::now);
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            out.finish = Some(f.to_string());
+        }
+    }
+    out.ended = Instant::now();
+    out
 }

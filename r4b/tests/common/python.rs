@@ -1,0 +1,55 @@
+//! The pinned Python packages of the end-to-end tests (`tests/python-requirements.txt`),
+//! installed by the tests themselves into `target/tmp/pydeps` (pip `--target`, `--no-deps`),
+//! once per change of the requirements file; concurrent tests wait on a file lock.
+
+use std::fs::{self, File};
+use std::path::PathBuf;
+use std::process::Command;
+
+const REQUIREMENTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/python-requirements.txt"
+);
+
+/// `python3` with the pinned packages on its path (installing them first if needed).
+pub fn python3() -> Command {
+    let site = ensure_installed();
+    let mut cmd = Command::new("python3");
+    cmd.env("PYTHONPATH", &site).env("PYTHONNOUSERSITE", "1");
+    cmd
+}
+
+fn ensure_installed() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pydeps");
+    let site = root.join("site");
+    let stamp = root.join("installed-requirements.txt");
+    let wanted = fs::read_to_string(REQUIREMENTS).expect("tests/python-requirements.txt");
+    fs::create_dir_all(&root).expect("creating target/tmp/pydeps");
+    let lock = File::create(root.join(".lock")).expect("lock file");
+    lock.lock().expect("locking target/tmp/pydeps");
+    if fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return site;
+    }
+    let _ = fs::remove_dir_all(&site);
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--target",
+        ])
+        .arg(&site)
+        .args(["-r", REQUIREMENTS])
+        .output()
+        .expect("running python3 -m pip");
+    assert!(
+        out.status.success(),
+        "pip install -r tests/python-requirements.txt failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::write(&stamp, &wanted).expect("writing the install stamp");
+    site
+}
