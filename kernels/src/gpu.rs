@@ -1310,7 +1310,8 @@ impl Gpu {
         }
         let ff = i(f);
         // 8 values per thread where the rows allow 16-byte accesses.
-        let (func, grid) = if f.is_multiple_of(8) && gu.is_multiple_of(16) && out.is_multiple_of(16) {
+        let (func, grid) = if f.is_multiple_of(8) && gu.is_multiple_of(16) && out.is_multiple_of(16)
+        {
             (&self.f.silu_mul_v8, f.div_ceil(8 * 256))
         } else {
             (&self.f.silu_mul, f.div_ceil(256))

@@ -98,6 +98,9 @@ pub struct ReplicaArgs {
     /// Seconds a rank waits for its peers inside a collective before it gives up.
     #[arg(long, default_value_t = 60)]
     collective_timeout: u64,
+    /// Seconds starting the workers (spawn, load, allocate) may take before the attempt fails.
+    #[arg(long, default_value_t = 900)]
+    worker_start_timeout: u64,
     /// Worker-group failures tolerated within --worker-restart-window; one more and the process
     /// exits non-zero (so Kubernetes restarts the pod).
     #[arg(long, default_value_t = 5)]
@@ -240,6 +243,7 @@ fn replica_config(r: &ReplicaArgs, m: &ModelArgs, checkpoint: PathBuf) -> Result
             kv_cache_bytes: (r.kv_cache_space * (1u64 << 30) as f64) as u64,
             num_blocks: r.num_kv_blocks,
             peer_timeout: Duration::from_secs(r.collective_timeout.max(1)),
+            start_timeout: Duration::from_secs(r.worker_start_timeout.max(1)),
             device: r.device.clone(),
             gpu: GpuOptions {
                 max_num_seqs: r.max_num_seqs as u32,

@@ -113,6 +113,9 @@ pub struct GroupConfig {
     pub num_blocks: Option<u32>,
     /// How long ranks wait for each other (collective timeout).
     pub peer_timeout: Duration,
+    /// How long starting the group (spawn, connect, load, allocate) may take before it counts
+    /// as failed.
+    pub start_timeout: Duration,
     /// Where the workers run the model: "cpu" or "cuda".
     pub device: String,
     /// GPU engine sizing and options (ignored on CPU).
@@ -198,6 +201,10 @@ impl WorkerGroup {
         let started = tokio::select! {
             r = Self::connect_and_init(cfg, &addrs) => r,
             Some((rank, how)) = exits.recv() => Err(GroupError::Exited { rank, how }),
+            _ = tokio::time::sleep(cfg.start_timeout) => Err(GroupError::Config(format!(
+                "the workers did not start within {:?}",
+                cfg.start_timeout
+            ))),
         };
         let (clients, ranks, inits) = match started {
             Ok(x) => x,
