@@ -69,5 +69,39 @@ if has http; then
   # Time to first token, split: gateway before submit / coordinator queue / steps / round trip.
   grep -E "first token|first message" "$OUT/serve.log" | sed -n 3,8p
 fi
+if has soak || has respawn; then
+  # Issue 12 on the GPU: a 10x overload soak (admission control), then kill -9 of the rank
+  # under load (respawn, memory freed). The same server for both.
+  stamp "serve for soak/respawn (--max-num-seqs ${SOAK_SEQS:-16} --max-queue ${SOAK_QUEUE:-4})"
+  "$BIN/r4b" serve $CK --device cuda --port 8001 --max-num-seqs ${SOAK_SEQS:-16} \
+    --max-queue ${SOAK_QUEUE:-4} > "$OUT/serve_soak.log" 2>&1 &
+  SERVE=$!
+  for _ in $(seq 1 240); do curl -sf localhost:8001/ready > /dev/null && break; kill -0 $SERVE 2>/dev/null || break; sleep 0.5; done
+  if has soak; then
+    stamp soak
+    timeout 200 python3 bench/gpu/soak.py --url http://127.0.0.1:8001 \
+      --capacity $(( ${SOAK_SEQS:-16} + ${SOAK_QUEUE:-4} )) --secs ${SOAK_SECS:-30} --json "$OUT/soak.json"
+  fi
+  if has respawn; then
+    stamp "respawn: kill -9 of the rank under load"
+    timeout 120 python3 bench/gpu/soak.py --url http://127.0.0.1:8001 --capacity 4 --secs 40 \
+      > "$OUT/respawn_load.txt" 2>&1 &
+    LOAD=$!
+    sleep 8
+    WPID=$(curl -s localhost:8001/health | python3 -c "import json,sys; print(json.load(sys.stdin)['replicas'][0]['worker_pids'][0])")
+    nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader
+    t0=$(date +%s.%N); kill -9 $WPID
+    for _ in $(seq 1 600); do
+      H=$(curl -s localhost:8001/health); R=$(echo "$H" | python3 -c "import json,sys; r=json.load(sys.stdin)['replicas'][0]; print(r['state'], r['restarts'], (r['worker_pids'] or [0])[0])")
+      set -- $R; [ "$1" = serving ] && [ "$2" -ge 1 ] && [ "$3" != "$WPID" ] && break; sleep 0.1
+    done
+    echo "serving again $(python3 -c "print(round($(date +%s.%N) - $t0, 2))") s after kill -9 of pid $WPID (state $1, restarts $2, new pid $3)"
+    echo "old pid still present: $(ps -p $WPID -o stat= || echo no)"
+    nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader
+    wait $LOAD; cat "$OUT/respawn_load.txt"
+  fi
+  kill $SERVE; wait $SERVE 2>/dev/null
+  grep -iE "worker group|restarted|refused|panic" "$OUT/serve_soak.log" | head -8
+fi
 if has hf; then stamp hf_generate; python3 bench/gpu/hf_generate.py $CK --json "$OUT/hf.json" 2>&1 | tail -8; fi
 stamp done
