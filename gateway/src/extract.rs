@@ -42,6 +42,9 @@ impl FromRequest<AppState> for JsonBody {
                     }
                 }
             })?;
+        if bytes.len() >= crate::trim::LARGE_REQUEST_BYTES {
+            crate::trim::after_large_request();
+        }
         if bytes.len() < BLOCKING_PARSE_BYTES {
             return parse_body(&bytes).map(JsonBody);
         }

@@ -173,6 +173,7 @@ impl ImagePipeline {
         let (max_pixels, resample) = (self.max_pixels, self.resample);
         // The header alone says how much memory decoding takes; wait for that much room.
         let (width, height) = probe_dimensions(&bytes, max_pixels).map_err(at)?;
+        crate::trim::after_large_request();
         let need = u64::from(width) * u64::from(height) * DECODE_BYTES_PER_PIXEL;
         let kib = u32::try_from(need.div_ceil(1024))
             .unwrap_or(u32::MAX)

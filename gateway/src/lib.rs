@@ -49,6 +49,7 @@ pub mod stop;
 pub mod template;
 pub mod tokenize;
 pub mod tokens;
+pub mod trim;
 pub mod validate;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};

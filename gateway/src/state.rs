@@ -163,6 +163,8 @@ impl AppState {
                     reason: e.to_string(),
                 }
             })?;
+        // Gives memory back after large requests (see `trim`).
+        tokio::spawn(crate::trim::run(std::time::Duration::from_secs(1)));
         Ok(AppState {
             inner: Arc::new(Inner {
                 shutdown: Shutdown::default(),

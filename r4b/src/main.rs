@@ -10,17 +10,6 @@
 mod model;
 mod serve;
 
-/// jemalloc with a background thread that returns freed pages to the system within a second;
-/// glibc's malloc kept a gateway that had parsed a 10 MB body 36 MiB larger while idle
-/// (bench/RESULTS.md).
-#[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// jemalloc's options: purge dirty and muzzy pages after 1 s, from a background thread.
-#[allow(non_upper_case_globals)]
-#[export_name = "_rjem_malloc_conf"]
-pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000\0";
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
