@@ -132,9 +132,9 @@ impl Engine {
                 continue;
             };
             if a.first_sent || a.retries >= MAX_RETRIES {
-                let msg = format!(
-                    "the replica's worker group failed ({reason}); the request was interrupted"
-                );
+                // The reason stays in the log and in Health: it names processes and streams.
+                tracing::debug!(%id, reason, "request interrupted by the group failure");
+                let msg = "the replica's worker group failed; the request was interrupted";
                 let _ = a.events.send(Err(Status::unavailable(msg)));
                 self.active.remove(&id);
             } else {
@@ -173,7 +173,8 @@ impl Engine {
     /// Too many failures: everything fails, the engine stops and `failed` fires.
     fn give_up(&mut self, why: &str) {
         tracing::error!("{why}");
-        self.fail_all(why);
+        // Clients get no internals; the reason goes to the log, Health and the exit message.
+        self.fail_all("the replica failed and is shutting down");
         self.gave_up = true;
         self.restart = None;
         self.set_state(pb::ReplicaState::Failed, why.to_string());
