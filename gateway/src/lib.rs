@@ -42,6 +42,7 @@ pub mod output;
 pub mod prompt;
 pub mod reasoning;
 pub mod replica;
+pub mod special_tokens;
 pub mod sse;
 pub mod state;
 pub mod stop;
