@@ -136,12 +136,14 @@ impl ImagePreprocessing {
                         r.record("size", size.clone(), Source::File(ConfigFile::Preprocessor));
                         Some(h)
                     }
-                    _ => return Err(r.err(
-                        "size",
-                        format!(
+                    _ => {
+                        return Err(r.err(
+                            "size",
+                            format!(
                             "{size} is not a square {{height, width}} (anyres tiles are square)"
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
         };
