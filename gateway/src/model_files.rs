@@ -105,7 +105,7 @@ fn template_source(
     let from_config = |t: String| ("tokenizer_config.json (chat_template)", t);
     Ok(
         match tokenizer_config.and_then(|c| c.get("chat_template")) {
-            Some(Value::String(s)) => Some(s.clone()).map(from_config),
+            Some(Value::String(s)) => Some(from_config(s.clone())),
             Some(Value::Array(list)) => {
                 let named = |name: &str| {
                     list.iter()

@@ -141,7 +141,8 @@ fn absent_vision_config_and_pinpoints_are_the_composite_defaults() {
 
 #[test]
 fn wrong_and_refused_fields_are_named() {
-    let cases: Vec<(Box<dyn Fn(&mut Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(|v| v["vision_config"]["patch_size"] = "14".into()),
             "vision_config.patch_size",
@@ -315,8 +316,9 @@ fn preprocessor_resample_codes_and_class_defaults() {
     }
     // LlavaOnevisionImageProcessor's defaults: OpenAI CLIP mean/std, bicubic, 1/255.
     let p = ImagePreprocessing::from_json_str("{}").unwrap();
-    assert_eq!(p.norm.mean, [0.481_454_66, 0.457_827_5, 0.408_210_73]);
-    assert_eq!(p.norm.std, [0.268_629_54, 0.261_302_58, 0.275_777_11]);
+    let f = |x: f64| x as f32;
+    assert_eq!(p.norm.mean, [f(0.48145466), f(0.4578275), f(0.40821073)]);
+    assert_eq!(p.norm.std, [f(0.26862954), f(0.26130258), f(0.27577711)]);
     assert_eq!(p.resample, Resample::Bicubic);
     assert_eq!(p.pinpoints.as_ref().map(Vec::len), Some(36));
 }
