@@ -27,6 +27,14 @@ pub enum GatewayError {
         /// What was wrong.
         reason: String,
     },
+    /// A token the prompt path depends on is not one added token with the expected id.
+    #[error("tokenizer: `{token}` {reason}")]
+    SpecialToken {
+        /// The token text.
+        token: String,
+        /// What is wrong, with the ids.
+        reason: String,
+    },
     /// The chat template does not compile.
     #[error("chat template: {0}")]
     Template(String),

@@ -43,6 +43,7 @@ pub mod prompt;
 pub mod reasoning;
 pub mod replica;
 pub mod server;
+pub mod special_tokens;
 pub mod sse;
 pub mod state;
 pub mod stop;

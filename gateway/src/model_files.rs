@@ -8,17 +8,20 @@
 //! - EOS ids: `generation_config.json` `eos_token_id` (int or list) ∪ the tokenizer's EOS token;
 //!   sampling defaults (`temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`) from the
 //!   same file, used when a request leaves them unset (as vLLM does).
-//! - Ids of `<think>`, `</think>`, `<image>` and the tokens of `"\n</think>\n\n"`.
+//! - Ids of `<think>`, `</think>`, `<image>` and the tokens of `"\n</think>\n\n"`; `<image>`
+//!   and the think tokens the template writes must be single added tokens, `<image>` with
+//!   `config.json`'s `image_token_index` ([`crate::special_tokens`]), or loading fails.
 //! - The resampling filter from `preprocessor_config.json` (via `r4b-worker`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use r4b_worker::config::ImagePreprocessing;
+use r4b_worker::config::{ImagePreprocessing, RConfig};
 use r4b_worker::model::anyres::Resample;
 use serde_json::Value;
 
 use crate::error::GatewayError;
+use crate::special_tokens::{self, CheckedToken};
 use crate::template::ChatTemplate;
 use crate::tokens::TextTokenizer;
 use crate::validate::StopIds;
@@ -51,6 +54,8 @@ pub struct ModelFiles {
     image_token_id: Option<u32>,
     sampling_defaults: SamplingDefaults,
     resample: Resample,
+    template_source: &'static str,
+    special_tokens: Vec<CheckedToken>,
 }
 
 fn file_error(path: &Path, reason: impl ToString) -> GatewayError {
@@ -79,26 +84,28 @@ fn token_string(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// The chat template's text and the file it came from.
 fn template_source(
     dir: &Path,
     tokenizer_config: Option<&Value>,
-) -> Result<Option<String>, GatewayError> {
+) -> Result<Option<(&'static str, String)>, GatewayError> {
     let jinja = dir.join("chat_template.jinja");
     if jinja.exists() {
         return std::fs::read_to_string(&jinja)
-            .map(Some)
+            .map(|t| Some(("chat_template.jinja", t)))
             .map_err(|e| file_error(&jinja, e));
     }
     let json_path = dir.join("chat_template.json");
     if let Some(v) = read_json(&json_path)? {
         return match v.get("chat_template") {
-            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::String(s)) => Ok(Some(("chat_template.json", s.clone()))),
             _ => Err(file_error(&json_path, "no string field `chat_template`")),
         };
     }
+    let from_config = |t: String| ("tokenizer_config.json (chat_template)", t);
     Ok(
         match tokenizer_config.and_then(|c| c.get("chat_template")) {
-            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::String(s)) => Some(from_config(s.clone())),
             Some(Value::Array(list)) => {
                 let named = |name: &str| {
                     list.iter()
@@ -108,7 +115,7 @@ fn template_source(
                         .and_then(Value::as_str)
                         .map(str::to_string)
                 };
-                named("default")
+                named("default").map(from_config)
             }
             _ => None,
         },
@@ -159,10 +166,29 @@ impl ModelFiles {
 
         let bos = token_string(tokenizer_config.as_ref().and_then(|c| c.get("bos_token")));
         let eos = token_string(tokenizer_config.as_ref().and_then(|c| c.get("eos_token")));
-        let template = template_source(dir, tokenizer_config.as_ref())?
-            .map(|src| ChatTemplate::new(&src, bos.clone(), eos.clone()).map(Arc::new))
+        let source = template_source(dir, tokenizer_config.as_ref())?;
+        let template = source
+            .as_ref()
+            .map(|(_, src)| ChatTemplate::new(src, bos.clone(), eos.clone()).map(Arc::new))
             .transpose()
             .map_err(|e| GatewayError::Template(e.0))?;
+        // The config's `<image>` id, when the directory has a config.json (the gateway alone may
+        // run from tokenizer files only).
+        let config_path = dir.join("config.json");
+        let image_token_index = if config_path.exists() {
+            Some(
+                RConfig::from_dir(dir)
+                    .map_err(|e| file_error(&config_path, e))?
+                    .image_token_index,
+            )
+        } else {
+            None
+        };
+        let special_tokens = special_tokens::check(
+            &tokenizer,
+            source.as_ref().map(|(_, t)| t.as_str()),
+            image_token_index,
+        )?;
 
         let mut eos_ids = ids_of(
             generation_config
@@ -188,12 +214,14 @@ impl ModelFiles {
             .resample;
         Ok(ModelFiles {
             dir: dir.to_path_buf(),
-            image_token_id: tokenizer.token_id("<image>"),
+            image_token_id: special_tokens.first().map(|t| t.id),
             tokenizer,
             template,
             stop_ids,
             sampling_defaults: sampling_defaults(generation_config.as_ref()),
             resample,
+            template_source: source.map_or("none", |(name, _)| name),
+            special_tokens,
         })
     }
 
@@ -240,6 +268,16 @@ impl ModelFiles {
     /// Resampling filter for anyres resizes.
     pub fn resample(&self) -> Resample {
         self.resample
+    }
+
+    /// The file the chat template came from (`none` without one).
+    pub fn template_source(&self) -> &'static str {
+        self.template_source
+    }
+
+    /// `<image>` and the template's think tokens, checked at load ([`crate::special_tokens`]).
+    pub fn special_tokens(&self) -> &[CheckedToken] {
+        &self.special_tokens
     }
 }
 
@@ -327,6 +365,27 @@ mod tests {
         match ModelFiles::load(d.path()) {
             Err(GatewayError::ModelFile { path, .. }) => assert!(path.ends_with("tokenizer.json")),
             other => panic!("expected ModelFile error, got {other:?}"),
+        }
+    }
+
+    /// `<image>` is 261 in the embedded tokenizer and in the embedded config.json; any other
+    /// config id stops the load, naming the token.
+    #[test]
+    fn image_token_must_have_the_config_id() {
+        let d = dir_with(&[]);
+        let mut cfg = r4b_worker::embedded::config_json();
+        std::fs::write(d.path().join("config.json"), cfg.to_string()).expect("write");
+        let f = ModelFiles::load(d.path()).expect("ids agree");
+        assert_eq!(f.image_token_id(), Some(261));
+        assert_eq!(f.template_source(), "none");
+        cfg["image_token_index"] = 262.into();
+        std::fs::write(d.path().join("config.json"), cfg.to_string()).expect("write");
+        match ModelFiles::load(d.path()) {
+            Err(GatewayError::SpecialToken { token, reason }) => {
+                assert_eq!(token, "<image>");
+                assert!(reason.contains("262"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
         }
     }
 

@@ -165,6 +165,15 @@ impl TextTokenizer {
         self.inner.id_to_token(id).unwrap_or_default()
     }
 
+    /// Id of the added token whose content is `content` (None for plain vocabulary entries).
+    pub fn added_token_id(&self, content: &str) -> Option<u32> {
+        self.added
+            .iter()
+            .filter(|(_, (c, _))| c == content)
+            .map(|(&id, _)| id)
+            .min()
+    }
+
     /// Whether `id` is an added token marked special.
     pub fn is_special(&self, id: u32) -> bool {
         self.added.get(&id).is_some_and(|(_, special)| *special)

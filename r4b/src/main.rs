@@ -3,10 +3,12 @@
 //! - `r4b serve [MODEL]`: all-in-one — gateway + coordinator in this process, N workers as child
 //!   processes. Flags follow `vllm serve` where the meaning is the same.
 //! - `r4b gateway`, `r4b coordinator`, `r4b worker`: the roles on their own.
+//! - `r4b inspect [MODEL]`: the resolved model and what `serve` would refuse, without serving.
 //!
 //! With no model, `serve` uses the embedded default: a tiny R-4B-shaped model with deterministic
 //! weights, written on first run into the cache directory.
 
+mod inspect;
 mod model;
 mod serve;
 
@@ -34,6 +36,9 @@ enum Cmd {
     Coordinator(serve::CoordinatorArgs),
     /// One worker rank (normally started by the coordinator).
     Worker(WorkerArgs),
+    /// Print the resolved model (values and their sources, bytes per rank, tokens); exit
+    /// non-zero on anything `serve` would refuse.
+    Inspect(inspect::InspectArgs),
 }
 
 /// `r4b worker` flags.
@@ -103,6 +108,7 @@ fn main() -> Result<()> {
             Cmd::Gateway(a) => serve::gateway(a).await,
             Cmd::Coordinator(a) => serve::coordinator(a).await,
             Cmd::Worker(a) => run_worker(a).await,
+            Cmd::Inspect(a) => inspect::inspect(a).await,
         }
     })
 }

@@ -426,6 +426,8 @@ async fn wait_idle(state: &AppState, timeout: Duration) {
 pub async fn serve(a: ServeArgs) -> Result<()> {
     let t0 = Instant::now();
     let dir = a.model.dir().await?;
+    // Tokenizer checks refuse before any worker starts.
+    let files = ModelFiles::load(&dir).context("loading tokenizer and chat template")?;
     let cfg = replica_config(&a.replica, &a.model, dir.clone())?;
     let name = cfg.served_model_name.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -440,7 +442,6 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
         replica.info.max_model_len,
         t0.elapsed().as_secs_f64()
     );
-    let files = ModelFiles::load(&dir).context("loading tokenizer and chat template")?;
     let state = AppState::connect(gateway_config(&a.gateway, name), files, vec![coord_url]).await?;
     serve_http(state, &a.gateway, &a.shutdown, Some(replica.engine.clone())).await
 }

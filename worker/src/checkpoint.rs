@@ -4,8 +4,10 @@
 //! Tensor names in the model code are the HF ≥ 4.52 names (`model.language_model.*`,
 //! `model.vision_tower.vision_model.*`, `model.multi_modal_projector.*`, `model.image_newline`,
 //! `lm_head.weight`). [`NameLayout`] maps them onto what the files hold: that layout, the older
-//! `language_model.model.*` / `vision_tower.*` / `language_model.lm_head.*` one, and towers saved
-//! with or without the `vision_model.` segment (transformers 5 drops it).
+//! `language_model.model.*` / `vision_tower.*` / `language_model.lm_head.*` one, what
+//! transformers 5 `save_pretrained` writes (`model.language_model.model.*`: its LLaVA weight
+//! renaming reversed), and towers saved with or without the `vision_model.` segment
+//! (transformers 5 drops it).
 //!
 //! Every byte a rank copies out of the mapping goes through [`Checkpoint::read`], which counts
 //! it (and, when asked, records the ranges) so tests can prove a rank never touches another
@@ -62,12 +64,23 @@ pub enum NameLayout {
         /// Whether the tower keeps the `vision_model.` segment.
         vision_model_segment: bool,
     },
+    /// transformers 5 `save_pretrained`: `model.language_model.model.*`, `model.vision_tower.*`,
+    /// `model.multi_modal_projector.*`, `lm_head.*` (transformers 5.17 loads it back through its
+    /// `language_model.model` → `language_model` renaming).
+    Saved5 {
+        /// Whether the tower keeps the `vision_model.` segment.
+        vision_model_segment: bool,
+    },
 }
 
 impl NameLayout {
     fn detect(names: &BTreeMap<String, TensorEntry>) -> Result<Self> {
         let any = |prefix: &str| names.keys().any(|k| k.starts_with(prefix));
-        if any("model.language_model.") {
+        if any("model.language_model.model.") {
+            Ok(NameLayout::Saved5 {
+                vision_model_segment: any("model.vision_tower.vision_model."),
+            })
+        } else if any("model.language_model.") {
             Ok(NameLayout::Current {
                 vision_model_segment: any("model.vision_tower.vision_model."),
             })
@@ -93,6 +106,14 @@ impl NameLayout {
             NameLayout::Legacy {
                 vision_model_segment,
             } => (true, vision_model_segment),
+            NameLayout::Saved5 {
+                vision_model_segment,
+            } => {
+                if let Some(rest) = canonical.strip_prefix("model.language_model.") {
+                    return format!("model.language_model.model.{rest}");
+                }
+                (false, vision_model_segment)
+            }
         };
         if let Some(rest) = canonical.strip_prefix(VT) {
             let tower = if legacy {
@@ -443,6 +464,18 @@ impl Checkpoint {
                 Ok((e.dtype, out.into()))
             }
         }
+    }
+
+    /// Whether two stored tensors hold the same dtype, shape and bytes (reads both whole).
+    pub fn same_tensor(&self, a: &str, b: &str) -> Result<bool> {
+        let (Some(ea), Some(eb)) = (self.entry(a), self.entry(b)) else {
+            return Ok(false);
+        };
+        if ea.dtype != eb.dtype || ea.shape != eb.shape {
+            return Ok(false);
+        }
+        let (ea, eb) = (ea.clone(), eb.clone());
+        Ok(self.read(ea.file, ea.start, ea.end) == self.read(eb.file, eb.start, eb.end))
     }
 
     /// Names of all stored tensors (stored names, not canonical).

@@ -170,19 +170,78 @@ fn without_lm_head_the_head_is_tied_to_the_embedding() {
     );
 }
 
+/// A tied config with a stored lm_head that differs from the embedding is ambiguous
+/// (transformers 5 keeps the stored head, vLLM ties): refused, naming the field.
 #[test]
-fn a_stored_lm_head_wins_over_tie_word_embeddings() {
+fn a_tied_config_with_a_different_stored_head_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = fixture_config();
     cfg["tie_word_embeddings"] = serde_json::json!(true);
     write_checkpoint(tmp.path(), &fixture_tensors(), &cfg);
+    match load_model(tmp.path()) {
+        Err(Error::Config { field, .. }) => assert_eq!(field, "tie_word_embeddings"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// A stored lm_head equal to the embedding is the tied head either way: served, tied logits.
+#[test]
+fn a_stored_head_equal_to_the_embedding_is_the_tied_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = fixture_tensors();
+    let embed = t["model.language_model.embed_tokens.weight"].clone();
+    t.insert("lm_head.weight".into(), embed);
+    let mut cfg = fixture_config();
+    cfg["tie_word_embeddings"] = serde_json::json!(true);
+    write_checkpoint(tmp.path(), &t, &cfg);
     let model = load_model(tmp.path()).unwrap();
     assert_logits(
         &text_logits(&model),
-        &reference_tensors()["text.prompt_logits"],
+        &reference_tensors()["tied.text.prompt_logits"],
         TOL,
-        "stored head",
+        "tied, head stored",
     );
+}
+
+/// An untied config without lm_head.weight: transformers would use a random head; refused.
+#[test]
+fn an_untied_config_without_lm_head_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = fixture_tensors();
+    t.remove("lm_head.weight");
+    write_checkpoint(tmp.path(), &t, &fixture_config());
+    match load_model(tmp.path()) {
+        Err(Error::Config { field, .. }) => assert_eq!(field, "tie_word_embeddings"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// The load plan `r4b inspect` sums is what the CPU loader reads, rank by rank.
+#[test]
+fn the_load_plan_is_what_each_rank_reads() {
+    use r4b_worker::model::{head, plan};
+    let dir = checkpoint_dir();
+    let cfg = RConfig::from_file(&dir.join("config.json")).unwrap();
+    for world in [1usize, 2, 4] {
+        for rank in 0..world {
+            let ckpt = Checkpoint::open(&dir).unwrap();
+            let h = head::head_source(&cfg, &ckpt).unwrap();
+            let summary = plan::summarize(&plan::load_plan(&cfg, h), &ckpt, world).unwrap();
+            let before = ckpt.bytes_read();
+            R4bModel::load(
+                &ckpt,
+                &cfg,
+                Arc::new(Place(Shard { rank, world })),
+                &Device::Cpu,
+            )
+            .unwrap();
+            assert_eq!(
+                ckpt.bytes_read() - before,
+                summary.bytes_per_rank,
+                "rank {rank} of {world}"
+            );
+        }
+    }
 }
 
 /// bf16 and f16 on disk load as the same numbers `half` rounds the f32 weights to.

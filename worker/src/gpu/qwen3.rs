@@ -174,13 +174,9 @@ impl Qwen3Gpu {
             });
         }
         let norm = l.upload(&format!("{root}.norm.weight"), &[h], Split::Replicated)?;
-        // A stored lm_head wins; otherwise the head is tied to the embedding.
-        let head_name = if l.ckpt.contains("lm_head.weight") {
-            "lm_head.weight".to_string()
-        } else {
-            format!("{root}.embed_tokens.weight")
-        };
-        let lm_head = l.upload(&head_name, &[t.vocab_size, h], Split::Rows)?;
+        // Stored lm_head or tied embedding: the CPU model's decision (model/head.rs).
+        let head = crate::model::head::head_source(cfg, l.ckpt)?;
+        let lm_head = l.upload(head.tensor(), &[t.vocab_size, h], Split::Rows)?;
 
         let (tmax, smax) = (lim.max_tokens.max(lim.max_seqs), lim.max_seqs);
         let max_blocks = lim.max_model_len.div_ceil(lim.block_size);

@@ -66,6 +66,18 @@ pub struct VisionGpu {
 
 impl VisionGpu {
     pub fn load(l: &mut Loader, cfg: &RConfig) -> Result<Self> {
+        // The features are one hidden state (the output of the last layer run); a list of several,
+        // concatenated, is served by the CPU model only.
+        if cfg.vision_feature_layer.as_slice().len() != 1 {
+            return Err(crate::Error::Config {
+                field: "vision_feature_layer".into(),
+                reason: format!(
+                    "{:?}: concatenated feature layers are served by the CPU engine only \
+                     (--device cpu), not by the GPU engine",
+                    cfg.vision_feature_layer.as_slice()
+                ),
+            });
+        }
         let v = &cfg.vision;
         let (c, f, p) = (v.hidden_size, v.intermediate_size, v.patch_size);
         let h = cfg.text.hidden_size;

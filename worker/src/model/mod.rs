@@ -5,6 +5,8 @@
 //! Reference: transformers `models/llava_onevision/modeling_llava_onevision.py`, vLLM `rvl.py`.
 
 pub mod anyres;
+pub mod head;
+pub mod plan;
 pub mod projector;
 pub mod qwen3;
 pub mod siglip;
@@ -113,11 +115,10 @@ impl R4bModel {
         let projector = Projector::load(&model.pp("multi_modal_projector"), cfg)?;
         let image_newline = model.get("image_newline", &[cfg.text.hidden_size])?;
         let llm = Qwen3::load(&model.pp("language_model"), &cfg.text, shard, comm.clone())?;
-        // A stored lm_head wins; otherwise the head is tied to the embedding (r4b-model.md §2.1).
-        let head_scope = if root.contains("lm_head.weight") {
-            root.pp("lm_head")
-        } else {
-            model.pp("language_model").pp("embed_tokens")
+        // Stored lm_head or tied embedding: one decision for both backends (model/head.rs).
+        let head_scope = match head::head_source(cfg, ckpt)? {
+            head::HeadSource::LmHead => root.pp("lm_head"),
+            head::HeadSource::TiedEmbedding => model.pp("language_model").pp("embed_tokens"),
         };
         let lm_head = VocabParallelHead::load(
             &head_scope,
@@ -174,7 +175,7 @@ impl R4bModel {
     /// (SigLIP → projector → anyres packing with `image_newline`). Replicated on every rank.
     pub fn encode_image(&self, views: &PixelViews) -> Result<Tensor> {
         let pixels = views.to_tensor(&self.device)?; // [V, 3, S, S]
-        let feats = self.vision.forward(&pixels)?; // [V, 729, Cv]
+        let feats = self.vision.forward(&pixels)?; // [V, 729, Cv · feature layers]
         let (v, n, cv) = feats.dims3()?;
         let proj = self.projector.forward(&feats.reshape((v * n, cv))?)?; // [V·729, Ct]
         let proj = proj.reshape((v, n, self.cfg.text.hidden_size))?;

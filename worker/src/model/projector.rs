@@ -1,5 +1,6 @@
 //! R-4B's multimodal projector: `pre_norm` LayerNorm(eps 1e-6) → `linear_1` (vision → text width,
-//! bias) → GELU (exact erf) → `linear_2` (text → text, bias).
+//! bias) → GELU (exact erf) → `linear_2` (text → text, bias). Its input width is the selected
+//! features' ([`RConfig::vision_feature_width`]: `vision_config.hidden_size` per feature layer).
 //! Reference: vLLM `model_executor/models/rvl.py` (`RVLMultiModalProjector`), r4b-model.md §1.1.
 
 use candle_core::Tensor;
@@ -21,7 +22,7 @@ pub struct Projector {
 impl Projector {
     /// Loads from the `model.multi_modal_projector` scope.
     pub fn load(w: &Weights, cfg: &RConfig) -> Result<Self> {
-        let (cv, ct) = (cfg.vision.hidden_size, cfg.text.hidden_size);
+        let (cv, ct) = (cfg.vision_feature_width(), cfg.text.hidden_size);
         Ok(Projector {
             pre_norm: LayerNorm::load(&w.pp("pre_norm"), cv, 1e-6)?,
             linear_1: Linear::load(&w.pp("linear_1"), ct, cv, true)?,

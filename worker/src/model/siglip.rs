@@ -2,8 +2,10 @@
 //! Reference: transformers `models/siglip/modeling_siglip.py` (`SiglipVisionEmbeddings`,
 //! `SiglipEncoderLayer`, `SiglipAttention`, `SiglipMLP`), r4b-model.md §6.
 //!
-//! Only the layers up to `vision_feature_layer` are loaded and run; the feature is the output
-//! of the last of them, before `post_layernorm` (which is never loaded), and there is no head.
+//! Only the layers up to the deepest `vision_feature_layer` are loaded and run; the features are
+//! the selected hidden states (0 = embeddings, `i` = after layer `i`) concatenated along the
+//! channels in the config's order (transformers `LlavaOnevisionModel.get_image_features`), before
+//! `post_layernorm` (which is never loaded), and there is no head.
 
 use candle_core::Tensor;
 
@@ -186,11 +188,13 @@ impl EncoderLayer {
     }
 }
 
-/// The vision tower, truncated at the feature layer.
+/// The vision tower, truncated at the deepest feature layer.
 #[derive(Clone, Debug)]
 pub struct VisionTower {
     embeddings: Embeddings,
     layers: Vec<EncoderLayer>,
+    /// Hidden-state indices whose outputs are concatenated (`RConfig::vision_feature_indices`).
+    features: Vec<usize>,
 }
 
 impl VisionTower {
@@ -201,19 +205,41 @@ impl VisionTower {
         let layers = (0..cfg.vision_layers_used())
             .map(|i| EncoderLayer::load(&w.pp("encoder.layers").pp(i), v))
             .collect::<Result<Vec<_>>>()?;
-        Ok(VisionTower { embeddings, layers })
+        Ok(VisionTower {
+            embeddings,
+            layers,
+            features: cfg.vision_feature_indices(),
+        })
     }
 
-    /// `pixels [views, 3, S, S] -> features [views, 729, C]`, one view at a time (bounded memory).
+    /// `pixels [views, 3, S, S] -> features [views, 729, C · features]`, one view at a time
+    /// (bounded memory).
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let views = pixels.dim(0)?;
         let mut out = Vec::with_capacity(views);
         for i in 0..views {
+            // hidden_states[0] = embeddings, hidden_states[l] = after layer l; keep the selected.
+            let mut picked: Vec<Option<Tensor>> = vec![None; self.features.len()];
+            let mut keep = |state: usize, x: &Tensor| {
+                for (slot, &f) in picked.iter_mut().zip(&self.features) {
+                    if f == state {
+                        *slot = Some(x.clone());
+                    }
+                }
+            };
             let mut x = self.embeddings.forward(&pixels.narrow(0, i, 1)?)?; // [729, C]
-            for layer in &self.layers {
+            keep(0, &x);
+            for (l, layer) in self.layers.iter().enumerate() {
                 x = layer.forward(&x)?;
+                keep(l + 1, &x);
             }
-            out.push(x.unsqueeze(0)?);
+            let picked = picked
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    crate::Error::Step("a vision feature layer was not computed".into())
+                })?;
+            out.push(Tensor::cat(&picked, 1)?.unsqueeze(0)?); // [1, 729, C · features]
         }
         Ok(Tensor::cat(&out, 0)?)
     }
