@@ -1,4 +1,5 @@
-//! With the `cuda` feature, compiles `src/r4b.cu` to sm_90 PTX with nvcc (embedded in the library).
+//! With the `cuda` feature, compiles `src/r4b.cu` with nvcc to PTX twice, for sm_80 (A100) and
+//! sm_90 (H100/H200), both embedded in the library; the GPU layer loads the one the device runs.
 //! nvcc: `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `/usr/local/cuda/bin/nvcc`, else `nvcc` on PATH.
 use std::path::PathBuf;
 use std::process::Command;
@@ -16,19 +17,25 @@ fn main() {
         .filter(|p| p.exists())
         .or_else(|| Some(PathBuf::from("/usr/local/cuda/bin/nvcc")).filter(|p| p.exists()))
         .unwrap_or_else(|| PathBuf::from("nvcc"));
-    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("r4b.ptx");
-    let status = Command::new(&nvcc)
-        .args(["-ptx", "-arch=sm_90", "-O3", "-std=c++17", "-o"])
-        .arg(&out)
-        .arg("src/r4b.cu")
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => panic!("nvcc ({}) failed on src/r4b.cu: {s}", nvcc.display()),
-        Err(e) => panic!(
-            "the `cuda` feature needs nvcc ({}: {e}); set NVCC or CUDA_HOME, or install it from PyPI \
-             as ../shared/spec/gpu-build.md and kernels/README.md say",
-            nvcc.display()
-        ),
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
+    for arch in ["sm_80", "sm_90"] {
+        let out = out_dir.join(format!("r4b_{arch}.ptx"));
+        let status = Command::new(&nvcc)
+            .args(["-ptx", &format!("-arch={arch}"), "-O3", "-std=c++17", "-o"])
+            .arg(&out)
+            .arg("src/r4b.cu")
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!(
+                "nvcc ({}) failed on src/r4b.cu for {arch}: {s}",
+                nvcc.display()
+            ),
+            Err(e) => panic!(
+                "the `cuda` feature needs nvcc ({}: {e}); set NVCC or CUDA_HOME, or install it \
+                 from PyPI as ../shared/spec/gpu-build.md and kernels/README.md say",
+                nvcc.display()
+            ),
+        }
     }
 }

@@ -46,8 +46,8 @@ if has eager; then
 fi
 if has nccl; then
   stamp NCCL forced at TP=1
-  R4B_FORCE_NCCL=1 timeout 120 "$BIN/r4b-gpu-check" logits $CK $REF /tmp/ours_nccl.safetensors 2>&1 | grep -E "decode path|NCCL|rror"
-  R4B_FORCE_NCCL=1 timeout 120 "$BIN/r4b-gpu-check" decode $CK --batches 1,64 --output 128 2>&1 | grep -E "^\| [0-9]|rror"
+  timeout 120 "$BIN/r4b-gpu-check" logits $CK $REF /tmp/ours_nccl.safetensors --force-nccl 2>&1 | grep -E "decode path|NCCL|rror"
+  timeout 120 "$BIN/r4b-gpu-check" decode $CK --batches 1,64 --output 128 --force-nccl 2>&1 | grep -E "^\| [0-9]|rror"
 fi
 if has http; then
   stamp http

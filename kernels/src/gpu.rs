@@ -7,15 +7,19 @@ use cudarc::driver::{result as drv, CudaContext, CudaFunction, CudaStream, Launc
 use cudarc::nccl::{result as nccl_result, sys as nccl_sys};
 use cudarc::nvrtc::Ptx;
 
+use crate::{DecodeAttention, KernelArch, KernelOptions};
+
 /// A device address.
 pub type DevPtr = u64;
 
 /// The skinny-GEMM kernel exists for up to this many rows ([`Gpu::gemv`]); [`Gpu::linear`] uses it
-/// where it measured faster than cuBLAS (unless `R4B_NO_GEMV` is set).
+/// where it measured faster than cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 8;
 
-/// The PTX of `src/r4b.cu` (nvcc, sm_90).
-pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/r4b.ptx"));
+/// The PTX of `src/r4b.cu` for sm_80 (A100; runs on every later device too).
+pub const PTX_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/r4b_sm_80.ptx"));
+/// The PTX of `src/r4b.cu` for sm_90 (H100/H200: programmatic dependent launch).
+pub const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/r4b_sm_90.ptx"));
 
 /// Errors of the GPU layer.
 #[derive(Debug, thiserror::Error)]
@@ -126,26 +130,17 @@ pub enum LinearImpl {
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
-    /// Small-M GEMMs run the skinny kernel (off with `R4B_NO_GEMV=1`).
-    pub use_gemv: bool,
+    /// The kernel choices (see [`KernelOptions`]); benchmarks may change them between launches.
+    pub options: KernelOptions,
+    /// Compute capability `(major, minor)` of the device.
+    pub compute_capability: (i32, i32),
+    /// The PTX loaded: 80 or 90.
+    pub ptx_arch: u32,
     /// Kernels launch with programmatic dependent launch (each may start while the previous
     /// one finishes); see [`Gpu::set_pdl`].
     pdl: std::sync::atomic::AtomicBool,
-    /// One-row gate/up products fuse SiLU·mul into the skinny kernel (off with
-    /// `R4B_NO_FUSED_SILU=1`); see [`Gpu::gate_up_silu`].
-    pub use_fused_silu: bool,
-    /// Prefill attention runs the tensor-core kernel where it exists (off with `R4B_NO_FLASH=1`).
-    pub use_flash: bool,
-    /// Query rows per CTA of the prefill attention: 64 or 128; `None` chooses per launch
-    /// (128 when that still gives every multiprocessor a CTA). `R4B_FLASH_ROWS` forces one.
-    pub flash_rows: Option<usize>,
     /// Multiprocessors of the device.
     pub sm_count: usize,
-    /// Paged decode attention runs the tensor-core kernel where it exists (GQA groups ≤ 8, head
-    /// dim 64 or 128; off with `R4B_NO_FLASH_DECODE=1`) for steps of at most
-    /// `flash_decode_max_tokens` queries.
-    pub use_flash_decode: bool,
-    pub flash_decode_max_tokens: usize,
     /// One-row products: the implementation measured fastest per `(n, k, f32 out)` (see
     /// [`Gpu::set_linear_impl`]); shapes not in it follow a fixed rule.
     linear_impl: std::sync::Mutex<std::collections::HashMap<(usize, usize, bool), LinearImpl>>,
@@ -377,14 +372,31 @@ fn i(v: usize) -> i32 {
 }
 
 impl Gpu {
-    /// Opens device `ordinal`, loads the kernels and sets cuBLAS up on one stream.
-    pub fn new(ordinal: usize) -> Result<Self> {
+    /// Opens device `ordinal`, loads the kernels built for it (sm_90 on Hopper and newer, sm_80
+    /// on Ampere, or sm_80 when `options.arch` forces it) and sets cuBLAS up on one stream.
+    pub fn new(ordinal: usize, options: &KernelOptions) -> Result<Self> {
         let ctx = CudaContext::new(ordinal)?;
         // One stream, no cross-stream hazards: cudarc's per-allocation events are not needed.
         // SAFETY: every buffer of this crate is used on `stream` only.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
-        let module = ctx.load_module(Ptx::from_src(PTX))?;
+        let major = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+        )?;
+        let minor = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+        )?;
+        let ptx_arch = match (options.arch, major) {
+            (_, m) if m < 8 => {
+                return Err(GpuError::Invalid(format!(
+                    "compute capability {major}.{minor}: the kernels need sm_80 (A100) or newer"
+                )))
+            }
+            (KernelArch::Sm80, _) | (KernelArch::Auto, 8) => 80,
+            (KernelArch::Auto, _) => 90,
+        };
+        let ptx = if ptx_arch == 90 { PTX_SM90 } else { PTX_SM80 };
+        let module = ctx.load_module(Ptx::from_src(ptx))?;
         let l = |n: &str| module.load_function(n);
         // The tensor-core attention kernels keep two stages of K and V tiles (and the prefill
         // kernels their Q rows) in dynamic shared memory, above the 48 KB default.
@@ -468,23 +480,11 @@ impl Gpu {
         Ok(Gpu {
             ctx,
             stream,
-            use_gemv: std::env::var_os("R4B_NO_GEMV").is_none(),
+            options: *options,
+            compute_capability: (major, minor),
+            ptx_arch,
             pdl: std::sync::atomic::AtomicBool::new(false),
-            use_fused_silu: std::env::var_os("R4B_NO_FUSED_SILU").is_none(),
-            use_flash: std::env::var_os("R4B_NO_FLASH").is_none(),
-            flash_rows: std::env::var("R4B_FLASH_ROWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|r| [64, 128].contains(r)),
             sm_count,
-            use_flash_decode: std::env::var_os("R4B_NO_FLASH_DECODE").is_none(),
-            // Since its K/V copies lost their per-piece division and branches, the tensor-core
-            // kernel is the faster one at every batch measured (1–256 queries, H200,
-            // bench/RESULTS.md); R4B_FLASH_DECODE_MAX caps it for comparisons.
-            flash_decode_max_tokens: std::env::var("R4B_FLASH_DECODE_MAX")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(usize::MAX),
             timeline: std::sync::Mutex::new(None),
             linear_impl: std::sync::Mutex::new(std::collections::HashMap::new()),
             blas,
@@ -496,8 +496,11 @@ impl Gpu {
     /// Turns programmatic dependent launch on or off for the following launches (a CUDA graph
     /// keeps what was set while it was captured). Measured on the H100: +1.5–2 % at 1–128
     /// decode queries, −16 % for the CUDA-core decode attention at 256 (bench/RESULTS.md).
+    /// Only on the sm_90 build, and only when the options allow it.
     pub fn set_pdl(&self, on: bool) {
-        self.pdl.store(on, std::sync::atomic::Ordering::Relaxed);
+        let allowed = self.ptx_arch >= 90 && self.options.pdl;
+        self.pdl
+            .store(on && allowed, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Starts a launch of `func` on this GPU's stream (see [`Launch`]).
@@ -740,7 +743,7 @@ impl Gpu {
         accumulate: bool,
     ) -> Result<()> {
         let aligned = k % 8 == 0 && x.is_multiple_of(16) && w.is_multiple_of(16);
-        if self.use_gemv && !accumulate && m == 1 && aligned {
+        if !accumulate && m == 1 && aligned {
             let chosen = self
                 .linear_impl
                 .lock()
@@ -1127,9 +1130,8 @@ impl Gpu {
             // Measured (r4b-gpu-check attn, H200): the tensor-core kernel is 1.1–1.8× faster
             // from 1 to 256 queries.
             .filter(|_| {
-                self.use_flash_decode
+                self.options.decode_attention == DecodeAttention::TensorCore
                     && (1..=8).contains(&group)
-                    && a.tokens <= self.flash_decode_max_tokens
             });
         let (func, smem, scale) = match tensor_core {
             Some(f) => (
@@ -1178,9 +1180,9 @@ impl Gpu {
         Ok(())
     }
 
-    /// Whether [`Gpu::flash_attention`] exists for this head dim (and is not switched off).
+    /// Whether [`Gpu::flash_attention`] exists for this head dim.
     pub fn has_flash(&self, head_dim: usize) -> bool {
-        self.use_flash && self.f.flash.iter().any(|(hd, _)| *hd == head_dim)
+        self.f.flash.iter().any(|(hd, _)| *hd == head_dim)
     }
 
     /// Prefill attention on tensor cores (see [`FlashAttn`]).
@@ -1190,13 +1192,15 @@ impl Gpu {
         }
         // 128 rows per CTA read each K/V fragment once for two m-tiles; 64 keep more CTAs for
         // short prefills (measured, H200: 128 wins once there is a CTA per multiprocessor).
-        let rows_per_cta =
-            self.flash_rows
-                .unwrap_or(if a.rows.div_ceil(128) * a.nq * a.batch >= self.sm_count {
-                    128
-                } else {
-                    64
-                });
+        let rows_per_cta = self
+            .options
+            .prefill_rows
+            .filter(|r| [64, 128].contains(r))
+            .unwrap_or(if a.rows.div_ceil(128) * a.nq * a.batch >= self.sm_count {
+                128
+            } else {
+                64
+            });
         let func = if rows_per_cta == 128 {
             &self.f.flash2
         } else {
@@ -1336,7 +1340,7 @@ impl Gpu {
         (tokens, f, k): (usize, usize, usize),
     ) -> Result<bool> {
         let aligned = k % 8 == 0 && x.is_multiple_of(16) && w.is_multiple_of(16);
-        if tokens == 1 && self.use_gemv && self.use_fused_silu && aligned {
+        if tokens == 1 && aligned {
             let (ff, kk) = (i(f), i(k));
             self.launch_builder(&self.f.gemv_silu)
                 .arg(&x)

@@ -1,4 +1,5 @@
-// r4b-serve CUDA kernels (sm_90). bf16 activations, f32 arithmetic.
+// r4b-serve CUDA kernels, compiled for sm_80 (A100) and sm_90 (H100/H200); sm_90-only
+// instructions stay behind `__CUDA_ARCH__ >= 900`. bf16 activations, f32 arithmetic.
 // Every kernel is `extern "C"` so the Rust side finds it by name in the PTX module.
 // Layout conventions (row-major):
 //   activations  [T, D]                          one row per token of the step
@@ -17,8 +18,18 @@ __device__ __forceinline__ bf16 f2b(float x) { return __float2bfloat16(x); }
 // completed and its writes are visible (a no-op without the attribute). Every kernel here waits
 // before touching memory another kernel writes, then lets the next kernel start its prologue
 // (PDL_LAUNCH): only the weight prefetch of the skinny GEMMs runs before the wait.
+// On sm_80 there is no PDL: the macros are empty (the host never sets the attribute there).
+#if __CUDA_ARCH__ >= 900
 #define PDL_WAIT() asm volatile("griddepcontrol.wait;\n" ::: "memory")
 #define PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;\n" :::)
+#else
+#define PDL_WAIT() \
+  do {             \
+  } while (0)
+#define PDL_LAUNCH() \
+  do {               \
+  } while (0)
+#endif
 #define PDL_ENTRY() \
   do {              \
     PDL_WAIT();     \

@@ -10,6 +10,7 @@
 
 mod inspect;
 mod model;
+mod options;
 mod serve;
 
 use std::net::SocketAddr;

@@ -108,6 +108,8 @@ pub struct ReplicaArgs {
     /// Window, in seconds, in which --max-worker-restarts failures are counted.
     #[arg(long, default_value_t = 600)]
     worker_restart_window: u64,
+    #[command(flatten)]
+    gpu: crate::options::GpuFlags,
 }
 
 /// Shutdown flags.
@@ -251,6 +253,7 @@ fn replica_config(r: &ReplicaArgs, m: &ModelArgs, checkpoint: PathBuf) -> Result
                 max_model_len: r.max_model_len.unwrap_or(0) as u32,
                 gpu_memory_utilization: r.gpu_memory_utilization,
                 enforce_eager: r.enforce_eager,
+                kernels: r.gpu.resolve()?,
             },
         },
         served_model_name: served_name(r.served_model_name.as_deref(), m),

@@ -158,6 +158,36 @@ impl std::fmt::Debug for StepExecutor {
     }
 }
 
+/// The GPU engine's options from `Init` (defaults when absent).
+#[cfg(feature = "cuda")]
+fn engine_options(req: &pb::InitRequest) -> Result<crate::gpu::EngineOptions> {
+    use r4b_kernels::{DecodeAttention, KernelArch, KernelOptions};
+    let k = req.kernels.clone().unwrap_or_default();
+    let arch = match k.arch.as_str() {
+        "" | "auto" => KernelArch::Auto,
+        "sm80" => KernelArch::Sm80,
+        other => {
+            return Err(Error::Gpu(format!(
+                "kernel arch `{other}`: expected `auto` or `sm80`"
+            )))
+        }
+    };
+    Ok(crate::gpu::EngineOptions {
+        kernels: KernelOptions {
+            arch,
+            pdl: !k.no_pdl,
+            prefill_rows: (k.prefill_rows > 0).then_some(k.prefill_rows as usize),
+            decode_attention: if k.cuda_core_decode {
+                DecodeAttention::CudaCore
+            } else {
+                DecodeAttention::TensorCore
+            },
+        },
+        host_sampling: k.host_sampling,
+        force_nccl: k.force_nccl,
+    })
+}
+
 /// Converts the proto's sampling message.
 pub fn sampling_from_proto(p: &pb::SamplingParams) -> SamplingParams {
     SamplingParams {
@@ -287,7 +317,8 @@ impl StepExecutor {
             enforce_eager: req.enforce_eager,
         };
         let id = (!req.nccl_id.is_empty()).then_some(req.nccl_id.as_slice());
-        let model = crate::gpu::GpuModel::load(ckpt, cfg, comm, id, limits)?;
+        let model =
+            crate::gpu::GpuModel::load(ckpt, cfg, comm, id, (limits, engine_options(req)?))?;
         let (bytes, secs, gbps) = model.load_report;
         tracing::info!(
             rank = req.rank,

@@ -135,6 +135,8 @@ pub struct GpuOptions {
     pub gpu_memory_utilization: f32,
     /// No CUDA graphs.
     pub enforce_eager: bool,
+    /// Kernel choices (the binary's flags and environment overrides).
+    pub kernels: pb::GpuKernelOptions,
 }
 
 /// Timings of one step.
@@ -303,6 +305,7 @@ impl WorkerGroup {
                 max_model_len: cfg.gpu.max_model_len,
                 gpu_memory_utilization: cfg.gpu.gpu_memory_utilization,
                 enforce_eager: cfg.gpu.enforce_eager,
+                kernels: Some(cfg.gpu.kernels.clone()),
             };
             async move {
                 c.init(req)

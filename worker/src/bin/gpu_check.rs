@@ -19,10 +19,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use r4b_kernels::{DBuf, DecodeAttn, FlashAttn, Gpu, OutType, Residual};
+use r4b_kernels::{DecodeAttention, KernelArch, KernelOptions};
 use r4b_worker::checkpoint::Checkpoint;
 use r4b_worker::collective::SingleRank;
 use r4b_worker::config::{ImagePreprocessing, RConfig};
-use r4b_worker::gpu::{attention_gemm, parts_for, AttnGemm, GpuLimits, GpuModel, GpuSampler};
+use r4b_worker::gpu::{
+    attention_gemm, parts_for, AttnGemm, EngineOptions, GpuLimits, GpuModel, GpuSampler,
+};
 use r4b_worker::model::{anyres, SeqChunk};
 use r4b_worker::sampling::{self, SampleRow, SampledToken, SamplingParams, TokenHistory};
 
@@ -38,7 +41,7 @@ fn load(dir: &Path, limits: GpuLimits) -> Result<(RConfig, GpuModel)> {
     let cfg = RConfig::from_file(&dir.join("config.json"))?;
     let ckpt = Checkpoint::open(dir)?;
     let t = Instant::now();
-    let model = GpuModel::load(&ckpt, &cfg, Arc::new(SingleRank), None, limits)?;
+    let model = GpuModel::load(&ckpt, &cfg, Arc::new(SingleRank), None, (limits, options()))?;
     let (bytes, secs, gbps) = model.load_report;
     println!(
         "load: {:.2} GB of weights in {secs:.2} s = {gbps:.2} GB/s (whole load incl. buffers {:.2} s)",
@@ -462,7 +465,7 @@ fn max_rel_diff(gpu: &Gpu, (a, b): (u64, u64), n: usize, out: OutType) -> Result
 }
 
 fn profile() -> Result<()> {
-    let gpu = Gpu::new(0)?;
+    let gpu = Gpu::new(0, &options().kernels)?;
     // Copy bandwidth (bytes read + written).
     let n = 1usize << 30;
     let a = random_bf16(&gpu, n / 2, 1)?;
@@ -683,7 +686,7 @@ fn bf16_diff(gpu: &Gpu, (a, b): (u64, u64), n: usize) -> Result<(f64, f64)> {
 /// bf16 row softmax — the path that matched HF), on random inputs: the decoder's shapes over a
 /// shuffled paged cache, and SigLIP's (head dim 72, every view at once, not causal).
 fn attn() -> Result<()> {
-    let mut gpu = Gpu::new(0)?;
+    let mut gpu = Gpu::new(0, &options().kernels)?;
     println!(
         "| case | flash 64 rows/CTA µs | flash 128 rows/CTA µs | cuBLAS path µs | best flash TFLOP/s | rel L2 (64 / 128) | max diff / max (64 / 128) |"
     );
@@ -799,7 +802,6 @@ fn attn() -> Result<()> {
     println!("| decode attention | queries | ctx | part | tensor-core µs | KV GB/s | CUDA-core µs | KV GB/s | rel L2 | max diff / max |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let bs = 16usize;
-    gpu.flash_decode_max_tokens = usize::MAX; // the tensor-core column, whatever the env says
     for (bsz, ctx, ps, contiguous) in [
         (1usize, 640usize, 64usize, false),
         (1, 4096, 64, false),
@@ -871,16 +873,16 @@ fn attn() -> Result<()> {
             out,
             out_stride: nq * hd,
         };
-        gpu.use_flash_decode = true;
+        gpu.options.decode_attention = DecodeAttention::TensorCore;
         // SAFETY: as above.
         let t1 = time_it(&gpu, 50, || unsafe {
             gpu.decode_attention(&args(o1.ptr()))
         })?;
-        gpu.use_flash_decode = false;
+        gpu.options.decode_attention = DecodeAttention::CudaCore;
         let t2 = time_it(&gpu, 50, || unsafe {
             gpu.decode_attention(&args(o2.ptr()))
         })?;
-        gpu.use_flash_decode = true;
+        gpu.options.decode_attention = DecodeAttention::TensorCore;
         let (l2, mx) = bf16_diff(&gpu, (o1.ptr(), o2.ptr()), bsz * nq * hd)?;
         let bytes: f64 = ctx_lens
             .iter()
@@ -977,13 +979,14 @@ fn attn() -> Result<()> {
 /// stays in `fa.out`, the 128-row one goes to `out128`. The automatic choice is restored after.
 fn time_flash_variants(gpu: &mut Gpu, fa: &FlashAttn, out128: u64) -> Result<(f64, f64)> {
     let fa128 = FlashAttn { out: out128, ..*fa };
-    gpu.flash_rows = Some(64);
+    let auto = gpu.options.prefill_rows;
+    gpu.options.prefill_rows = Some(64);
     // SAFETY: the caller sized every buffer of `fa` (and `out128` like `fa.out`).
     let t64 = time_it(gpu, 10, || unsafe { gpu.flash_attention(fa) });
-    gpu.flash_rows = Some(128);
+    gpu.options.prefill_rows = Some(128);
     // SAFETY: as above.
     let t128 = time_it(gpu, 10, || unsafe { gpu.flash_attention(&fa128) });
-    gpu.flash_rows = None;
+    gpu.options.prefill_rows = auto;
     Ok((t64?, t128?))
 }
 
@@ -1096,7 +1099,7 @@ fn same_tokens(a: &[SampledToken], b: &[SampledToken]) -> (usize, f32) {
 /// The GPU sampler against the host sampler on the same logits: identical tokens, logprobs
 /// within 1e-4; the merge of 4 simulated vocab slices; timings.
 fn sample() -> Result<()> {
-    let gpu = Gpu::new(0)?;
+    let gpu = Gpu::new(0, &options().kernels)?;
     let vocab = 151_936usize;
     let n = 256usize;
     let host = sample_logits_host(n, vocab, 42);
@@ -1261,6 +1264,26 @@ fn sample() -> Result<()> {
     }
     println!("GPU sampler check PASSED");
     Ok(())
+}
+
+/// The engine options of this run: `--kernel-arch sm80` (anywhere on the command line) loads the
+/// A100 kernels, `--host-sampling` samples on the host, `--force-nccl` runs NCCL at TP = 1.
+fn options() -> EngineOptions {
+    let args: Vec<String> = std::env::args().collect();
+    let has = |f: &str| args.iter().any(|a| a == f);
+    EngineOptions {
+        kernels: KernelOptions {
+            arch: if arg(&args, "--kernel-arch", "auto") == "sm80" {
+                KernelArch::Sm80
+            } else {
+                KernelArch::Auto
+            },
+            pdl: !has("--no-pdl"),
+            ..KernelOptions::default()
+        },
+        host_sampling: has("--host-sampling"),
+        force_nccl: has("--force-nccl"),
+    }
 }
 
 fn main() -> Result<()> {

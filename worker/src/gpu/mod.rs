@@ -81,6 +81,17 @@ pub struct GpuLimits {
     pub enforce_eager: bool,
 }
 
+/// The engine's choices besides its sizes: the kernels' options and the engine's own.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineOptions {
+    /// Kernel choices (PTX, PDL, attention kernels).
+    pub kernels: r4b_kernels::KernelOptions,
+    /// Sample on the host over downloaded logits (the reference path).
+    pub host_sampling: bool,
+    /// Run the NCCL calls at TP = 1 too (a one-GPU check of that path, graphs included).
+    pub force_nccl: bool,
+}
+
 /// Arguments of [`attention_gemm`]: causal (or full) attention of `rows` queries over `ctx`
 /// contiguous keys, as two strided-batched cuBLAS products and a row softmax.
 pub struct AttnGemm {
@@ -210,10 +221,8 @@ pub struct GpuModel {
     comm: Arc<dyn Collective>,
     graphs: HashMap<(usize, usize), CudaGraph>,
     sampler: GpuSampler,
-    /// Sample on the host over downloaded logits instead (`R4B_HOST_SAMPLING` set).
+    /// Sample on the host over downloaded logits instead.
     host_sampling: bool,
-    /// Programmatic dependent launch allowed (`R4B_NO_PDL` unset).
-    pdl_allowed: bool,
     /// Report of the load: bytes, seconds, GB/s.
     pub load_report: (u64, f64, f64),
     /// The one-row product implementations measured and chosen at load.
@@ -245,7 +254,7 @@ impl GpuModel {
         cfg: &RConfig,
         comm: Arc<dyn Collective>,
         nccl_id: Option<&[u8]>,
-        limits: GpuLimits,
+        (limits, options): (GpuLimits, EngineOptions),
     ) -> Result<Self> {
         let shard = Shard {
             rank: comm.rank(),
@@ -262,11 +271,16 @@ impl GpuModel {
                 ),
             });
         }
-        let gpu = Gpu::new(shard.rank).map_err(gpu_err)?;
+        let gpu = Gpu::new(shard.rank, &options.kernels).map_err(gpu_err)?;
+        tracing::info!(
+            rank = shard.rank,
+            "GPU {}.{}: sm_{} kernels",
+            gpu.compute_capability.0,
+            gpu.compute_capability.1,
+            gpu.ptx_arch
+        );
         let nccl = match (shard.world, nccl_id) {
-            // R4B_FORCE_NCCL=1 runs the NCCL calls at TP = 1 too (a one-GPU check of that path,
-            // graphs included).
-            (1, _) if std::env::var_os("R4B_FORCE_NCCL").is_some() => {
+            (1, _) if options.force_nccl => {
                 let id = r4b_kernels::nccl_unique_id().map_err(gpu_err)?;
                 Some(Nccl::new(&gpu, &id, 0, 1).map_err(gpu_err)?)
             }
@@ -298,8 +312,7 @@ impl GpuModel {
             comm,
             graphs: HashMap::new(),
             sampler,
-            host_sampling: std::env::var_os("R4B_HOST_SAMPLING").is_some(),
-            pdl_allowed: std::env::var_os("R4B_NO_PDL").is_none(),
+            host_sampling: options.host_sampling,
             load_report,
             tuning,
             image_rows: Default::default(),
@@ -469,8 +482,7 @@ impl GpuModel {
         self.gpu.bind().map_err(gpu_err)?;
         let p = self.plan(chunks)?;
         // Programmatic dependent launch pays for small steps only (measured, see Gpu::set_pdl).
-        self.gpu
-            .set_pdl(self.pdl_allowed && p.tokens <= PDL_MAX_TOKENS);
+        self.gpu.set_pdl(p.tokens <= PDL_MAX_TOKENS);
         let graphable = !self.limits.enforce_eager && p.decode_only && p.tokens > 0;
         if graphable {
             if let Some(&bucket) = GRAPH_BATCHES.iter().find(|&&b| b >= p.tokens) {
@@ -608,8 +620,7 @@ impl GpuModel {
         }
         self.gpu.bind().map_err(gpu_err)?;
         let p = self.plan(std::slice::from_ref(chunk))?;
-        self.gpu
-            .set_pdl(self.pdl_allowed && p.tokens <= PDL_MAX_TOKENS);
+        self.gpu.set_pdl(p.tokens <= PDL_MAX_TOKENS);
         self.gpu.mark("host plan").map_err(gpu_err)?;
         // SAFETY: as in `forward`.
         unsafe {

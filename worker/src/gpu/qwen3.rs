@@ -261,9 +261,6 @@ impl Qwen3Gpu {
     /// implementation, and keeps the fastest. Runs before any graph is captured. Returns one
     /// line per decision.
     pub fn tune_one_row(&self, gpu: &Gpu) -> Result<Vec<String>> {
-        if !gpu.use_gemv {
-            return Ok(vec!["one-row products: cuBLAS (R4B_NO_GEMV)".into()]);
-        }
         let b = &self.bufs;
         let (h, f, qkv_w) = (self.h, self.f, (self.nq + 2 * self.nkv) * self.hd);
         let layers = self.layers.len().max(1) as f64;
