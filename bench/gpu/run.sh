@@ -4,7 +4,7 @@
 #   bash bench/gpu/run.sh BIN_DIR OUT_DIR [stages]   (stages: comma list, default all)
 # BIN_DIR holds `r4b` and `r4b-gpu-check` built with `--features cuda` on the build machine.
 set -uo pipefail
-BIN=$(realpath "${1:-dist}"); OUT=${2:-/tmp/r4b-out}; STAGES=${3:-ckpt,ref,logits,compare,sample,profile,decode,sampled,eager,nccl,http,hf}
+BIN=$(realpath "${1:-dist}"); OUT=${2:-/tmp/r4b-out}; STAGES=${3:-ckpt,ref,logits,compare,ktest,logits80,sample,profile,decode,sampled,eager,nccl,http,hf}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 export R4B_LOG=${R4B_LOG:-info,r4b_worker=debug,r4b_gateway::images=debug,r4b_gateway::generate=debug,r4b_coordinator::engine=debug}
@@ -28,6 +28,16 @@ if has compare; then
     stamp compare: HF bf16 vs HF fp32 "(the reference's own bf16 error)"
     python3 bench/gpu/compare.py $REF32 $REF/reference.safetensors --json "$OUT/hf_bf16_vs_fp32.json"
   fi
+fi
+if has ktest; then
+  # The kernel tests (kernels/tests/kernels.rs, built with --features cuda --release --no-run
+  # and copied to BIN_DIR/kernels-test), with the device's own kernels and with the sm_80 ones.
+  stamp kernel tests, device kernels; timeout 180 "$BIN/kernels-test" --test-threads 1 2>&1 | tail -16
+  stamp kernel tests, sm_80 kernels; R4B_KERNEL_ARCH=sm80 timeout 180 "$BIN/kernels-test" --test-threads 1 2>&1 | tail -16
+fi
+if has logits80; then
+  stamp our logits, sm_80 kernels; timeout 180 "$BIN/r4b-gpu-check" logits $CK $REF /tmp/ours80.safetensors --kernel-arch sm80 2>&1 | grep -vE "loading weights"
+  stamp compare: ours sm_80 vs HF bf16; python3 bench/gpu/compare.py $REF /tmp/ours80.safetensors --json "$OUT/correctness_sm80.json"
 fi
 if has sample; then stamp GPU sampler vs host sampler; timeout 120 "$BIN/r4b-gpu-check" sample 2>&1 | tee "$OUT/sample.txt"; fi
 if has attn; then stamp attention kernels; timeout 120 "$BIN/r4b-gpu-check" attn 2>&1 | tee "$OUT/attn.txt"; fi
