@@ -65,7 +65,7 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, Ap
     let chat: ChatBody = body.parse()?;
     let common: CommonParams = body.parse()?;
     let config = state.config();
-    validate::check_model(chat.model.as_deref(), &config.served_model_name)?;
+    crate::models::check_model(chat.model.as_deref(), &config.served_model_name)?;
     let logprobs =
         validate::chat_logprobs(chat.logprobs, chat.top_logprobs, config.max_top_logprobs)?;
     let params =

@@ -116,7 +116,7 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, Ap
     let req: CompletionBody = body.parse()?;
     let common: CommonParams = body.parse()?;
     let config = state.config();
-    validate::check_model(req.model.as_deref(), &config.served_model_name)?;
+    crate::models::check_model(req.model.as_deref(), &config.served_model_name)?;
     let logprobs = validate::completion_logprobs(req.logprobs, config.max_top_logprobs)?;
     let params =
         validate::validate_params(&common, logprobs, state.files().sampling_defaults(), config)?;

@@ -1,12 +1,11 @@
-//! Errors: [`GatewayError`] for startup (model files, coordinator), [`ApiError`] for requests.
+//! Errors of requests: [`ApiError`], the one map to HTTP statuses and OpenAI error objects
+//! (startup errors are [`crate::startup::GatewayError`]).
 //!
 //! [`ApiError`] is the one error map of the HTTP API: every handler, the JSON extractor and the
 //! SSE stream turn failures into it, and it renders the OpenAI error object
 //! `{"error": {"message", "type", "param", "code"}}` with the matching status. Internal errors
 //! show a generic message; their details travel in an [`InternalDetail`] response extension that
 //! the logging middleware writes to the log.
-
-use std::path::PathBuf;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,44 +14,6 @@ use serde::Serialize;
 
 use crate::images::ImageError;
 use crate::validate::ValidationError;
-
-/// Errors of loading the model files or connecting to the coordinators.
-#[derive(Debug, thiserror::Error)]
-pub enum GatewayError {
-    /// A model file is missing, unreadable or malformed.
-    #[error("model file {path}: {reason}")]
-    ModelFile {
-        /// The file.
-        path: PathBuf,
-        /// What was wrong.
-        reason: String,
-    },
-    /// A token the prompt path depends on is not one added token with the expected id.
-    #[error("tokenizer: `{token}` {reason}")]
-    SpecialToken {
-        /// The token text.
-        token: String,
-        /// What is wrong, with the ids.
-        reason: String,
-    },
-    /// The chat template does not compile.
-    #[error("chat template: {0}")]
-    Template(String),
-    /// No coordinator URL was given.
-    #[error("no coordinator URLs given")]
-    NoReplicas,
-    /// A coordinator could not be reached or answered with an error.
-    #[error("coordinator {url}: {reason}")]
-    Coordinator {
-        /// The coordinator's URL.
-        url: String,
-        /// What went wrong.
-        reason: String,
-    },
-    /// The coordinator's model facts contradict the model files.
-    #[error("model mismatch: {0}")]
-    Mismatch(String),
-}
 
 /// Error details of an internal error, attached to the response for the logging middleware.
 #[derive(Clone, Debug)]

@@ -45,6 +45,7 @@ pub mod replica;
 pub mod server;
 pub mod special_tokens;
 pub mod sse;
+pub mod startup;
 pub mod state;
 pub mod stop;
 pub mod template;
@@ -60,8 +61,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 pub use config::GatewayConfig;
-pub use error::{ApiError, GatewayError};
+pub use error::ApiError;
 pub use model_files::ModelFiles;
+pub use startup::GatewayError;
 pub use state::AppState;
 
 /// The gateway's HTTP API: chat, completions, `/tokenize`, `/detokenize`, models, `/health`,

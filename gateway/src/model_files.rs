@@ -20,14 +20,26 @@ use r4b_worker::config::{ImagePreprocessing, RConfig};
 use r4b_worker::model::anyres::Resample;
 use serde_json::Value;
 
-use crate::error::GatewayError;
 use crate::special_tokens::{self, CheckedToken};
+use crate::startup::GatewayError;
 use crate::template::ChatTemplate;
 use crate::tokens::TextTokenizer;
-use crate::validate::StopIds;
 
 /// Text appended by the thinking budget to close a think block.
 const THINK_CLOSE_TEXT: &str = "\n</think>\n\n";
+
+/// Special ids the stopping parameters need.
+#[derive(Clone, Debug, Default)]
+pub struct StopIds {
+    /// EOS ids.
+    pub eos: Vec<u32>,
+    /// `<think>`.
+    pub think_open: Option<u32>,
+    /// `</think>`.
+    pub think_close: Option<u32>,
+    /// Tokens of `"\n</think>\n\n"`.
+    pub think_close_ids: Vec<u32>,
+}
 
 /// Sampling defaults from `generation_config.json` (unset = OpenAI defaults).
 #[derive(Clone, Debug, Default, PartialEq)]

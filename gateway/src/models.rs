@@ -41,3 +41,11 @@ async fn one(
     }
     Ok(Json(card(&state)))
 }
+
+/// `model` must be absent or the served name.
+pub fn check_model(model: Option<&str>, served: &str) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != served => Err(ApiError::ModelNotFound(m.to_string())),
+        _ => Ok(()),
+    }
+}

@@ -14,10 +14,11 @@ use std::sync::Arc;
 
 use r4b_proto::v1 as pb;
 
+use crate::model_files::StopIds;
 use crate::reasoning::{Channel, ReasoningSplitter, Routed, SectionTrim};
 use crate::stop::StopMatcher;
 use crate::tokens::{Detokenizer, TextTokenizer, TokenizeError};
-use crate::validate::{StopIds, ValidatedRequest};
+use crate::validate::ValidatedRequest;
 
 /// Log-probabilities of one generated token.
 #[derive(Clone, Debug, PartialEq)]

@@ -9,7 +9,7 @@ use r4b_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::codec::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::error::GatewayError;
+use crate::startup::GatewayError;
 
 /// Largest gRPC message the gateway sends (a request with several large images).
 const MAX_SEND_BYTES: usize = 512 << 20;

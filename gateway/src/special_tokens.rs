@@ -7,7 +7,7 @@
 //!
 //! The errors name the token and the ids involved.
 
-use crate::error::GatewayError;
+use crate::startup::GatewayError;
 use crate::tokens::TextTokenizer;
 
 /// The image placeholder.

@@ -11,11 +11,11 @@ use r4b_proto::v1 as pb;
 use r4b_worker::model::anyres::ImageGeometry;
 
 use crate::config::GatewayConfig;
-use crate::error::GatewayError;
 use crate::images::ImagePipeline;
 use crate::metrics::Metrics;
 use crate::model_files::ModelFiles;
 use crate::replica::ReplicaPool;
+use crate::startup::GatewayError;
 
 /// Shared state of the HTTP handlers. Cheap to clone.
 #[derive(Clone, Debug)]

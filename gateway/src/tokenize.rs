@@ -19,7 +19,7 @@ use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::prompt;
 use crate::state::AppState;
-use crate::validate::{self, ValidationError};
+use crate::validate::ValidationError;
 
 /// The tokenizer routes.
 pub fn router() -> Router<AppState> {
@@ -33,7 +33,7 @@ async fn tokenize(
     body: JsonBody,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let req: TokenizeBody = body.parse()?;
-    validate::check_model(req.model.as_deref(), &state.config().served_model_name)?;
+    crate::models::check_model(req.model.as_deref(), &state.config().served_model_name)?;
     let return_token_strs = req.return_token_strs.unwrap_or(false);
     let (text, tokens) = text_and_ids(&state, req).await?;
     let token_strs = return_token_strs.then(|| {
@@ -92,7 +92,7 @@ async fn detokenize(
     body: JsonBody,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
     let req: DetokenizeBody = body.parse()?;
-    validate::check_model(req.model.as_deref(), &state.config().served_model_name)?;
+    crate::models::check_model(req.model.as_deref(), &state.config().served_model_name)?;
     let raw = req.tokens.ok_or_else(|| ValidationError::Missing {
         field: "tokens".into(),
     })?;

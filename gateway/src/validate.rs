@@ -10,7 +10,7 @@ use r4b_model::sampling::{self, FloatBound, SamplingError};
 
 use crate::api::{CommonParams, StopField};
 use crate::config::GatewayConfig;
-use crate::model_files::SamplingDefaults;
+use crate::model_files::{SamplingDefaults, StopIds};
 
 /// A request field that is missing, out of range or inconsistent.
 #[derive(Debug, thiserror::Error)]
@@ -329,14 +329,6 @@ pub fn completion_logprobs(
     int_in("logprobs", logprobs, 0, i64::from(max))
 }
 
-/// `model` must be absent or the served name.
-pub fn check_model(model: Option<&str>, served: &str) -> Result<(), crate::error::ApiError> {
-    match model {
-        Some(m) if m != served => Err(crate::error::ApiError::ModelNotFound(m.to_string())),
-        _ => Ok(()),
-    }
-}
-
 /// Completion budget for a prompt of `prompt_len` tokens: `max_tokens`, or what is left of the
 /// context. Errors like vLLM when the request does not fit.
 pub fn max_new_tokens(
@@ -405,19 +397,6 @@ pub struct ValidatedRequest {
     pub think_open_in_prompt: bool,
     /// Split `<think>…</think>` into reasoning (chat) or keep the raw text (completions).
     pub split_reasoning: bool,
-}
-
-/// Special ids the stopping parameters need.
-#[derive(Clone, Debug, Default)]
-pub struct StopIds {
-    /// EOS ids.
-    pub eos: Vec<u32>,
-    /// `<think>`.
-    pub think_open: Option<u32>,
-    /// `</think>`.
-    pub think_close: Option<u32>,
-    /// Tokens of `"\n</think>\n\n"`.
-    pub think_close_ids: Vec<u32>,
 }
 
 impl ValidatedRequest {

@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::parallel::Shard;
+use crate::shard::Shard;
 use crate::{Error, Result};
 
 /// One byte range read from a checkpoint file.

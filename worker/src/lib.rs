@@ -30,5 +30,6 @@ pub mod model;
 pub mod parallel;
 pub mod sampling;
 pub mod service;
+pub mod shard;
 
 pub use error::{Error, Result};

@@ -15,37 +15,8 @@ use candle_core::{DType, Tensor, D};
 
 use crate::checkpoint::Weights;
 use crate::collective::Collective;
-use crate::{Error, Result};
-
-/// The position of this rank in its tensor-parallel group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Shard {
-    /// This rank, `0..world`.
-    pub rank: usize,
-    /// Group size (TP).
-    pub world: usize,
-}
-
-impl Shard {
-    /// The only rank of a group of one.
-    pub const SINGLE: Shard = Shard { rank: 0, world: 1 };
-
-    /// Whether this group has one rank (no communication).
-    pub fn is_noop(&self) -> bool {
-        self.world == 1
-    }
-
-    /// `len / world`, checked.
-    pub fn part(&self, len: usize, what: &str) -> Result<usize> {
-        if self.world == 0 || !len.is_multiple_of(self.world) {
-            return Err(Error::TensorParallel {
-                tp: self.world,
-                reason: format!("{what} = {len} is not divisible by {}", self.world),
-            });
-        }
-        Ok(len / self.world)
-    }
-}
+pub use crate::shard::Shard;
+use crate::Result;
 
 /// `y = x Wᵀ + b` on `[T, in]`, for weights `[out, in]` (PyTorch layout).
 fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {

@@ -7,19 +7,8 @@ use r4b_kernels::{DBuf, Gpu};
 use safetensors::Dtype;
 
 use crate::checkpoint::Checkpoint;
-use crate::parallel::Shard;
+pub use crate::shard::{Shard, Split};
 use crate::{Error, Result};
-
-/// How a tensor is split over the group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
-    /// Every rank holds all of it.
-    Replicated,
-    /// Rows (dim 0): column-parallel weights, vocab-parallel tables.
-    Rows,
-    /// Columns (dim 1): row-parallel weights.
-    Cols,
-}
 
 /// Uploads tensors, counting bytes for the GB/s report.
 pub struct Loader<'a> {

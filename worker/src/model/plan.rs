@@ -6,18 +6,8 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::RConfig;
 use crate::model::head::{HeadSource, EMBED_TOKENS};
+pub use crate::shard::Split;
 use crate::{Error, Result};
-
-/// How a tensor is split over the ranks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
-    /// Every rank reads it whole.
-    Replicated,
-    /// Rank `r` of `N` reads rows `[r·n/N, (r+1)·n/N)` of dim 0 (column-parallel, vocab-parallel).
-    Rows,
-    /// Rank `r` of `N` reads columns of dim 1 (row-parallel).
-    Cols,
-}
 
 /// One tensor of the plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
