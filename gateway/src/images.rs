@@ -2,7 +2,7 @@
 //!
 //! The pixel count is read from the image header and checked before anything is decoded, so a
 //! small file declaring a huge canvas costs nothing. Decoding and resizing run on the blocking
-//! pool. The views come from `r4b_worker::model::anyres::views_u8` (the same code the worker's
+//! pool. The views come from `r4b_model::anyres::views_u8` (the same code the worker's
 //! tests pin against the HF processor) and are sent channel-major (`[views, 3, tile, tile]`).
 
 use std::io::Cursor;
@@ -11,8 +11,8 @@ use std::sync::Arc;
 use base64::engine::{general_purpose::GeneralPurpose, DecodePaddingMode, GeneralPurposeConfig};
 use base64::Engine;
 use image::{ImageReader, Limits, RgbImage};
+use r4b_model::anyres::{views_u8, ImageGeometry, Resample};
 use r4b_proto::v1 as pb;
-use r4b_worker::model::anyres::{views_u8, ImageGeometry, Resample};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 

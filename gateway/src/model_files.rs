@@ -11,13 +11,13 @@
 //! - Ids of `<think>`, `</think>`, `<image>` and the tokens of `"\n</think>\n\n"`; `<image>`
 //!   and the think tokens the template writes must be single added tokens, `<image>` with
 //!   `config.json`'s `image_token_index` ([`crate::special_tokens`]), or loading fails.
-//! - The resampling filter from `preprocessor_config.json` (via `r4b-worker`).
+//! - The resampling filter from `preprocessor_config.json` (via `r4b-model`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use r4b_worker::config::{ImagePreprocessing, RConfig};
-use r4b_worker::model::anyres::Resample;
+use r4b_model::anyres::Resample;
+use r4b_model::config::{ImagePreprocessing, RConfig};
 use serde_json::Value;
 
 use crate::special_tokens::{self, CheckedToken};
@@ -385,7 +385,7 @@ mod tests {
     #[test]
     fn image_token_must_have_the_config_id() {
         let d = dir_with(&[]);
-        let mut cfg = r4b_worker::embedded::config_json();
+        let mut cfg = r4b_model::embedded::config_json();
         std::fs::write(d.path().join("config.json"), cfg.to_string()).expect("write");
         let f = ModelFiles::load(d.path()).expect("ids agree");
         assert_eq!(f.image_token_id(), Some(261));

@@ -7,8 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
+use r4b_model::anyres::ImageGeometry;
 use r4b_proto::v1 as pb;
-use r4b_worker::model::anyres::ImageGeometry;
 
 use crate::config::GatewayConfig;
 use crate::images::ImagePipeline;

@@ -50,3 +50,16 @@ pub enum Error {
 
 /// Result with the worker's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<r4b_model::Error> for Error {
+    fn from(e: r4b_model::Error) -> Self {
+        match e {
+            r4b_model::Error::Config { field, reason } => Error::Config { field, reason },
+            r4b_model::Error::CheckpointFile { path, reason } => {
+                Error::CheckpointFile { path, reason }
+            }
+            r4b_model::Error::TensorParallel { tp, reason } => Error::TensorParallel { tp, reason },
+            r4b_model::Error::Image(e) => Error::Image(e),
+        }
+    }
+}

@@ -19,8 +19,9 @@
 pub mod admission;
 pub mod checkpoint;
 pub mod collective;
-pub mod config;
-pub mod embedded;
+/// The model configuration (moved to `r4b-model`, shared with the gateway).
+pub use r4b_model::config;
+pub use r4b_model::embedded;
 pub mod engine;
 pub mod error;
 #[cfg(feature = "cuda")]

@@ -4,8 +4,8 @@
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 use r4b_worker::model::anyres::{
-    pack_features, pack_selection, preprocess, resize, views_u8, AnyresError, ImageGeometry,
-    Normalize, Resample,
+    pack_features, pack_selection, preprocess, resize, views_tensor, views_u8, AnyresError,
+    ImageGeometry, Normalize, Resample,
 };
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
@@ -202,7 +202,7 @@ fn preprocess_normalises_channels_first() {
     assert!((views.data[2 * plane] + 0.6).abs() < 1e-6);
     // First tile, top-left pixel is padding: 0 -> -1 in every channel.
     assert!((views.data[3 * plane] + 1.0).abs() < 1e-6);
-    let t = views.to_tensor(&Device::Cpu).unwrap();
+    let t = views_tensor(&views, &Device::Cpu).unwrap();
     assert_eq!(t.dims(), [3, 3, 384, 384]);
 }
 

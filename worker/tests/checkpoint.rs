@@ -543,7 +543,7 @@ fn kv_heads_not_divisible_by_tp_are_refused_by_name() {
     let c = RConfig::from_json_str(&cfg.to_string()).unwrap();
     c.validate_tp(4).unwrap();
     match c.validate_tp(8) {
-        Err(Error::Config { field, reason }) => {
+        Err(r4b_model::Error::Config { field, reason }) => {
             assert_eq!(field, "text_config.num_key_value_heads");
             assert!(
                 reason.contains("not divisible by tensor parallel size 8"),
@@ -563,7 +563,10 @@ fn kv_heads_not_divisible_by_tp_are_refused_by_name() {
     assert!(err.to_string().contains("num_key_value_heads"), "{err}");
     for tp in [3usize, 5, 6, 16] {
         assert!(
-            matches!(c.validate_tp(tp), Err(Error::TensorParallel { .. })),
+            matches!(
+                c.validate_tp(tp),
+                Err(r4b_model::Error::TensorParallel { .. })
+            ),
             "tp {tp}"
         );
     }

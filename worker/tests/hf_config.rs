@@ -358,8 +358,8 @@ fn rows_of(t: &Tensor) -> Vec<Vec<f32>> {
     t.to_vec2::<f32>().unwrap()
 }
 
-fn field_of(e: Error) -> String {
-    match e {
+fn field_of(e: impl Into<Error>) -> String {
+    match e.into() {
         Error::Config { field, .. } => field,
         other => panic!("expected a config error naming a field, got {other}"),
     }

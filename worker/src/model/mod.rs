@@ -174,7 +174,7 @@ impl R4bModel {
     /// Vision side: one image's views → its `<image>` rows `[num_image_tokens, hidden]`
     /// (SigLIP → projector → anyres packing with `image_newline`). Replicated on every rank.
     pub fn encode_image(&self, views: &PixelViews) -> Result<Tensor> {
-        let pixels = views.to_tensor(&self.device)?; // [V, 3, S, S]
+        let pixels = anyres::views_tensor(views, &self.device)?; // [V, 3, S, S]
         let feats = self.vision.forward(&pixels)?; // [V, 729, Cv · feature layers]
         let (v, n, cv) = feats.dims3()?;
         let proj = self.projector.forward(&feats.reshape((v * n, cv))?)?; // [V·729, Ct]

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::defaults::{LLAVA_ONEVISION_PROCESSOR, TRANSFORMERS_VERSION};
 use super::resolve::{config_err, ConfigFile, Log, Reader, Resolved, Source};
-use crate::model::anyres::{Normalize, Resample};
+use crate::anyres::{Normalize, Resample};
 use crate::{Error, Result};
 
 /// Image preprocessing settings.

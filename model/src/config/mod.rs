@@ -22,7 +22,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::model::anyres::ImageGeometry;
+use crate::anyres::ImageGeometry;
 use crate::{Error, Result};
 
 pub use preprocessor::ImagePreprocessing;

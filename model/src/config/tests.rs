@@ -297,7 +297,7 @@ fn pinpoints_of_model_and_processor_must_agree() {
 /// PIL codes: 0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming; others refused.
 #[test]
 fn preprocessor_resample_codes_and_class_defaults() {
-    use crate::model::anyres::Resample;
+    use crate::anyres::Resample;
     for (code, want) in [
         (0, Resample::Nearest),
         (1, Resample::Lanczos),
