@@ -52,34 +52,70 @@ pub enum FetchError {
     Transport(String),
 }
 
-/// Whether `ip` is internal: loopback, private, link-local, unspecified, carrier-grade NAT,
-/// broadcast, `0.0.0.0/8`, IPv6 unique-local or site-local, or an IPv4-mapped internal address.
+/// Whether `ip` is internal, i.e. not a global unicast address: loopback, private, link-local,
+/// unspecified, carrier-grade NAT, broadcast, `0.0.0.0/8`, `192.0.0.0/24`, documentation ranges,
+/// benchmarking `198.18.0.0/15`, reserved `240.0.0.0/4`, multicast; for IPv6 also unique-local,
+/// site-local, multicast, documentation, the whole IPv4-compatible `::/96` (deprecated, refused
+/// outright), Teredo `2001::/32` (refused outright), and the forms that embed an IPv4 address
+/// (IPv4-mapped, 6to4 `2002::/16`, NAT64 `64:ff9b::/96` and `64:ff9b:1::/48`), which are judged
+/// by the embedded address.
 pub fn is_internal_ip(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_internal_v4(v4),
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            if let Some(v4) = embedded_v4(v6) {
                 return is_internal_v4(v4);
             }
-            let first = v6.segments()[0];
+            let seg = v6.segments();
+            let first = seg[0];
             v6.is_loopback()
                 || v6.is_unspecified()
+                || seg[..6] == [0; 6] // rest of the IPv4-compatible ::/96
                 || (first & 0xfe00) == 0xfc00 // fc00::/7 unique local
                 || (first & 0xffc0) == 0xfe80 // fe80::/10 link-local
                 || (first & 0xffc0) == 0xfec0 // fec0::/10 site-local (deprecated)
+                || (first & 0xff00) == 0xff00 // ff00::/8 multicast
+                || (first == 0x2001 && seg[1] == 0x0db8) // 2001:db8::/32 documentation
+                || (first == 0x2001 && seg[1] == 0) // 2001::/32 Teredo
+                || first == 0x0100 && seg[1..4] == [0; 3] // 100::/64 discard-only
         }
     }
 }
 
+/// The IPv4 address embedded in an IPv4-mapped, 6to4 or NAT64 IPv6 address.
+fn embedded_v4(v6: std::net::Ipv6Addr) -> Option<Ipv4Addr> {
+    let seg = v6.segments();
+    let o = v6.octets();
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    if seg[0] == 0x2002 {
+        // 6to4: 2002:AABB:CCDD::/48
+        return Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
+    if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || (seg[0] == 0x64 && seg[1] == 0xff9b && seg[2] == 1)
+    {
+        // NAT64 well-known 64:ff9b::/96 and local-use 64:ff9b:1::/48: last 32 bits
+        return Some(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+    }
+    None
+}
+
 fn is_internal_v4(v4: Ipv4Addr) -> bool {
-    let [a, b, ..] = v4.octets();
+    let [a, b, c, _] = v4.octets();
     v4.is_loopback()
         || v4.is_private()
         || v4.is_link_local()
         || v4.is_unspecified()
         || v4.is_broadcast()
+        || v4.is_multicast() // 224.0.0.0/4
+        || v4.is_documentation() // 192.0.2/24, 198.51.100/24, 203.0.113/24
         || a == 0
+        || a >= 240 // 240.0.0.0/4 reserved
         || (a == 100 && (64..128).contains(&b)) // 100.64.0.0/10 shared address space
+        || (a == 198 && (b == 18 || b == 19)) // 198.18.0.0/15 benchmarking
+        || (a == 192 && b == 0 && c == 0) // 192.0.0.0/24 IETF protocol assignments
+        || (a == 192 && b == 88 && c == 99) // 192.88.99.0/24 6to4 relay anycast
 }
 
 /// The literal IP of a URL's host, if the host is one.
@@ -276,6 +312,32 @@ mod tests {
             "fec0::1",
             "::ffff:127.0.0.1",
             "::ffff:10.1.2.3",
+            // issue 15: IPv4-compatible, 6to4 and NAT64 forms of internal addresses
+            "::7f00:1",
+            "::127.0.0.1",
+            "::a00:1",
+            "::8.8.8.8",
+            "2002:7f00:1::",
+            "2002:a9fe:a9fe::1",
+            "2002:c0a8:101::",
+            "64:ff9b::7f00:1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a00:1",
+            "2001:0:4136:e378::1",
+            "2001:db8::1",
+            "ff02::1",
+            "ff0e::1",
+            "198.18.0.1",
+            "198.19.255.254",
+            "240.0.0.1",
+            "250.1.2.3",
+            "224.0.0.1",
+            "239.255.255.250",
+            "192.0.0.8",
+            "192.0.2.1",
+            "198.51.100.7",
+            "203.0.113.9",
+            "192.88.99.1",
         ] {
             assert!(is_internal_ip(ip(s)), "{s} must be internal");
         }
@@ -291,6 +353,8 @@ mod tests {
             "100.128.0.1",
             "2606:4700::1111",
             "::ffff:8.8.8.8",
+            "2002:808:808::1",
+            "64:ff9b::808:808",
         ] {
             assert!(!is_internal_ip(ip(s)), "{s} must be public");
         }
@@ -309,6 +373,12 @@ mod tests {
             "http://192.168.0.10/",
             "http://[::1]:80/",
             "http://[fe80::1]/",
+            "http://[::7f00:1]/",
+            "http://[2002:7f00:1::]/",
+            "http://[64:ff9b::7f00:1]/",
+            "http://198.18.0.1/",
+            "http://240.0.0.1/",
+            "http://224.0.0.1/",
         ] {
             assert!(
                 matches!(f.precheck(url), Err(FetchError::Forbidden { .. })),
