@@ -47,6 +47,10 @@ pub struct GatewayConfig {
     /// hold while images decode, default 1 GiB. An image waits for room, so a burst of large
     /// images cannot grow the gateway's memory beyond this.
     pub max_decode_bytes: u64,
+    /// Accepted API keys (`Authorization: Bearer`); none: no key needed.
+    pub api_keys: crate::auth::ApiKeys,
+    /// Whether `/health`, `/ready` and `/metrics` need a key too.
+    pub auth_probes: bool,
 }
 
 impl GatewayConfig {
@@ -70,6 +74,8 @@ impl GatewayConfig {
             connect_timeout: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(60),
             max_decode_bytes: 1 << 30,
+            api_keys: crate::auth::ApiKeys::default(),
+            auth_probes: false,
         }
     }
 }

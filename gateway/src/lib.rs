@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod auth;
 pub mod chat;
 pub mod completions;
 pub mod config;
@@ -81,6 +82,10 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.clone(),
             refuse_while_draining,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::check_request,
         ))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(limit))

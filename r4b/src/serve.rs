@@ -124,9 +124,22 @@ pub struct ShutdownOpts {
 /// Gateway flags.
 #[derive(Args, Debug, Clone)]
 pub struct GatewayOpts {
-    /// Address to bind.
+    /// Address to bind. 0.0.0.0 by default so that the server is reachable in a container; on a
+    /// shared host, bind 127.0.0.1 or set `--api-key` (a warning is logged when neither is done).
     #[arg(long, default_value = "0.0.0.0")]
     host: String,
+    /// API key clients must send as `Authorization: Bearer <key>`; repeatable. From the
+    /// environment, `R4B_API_KEY` holds one or more keys separated by commas. None: open.
+    #[arg(
+        long = "api-key",
+        env = "R4B_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_key: Vec<String>,
+    /// Require the API key on `/health`, `/ready` and `/metrics` too (open by default).
+    #[arg(long)]
+    auth_probes: bool,
     /// Port to bind.
     #[arg(long, default_value_t = 8000)]
     port: u16,
@@ -277,6 +290,19 @@ fn gateway_config(g: &GatewayOpts, served_model_name: String) -> GatewayConfig {
     cfg.body_limit_bytes = g.max_body_mb << 20;
     cfg.max_n = g.max_n;
     cfg.max_image_pixels = g.max_image_pixels;
+    cfg.api_keys = r4b_gateway::auth::ApiKeys::new(&g.api_key);
+    cfg.auth_probes = g.auth_probes;
+    let loopback = g
+        .host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+        || g.host == "localhost";
+    if !cfg.api_keys.enabled() && !loopback {
+        tracing::warn!(
+            host = %g.host,
+            "the gateway listens beyond loopback without an API key; set --api-key or R4B_API_KEY"
+        );
+    }
     cfg
 }
 
