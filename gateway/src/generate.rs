@@ -60,6 +60,8 @@ pub enum ChoiceEvent {
 pub struct RequestClock {
     start: Instant,
     first_token_seen: AtomicBool,
+    /// When the first token of any choice arrived (for the per-request TPOT).
+    first_token_at: std::sync::OnceLock<Instant>,
     metrics: Arc<Metrics>,
     _running: RunningGuard,
 }
@@ -70,6 +72,7 @@ impl RequestClock {
         Arc::new(RequestClock {
             start: Instant::now(),
             first_token_seen: AtomicBool::new(false),
+            first_token_at: std::sync::OnceLock::new(),
             metrics: metrics.clone(),
             _running: metrics.start_request(),
         })
@@ -77,7 +80,14 @@ impl RequestClock {
 
     /// Records the end of the request: latency, generated tokens, finish reasons.
     pub fn finish(&self, generated: u32, reasons: &[FinishReason]) {
-        self.metrics.e2e.observe(self.start.elapsed().as_secs_f64());
+        let end = Instant::now();
+        self.metrics
+            .e2e
+            .observe(end.duration_since(self.start).as_secs_f64());
+        if let (Some(first), true) = (self.first_token_at.get(), generated >= 2) {
+            let decode = end.duration_since(*first).as_secs_f64();
+            self.metrics.tpot.observe(decode / f64::from(generated - 1));
+        }
         self.metrics.add_generation_tokens(u64::from(generated));
         for r in reasons {
             self.metrics.record_finish(r.as_str());
@@ -174,6 +184,7 @@ impl ChoiceRun {
                 .itl
                 .observe(now.duration_since(last).as_secs_f64() / resp.tokens.len() as f64);
         } else if !self.clock.first_token_seen.swap(true, Ordering::Relaxed) {
+            let _ = self.clock.first_token_at.set(now);
             metrics
                 .ttft
                 .observe(now.duration_since(self.clock.start).as_secs_f64());

@@ -3,8 +3,8 @@
 //! Latency histograms carry OTel GenAI semantic-convention names
 //! (`gen_ai_server_time_to_first_token_seconds`, `gen_ai_server_time_per_output_token_seconds`,
 //! `gen_ai_server_request_duration_seconds`) and are repeated under vLLM's names
-//! (`vllm:time_to_first_token_seconds`, `vllm:inter_token_latency_seconds`,
-//! `vllm:e2e_request_latency_seconds`) so existing dashboards work. Queue and KV gauges come from
+//! (`vllm:time_to_first_token_seconds`, `vllm:request_time_per_output_token_seconds`,
+//! `vllm:e2e_request_latency_seconds`; plus `vllm:inter_token_latency_seconds`) so existing dashboards work. Queue and KV gauges come from
 //! the coordinators' Load RPC at scrape time.
 
 use std::collections::BTreeMap;
@@ -99,8 +99,11 @@ pub struct Metrics {
     running: AtomicI64,
     /// Time to first token.
     pub ttft: Histogram,
-    /// Time between tokens.
+    /// Time between tokens (per streamed message, divided by its tokens; vLLM's inter-token latency).
     pub itl: Histogram,
+    /// Time per output token of one request: (duration − TTFT) / (tokens − 1), once per request
+    /// with at least two tokens (the OTel GenAI and vLLM definition).
+    pub tpot: Histogram,
     /// Request duration.
     pub e2e: Histogram,
 }
@@ -115,6 +118,7 @@ impl Default for Metrics {
             running: AtomicI64::new(0),
             ttft: Histogram::new(TTFT_BUCKETS),
             itl: Histogram::new(ITL_BUCKETS),
+            tpot: Histogram::new(ITL_BUCKETS),
             e2e: Histogram::new(E2E_BUCKETS),
         }
     }
@@ -181,6 +185,12 @@ impl Metrics {
         let mut out = String::new();
         let m = format!("model_name=\"{}\"", escape(model));
         self.write_counters(&mut out, &m);
+        self.itl.write(
+            &mut out,
+            "vllm:inter_token_latency_seconds",
+            "Time between output tokens (per streamed message).",
+            &m,
+        );
         let hist = [
             (
                 &self.ttft,
@@ -189,10 +199,10 @@ impl Metrics {
                 "Time to first token.",
             ),
             (
-                &self.itl,
+                &self.tpot,
                 "gen_ai_server_time_per_output_token_seconds",
-                "vllm:inter_token_latency_seconds",
-                "Time between output tokens.",
+                "vllm:request_time_per_output_token_seconds",
+                "Time per output token of a request: (duration - TTFT) / (tokens - 1).",
             ),
             (
                 &self.e2e,
@@ -501,6 +511,8 @@ mod tests {
             "# TYPE gen_ai_server_time_to_first_token_seconds histogram",
             "# TYPE vllm:e2e_request_latency_seconds histogram",
             "# TYPE vllm:inter_token_latency_seconds histogram",
+            "# TYPE vllm:request_time_per_output_token_seconds histogram",
+            "# TYPE gen_ai_server_time_per_output_token_seconds histogram",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
