@@ -1,4 +1,5 @@
-//! `GET /health` (the process is up) and `GET /ready` (a replica can generate).
+//! `GET /health` (the process is up), `GET /ready` (a replica can generate) and `GET /metrics`
+//! (the Prometheus text of [`crate::metrics::Metrics`] plus each replica's load).
 //!
 //! `/health` is liveness: 200 while this process works, with what each replica is doing
 //! (`serving`, `restarting` and why, `draining`, ...) from their state alone, never a probe, so
@@ -11,7 +12,8 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use r4b_proto::v1 as pb;
@@ -19,11 +21,26 @@ use serde_json::{json, Value};
 
 use crate::state::AppState;
 
-/// The health routes.
+/// The operational routes: probes and the metrics scrape.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(scrape))
+}
+
+async fn scrape(State(state): State<AppState>) -> impl IntoResponse {
+    let loads = state.replicas().load().await;
+    let text = state
+        .metrics()
+        .render(&state.config().served_model_name, &loads);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
 }
 
 async fn health(State(state): State<AppState>) -> Json<Value> {

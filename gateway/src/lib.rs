@@ -77,7 +77,6 @@ pub fn router(state: AppState) -> Router {
         .merge(tokenize::router())
         .merge(models::router())
         .merge(health::router())
-        .merge(metrics::router())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -1,25 +1,18 @@
-//! Prometheus metrics at `/metrics`.
+//! Prometheus metrics (the text that `health` serves at `/metrics`).
 //!
 //! Latency histograms carry OTel GenAI semantic-convention names
 //! (`gen_ai_server_time_to_first_token_seconds`, `gen_ai_server_time_per_output_token_seconds`,
 //! `gen_ai_server_request_duration_seconds`) and are repeated under vLLM's names
 //! (`vllm:time_to_first_token_seconds`, `vllm:request_time_per_output_token_seconds`,
-//! `vllm:e2e_request_latency_seconds`; plus `vllm:inter_token_latency_seconds`) so existing dashboards work. Queue and KV gauges come from
-//! the coordinators' Load RPC at scrape time.
+//! `vllm:e2e_request_latency_seconds`; plus `vllm:inter_token_latency_seconds`) so existing
+//! dashboards work. Queue and KV gauges come from the coordinators' Load RPC at scrape time.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use r4b_proto::v1 as pb;
-
-use crate::state::AppState;
 
 const TTFT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -420,25 +413,6 @@ fn write_load_gauges(
             u8::from(r.is_ok())
         );
     }
-}
-
-/// `GET /metrics`.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/metrics", get(scrape))
-}
-
-async fn scrape(State(state): State<AppState>) -> impl IntoResponse {
-    let loads = state.replicas().load().await;
-    let text = state
-        .metrics()
-        .render(&state.config().served_model_name, &loads);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
-    )
 }
 
 #[cfg(test)]
