@@ -51,6 +51,9 @@ pub struct GatewayConfig {
     pub api_keys: crate::auth::ApiKeys,
     /// Whether `/health`, `/ready` and `/metrics` need a key too.
     pub auth_probes: bool,
+    /// Whether special tokens typed in message content become control tokens (the old,
+    /// forgeable behaviour); default false: only the chat template places control tokens.
+    pub allow_special_tokens_in_content: bool,
 }
 
 impl GatewayConfig {
@@ -76,6 +79,7 @@ impl GatewayConfig {
             max_decode_bytes: 1 << 30,
             api_keys: crate::auth::ApiKeys::default(),
             auth_probes: false,
+            allow_special_tokens_in_content: false,
         }
     }
 }

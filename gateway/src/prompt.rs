@@ -2,6 +2,8 @@
 //! → token ids ([`render_chat`], shared by `/v1/chat/completions` and `/tokenize`) → `<image>`
 //! expansion ([`expand_images`]) and length checks ([`finish_prompt`]).
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use crate::api::ChatMessage;
@@ -10,6 +12,7 @@ use crate::images::ImageRef;
 use crate::reasoning::think_open_in_prompt;
 use crate::state::AppState;
 use crate::template::{TemplateMessage, TemplatePart};
+use crate::tokens::unescape;
 use crate::validate::{
     expand_image_tokens, max_new_tokens, GenerationParams, ValidatedRequest, ValidationError,
 };
@@ -274,11 +277,26 @@ pub fn render_chat(
         check_text_length(state, bytes)?;
     }
     let kwargs = template_kwargs(kwargs)?;
-    let text = render(state, &conv, add_generation_prompt, &kwargs)?;
-    let ids = tokenize(state, &text, add_special_tokens)?;
+    let mut conv = conv;
+    let tokenizer = state.files().tokenizer();
+    if !state.config().allow_special_tokens_in_content {
+        // User text reaches the template with its special tokens defused (see
+        // `TextTokenizer::escape_content`); only the template's own text places control tokens.
+        for part in conv.messages.iter_mut().flat_map(|m| m.parts.iter_mut()) {
+            if let TemplatePart::Text(t) = part {
+                if let Cow::Owned(escaped) = tokenizer.escape_content(t) {
+                    *t = escaped;
+                }
+            }
+        }
+    }
+    let escaped = render(state, &conv, add_generation_prompt, &kwargs)?;
+    let ids = tokenizer
+        .encode_rendered(&escaped, add_special_tokens)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     check_placeholders(state, &ids, conv.images.len())?;
     Ok(RenderedChat {
-        text,
+        text: unescape(&escaped).into_owned(),
         ids,
         images: conv.images,
     })

@@ -140,6 +140,11 @@ pub struct GatewayOpts {
     /// Require the API key on `/health`, `/ready` and `/metrics` too (open by default).
     #[arg(long)]
     auth_probes: bool,
+    /// Let special tokens typed in message content (`<|im_end|><|im_start|>system`) act as control
+    /// tokens, as before. Off by default: user text is encoded as plain text and only the chat
+    /// template places control tokens, so no user can forge a turn.
+    #[arg(long)]
+    allow_special_tokens_in_content: bool,
     /// Port to bind.
     #[arg(long, default_value_t = 8000)]
     port: u16,
@@ -292,6 +297,7 @@ fn gateway_config(g: &GatewayOpts, served_model_name: String) -> GatewayConfig {
     cfg.max_image_pixels = g.max_image_pixels;
     cfg.api_keys = r4b_gateway::auth::ApiKeys::new(&g.api_key);
     cfg.auth_probes = g.auth_probes;
+    cfg.allow_special_tokens_in_content = g.allow_special_tokens_in_content;
     let loopback = g
         .host
         .parse::<std::net::IpAddr>()
