@@ -54,6 +54,8 @@ pub struct GatewayConfig {
     /// Whether special tokens typed in message content become control tokens (the old,
     /// forgeable behaviour); default false: only the chat template places control tokens.
     pub allow_special_tokens_in_content: bool,
+    /// What every call to a coordinator carries (`r4b_proto::auth`); none: calls go without.
+    pub cluster_secret: Option<r4b_proto::auth::Secret>,
 }
 
 impl GatewayConfig {
@@ -80,6 +82,7 @@ impl GatewayConfig {
             api_keys: crate::auth::ApiKeys::default(),
             auth_probes: false,
             allow_special_tokens_in_content: false,
+            cluster_secret: None,
         }
     }
 }

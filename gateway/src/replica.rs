@@ -4,10 +4,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use r4b_proto::auth::{AttachSecret, AuthChannel, Secret};
 use r4b_proto::v1 as pb;
 use r4b_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::codec::Streaming;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::startup::GatewayError;
 
@@ -21,7 +22,7 @@ const MAX_RECV_BYTES: usize = 64 << 20;
 pub struct Replica {
     /// Its URL.
     pub url: String,
-    client: CoordinatorClient<Channel>,
+    client: CoordinatorClient<AuthChannel>,
 }
 
 /// All coordinators of the served model.
@@ -40,8 +41,13 @@ fn coordinator_error(url: &str, reason: impl ToString) -> GatewayError {
 }
 
 impl ReplicaPool {
-    /// Channels to `urls` (connected lazily; the first RPC connects).
-    pub fn new(urls: &[String], rpc_timeout: Duration) -> Result<Self, GatewayError> {
+    /// Channels to `urls` (connected lazily; the first RPC connects); every call carries
+    /// `secret` (the coordinators' cluster secret).
+    pub fn new(
+        urls: &[String],
+        rpc_timeout: Duration,
+        secret: Option<&Secret>,
+    ) -> Result<Self, GatewayError> {
         if urls.is_empty() {
             return Err(GatewayError::NoReplicas);
         }
@@ -56,9 +62,10 @@ impl ReplicaPool {
                     .initial_stream_window_size(r4b_proto::STREAM_WINDOW)
                     .initial_connection_window_size(r4b_proto::CONNECTION_WINDOW)
                     .connect_lazy();
-                let client = CoordinatorClient::new(channel)
-                    .max_encoding_message_size(MAX_SEND_BYTES)
-                    .max_decoding_message_size(MAX_RECV_BYTES);
+                let client =
+                    CoordinatorClient::with_interceptor(channel, AttachSecret::new(secret))
+                        .max_encoding_message_size(MAX_SEND_BYTES)
+                        .max_decoding_message_size(MAX_RECV_BYTES);
                 Ok(Replica {
                     url: url.clone(),
                     client,

@@ -132,7 +132,11 @@ impl AppState {
         files: ModelFiles,
         coordinator_urls: Vec<String>,
     ) -> Result<Self, GatewayError> {
-        let replicas = ReplicaPool::new(&coordinator_urls, config.rpc_timeout)?;
+        let replicas = ReplicaPool::new(
+            &coordinator_urls,
+            config.rpc_timeout,
+            config.cluster_secret.as_ref(),
+        )?;
         let info = replicas.model_info(config.connect_timeout).await?;
         let max_model_len = match (config.max_model_len, info.max_model_len as usize) {
             (0, 0) => {

@@ -1,13 +1,16 @@
 //! # r4b-proto
 //!
 //! The `.proto` files of the cluster (`proto/cluster.proto`, package `cluster.v1`) and the code
-//! tonic/prost generate from them. Logic lives elsewhere; this crate holds types only.
+//! tonic/prost generate from them, and the shared-secret check every component link uses
+//! ([`auth`]).
 //!
 //! - `Coordinator` service: gateway → coordinator (generate as a server stream, health, model
 //!   info, load).
 //! - `Worker` service: coordinator → each worker rank (init, a bidirectional step stream,
 //!   health, shutdown).
 #![deny(missing_docs)]
+
+pub mod auth;
 
 /// Version 1 of the cluster protocol.
 #[allow(missing_docs, clippy::all)]

@@ -12,6 +12,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use r4b_proto::auth::{AttachSecret, AuthChannel, Secret};
 use r4b_proto::v1 as pb;
 use r4b_proto::v1::coordinator_client::CoordinatorClient;
 use serde_json::{json, Value};
@@ -48,6 +49,7 @@ fn spawn(bin: &str, args: &[&str], cache: &std::path::Path) -> Proc {
             .args(args)
             .env("R4B_CACHE", cache)
             .env("R4B_LOG", "warn")
+            .env(r4b_proto::auth::SECRET_ENV, BENCH_SECRET)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -93,12 +95,17 @@ fn cold_start(bin: &str) {
     );
 }
 
-async fn coordinator(port: u16) -> CoordinatorClient<tonic::transport::Channel> {
+/// The cluster secret the benchmark's processes share.
+const BENCH_SECRET: &str = "bench-serving-secret-0123456789";
+
+async fn coordinator(port: u16) -> CoordinatorClient<AuthChannel> {
     let url = format!("http://127.0.0.1:{port}");
+    let secret = Secret::new(BENCH_SECRET).expect("valid secret");
     let t0 = Instant::now();
     loop {
-        if let Ok(c) = CoordinatorClient::connect(url.clone()).await {
-            return c;
+        let endpoint = tonic::transport::Channel::from_shared(url.clone()).expect("url");
+        if let Ok(ch) = endpoint.connect().await {
+            return CoordinatorClient::with_interceptor(ch, AttachSecret::new(Some(&secret)));
         }
         assert!(
             t0.elapsed() < Duration::from_secs(120),
@@ -108,7 +115,7 @@ async fn coordinator(port: u16) -> CoordinatorClient<tonic::transport::Channel> 
     }
 }
 
-async fn generate(c: &mut CoordinatorClient<tonic::transport::Channel>, ids: &[u32], n: u32) {
+async fn generate(c: &mut CoordinatorClient<AuthChannel>, ids: &[u32], n: u32) {
     let req = pb::GenerateRequest {
         request_id: "bench".into(),
         prompt_ids: ids.to_vec(),

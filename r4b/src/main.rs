@@ -65,6 +65,16 @@ fn init_tracing() {
 }
 
 async fn run_worker(args: WorkerArgs) -> Result<()> {
+    // Only its coordinator knows the secret (it sets the variable when it spawns the worker).
+    let secret = r4b_proto::auth::Secret::from_env()
+        .context(r4b_proto::auth::SECRET_ENV)?
+        .with_context(|| {
+            format!(
+                "r4b worker needs {} (its coordinator sets it; for attached workers, the \
+                 coordinator's --cluster-secret)",
+                r4b_proto::auth::SECRET_ENV
+            )
+        })?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -82,6 +92,9 @@ async fn run_worker(args: WorkerArgs) -> Result<()> {
     tonic::transport::Server::builder()
         .initial_stream_window_size(r4b_proto::STREAM_WINDOW)
         .initial_connection_window_size(r4b_proto::CONNECTION_WINDOW)
+        .layer(tonic::service::InterceptorLayer::new(
+            r4b_proto::auth::RequireSecret::new(secret),
+        ))
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -12,7 +12,9 @@ use r4b_coordinator::{
 };
 use r4b_gateway::server::HttpTimeouts;
 use r4b_gateway::{AppState, GatewayConfig, ModelFiles};
+use r4b_proto::auth::{RequireSecret, Secret};
 use tokio::sync::oneshot;
+use tonic::service::InterceptorLayer;
 
 /// Which checkpoint to serve.
 #[derive(Args, Debug, Clone)]
@@ -182,6 +184,28 @@ pub struct ServeArgs {
     shutdown: ShutdownOpts,
 }
 
+/// The secret of the component links (`r4b_proto::auth`), for the split `gateway` and
+/// `coordinator` commands (`serve` makes its own).
+#[derive(Args, Debug)]
+pub struct SecretOpt {
+    /// Shared secret every gRPC call between gateway, coordinator and workers carries (16-256
+    /// printable ASCII characters, e.g. `openssl rand -hex 32`). Prefer the environment
+    /// variable: a command line is visible to every user of the host.
+    #[arg(
+        long = "cluster-secret",
+        env = "R4B_CLUSTER_SECRET",
+        hide_env_values = true,
+        required = true
+    )]
+    cluster_secret: String,
+}
+
+impl SecretOpt {
+    fn secret(&self) -> Result<Secret> {
+        Secret::new(&self.cluster_secret).context("--cluster-secret / R4B_CLUSTER_SECRET")
+    }
+}
+
 /// `r4b gateway`.
 #[derive(Args, Debug)]
 pub struct GatewayArgs {
@@ -195,6 +219,8 @@ pub struct GatewayArgs {
     /// Name clients use as `model` (default: the coordinator's).
     #[arg(long)]
     served_model_name: Option<String>,
+    #[command(flatten)]
+    secret: SecretOpt,
     #[command(flatten)]
     shutdown: ShutdownOpts,
 }
@@ -210,6 +236,8 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
     #[command(flatten)]
+    secret: SecretOpt,
+    #[command(flatten)]
     shutdown: ShutdownOpts,
 }
 
@@ -220,7 +248,12 @@ fn served_name(explicit: Option<&str>, model: &ModelArgs) -> String {
         .unwrap_or_else(|| "r4b".to_string())
 }
 
-fn replica_config(r: &ReplicaArgs, m: &ModelArgs, checkpoint: PathBuf) -> Result<ReplicaConfig> {
+fn replica_config(
+    r: &ReplicaArgs,
+    m: &ModelArgs,
+    checkpoint: PathBuf,
+    secret: Secret,
+) -> Result<ReplicaConfig> {
     if r.enable_prefix_caching && r.no_enable_prefix_caching {
         bail!("--enable-prefix-caching and --no-enable-prefix-caching contradict each other");
     }
@@ -273,6 +306,7 @@ fn replica_config(r: &ReplicaArgs, m: &ModelArgs, checkpoint: PathBuf) -> Result
                 enforce_eager: r.enforce_eager,
                 kernels: r.gpu.resolve()?,
             },
+            secret,
         },
         served_model_name: served_name(r.served_model_name.as_deref(), m),
         max_model_len: r.max_model_len,
@@ -288,8 +322,9 @@ fn replica_config(r: &ReplicaArgs, m: &ModelArgs, checkpoint: PathBuf) -> Result
     })
 }
 
-fn gateway_config(g: &GatewayOpts, served_model_name: String) -> GatewayConfig {
+fn gateway_config(g: &GatewayOpts, served_model_name: String, secret: Secret) -> GatewayConfig {
     let mut cfg = GatewayConfig::new(served_model_name);
+    cfg.cluster_secret = Some(secret);
     cfg.allow_private_image_urls = g.allow_private_image_urls;
     cfg.default_max_thinking_tokens = g.default_max_thinking_tokens;
     cfg.body_limit_bytes = g.max_body_mb << 20;
@@ -312,11 +347,13 @@ fn gateway_config(g: &GatewayOpts, served_model_name: String) -> GatewayConfig {
     cfg
 }
 
-/// Starts the replica and serves its Coordinator gRPC service on `listener` in the background.
+/// Starts the replica and serves its Coordinator gRPC service on `listener` in the background;
+/// calls without the cluster secret get UNAUTHENTICATED.
 async fn start_coordinator(
     cfg: ReplicaConfig,
     listener: tokio::net::TcpListener,
 ) -> Result<r4b_coordinator::Replica> {
+    let require = InterceptorLayer::new(RequireSecret::new(cfg.group.secret.clone()));
     let tp = cfg.group.launch.clone();
     let replica = r4b_coordinator::start_replica(cfg)
         .await
@@ -328,6 +365,7 @@ async fn start_coordinator(
         if let Err(e) = tonic::transport::Server::builder()
             .initial_stream_window_size(r4b_proto::STREAM_WINDOW)
             .initial_connection_window_size(r4b_proto::CONNECTION_WINDOW)
+            .layer(require)
             .add_service(service)
             .serve_with_incoming(incoming)
             .await
@@ -463,7 +501,9 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
     let dir = a.model.dir().await?;
     // Tokenizer checks refuse before any worker starts.
     let files = ModelFiles::load(&dir).context("loading tokenizer and chat template")?;
-    let cfg = replica_config(&a.replica, &a.model, dir.clone())?;
+    // One process holds both ends of every link: a fresh secret, never shown.
+    let secret = Secret::generate().context("generating the cluster secret")?;
+    let cfg = replica_config(&a.replica, &a.model, dir.clone(), secret.clone())?;
     let name = cfg.served_model_name.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let coord_url = format!("http://{}", listener.local_addr()?);
@@ -477,7 +517,12 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
         replica.info.max_model_len,
         t0.elapsed().as_secs_f64()
     );
-    let state = AppState::connect(gateway_config(&a.gateway, name), files, vec![coord_url]).await?;
+    let state = AppState::connect(
+        gateway_config(&a.gateway, name, secret),
+        files,
+        vec![coord_url],
+    )
+    .await?;
     serve_http(state, &a.gateway, &a.shutdown, Some(replica.engine.clone())).await
 }
 
@@ -487,7 +532,7 @@ pub async fn gateway(a: GatewayArgs) -> Result<()> {
     let files = ModelFiles::load(&dir).context("loading tokenizer and chat template")?;
     let name = a.served_model_name.clone().unwrap_or_default();
     let state = AppState::connect(
-        gateway_config(&a.gateway, name),
+        gateway_config(&a.gateway, name, a.secret.secret()?),
         files,
         a.coordinator.clone(),
     )
@@ -498,7 +543,7 @@ pub async fn gateway(a: GatewayArgs) -> Result<()> {
 /// `r4b coordinator`.
 pub async fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let dir = a.model.dir().await?;
-    let cfg = replica_config(&a.replica, &a.model, dir)?;
+    let cfg = replica_config(&a.replica, &a.model, dir, a.secret.secret()?)?;
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;

@@ -1,15 +1,21 @@
 //! Bad requests straight to a coordinator's gRPC `Generate` (which skips the gateway): each is
 //! refused with INVALID_ARGUMENT, by the coordinator's own checks or by the workers' admission
-//! checks, while a generation beside it completes and the replica keeps serving.
+//! checks, while a generation beside it completes and the replica keeps serving. Calls without
+//! the cluster secret, to the coordinator or to a worker, get UNAUTHENTICATED.
 
 mod common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use r4b_proto::auth::{AttachSecret, AuthChannel, Secret, SECRET_ENV};
 use r4b_proto::v1 as pb;
 use r4b_proto::v1::coordinator_client::CoordinatorClient;
+use r4b_proto::v1::worker_client::WorkerClient;
 use tonic::transport::Channel;
+
+/// The cluster secret the test's coordinator and workers are given.
+const SECRET: &str = "grpc-faults-test-secret-0123456789";
 
 /// `r4b coordinator` (TP 2, embedded model) on a free port; killed on drop.
 struct Coordinator {
@@ -37,6 +43,7 @@ fn start_coordinator() -> Coordinator {
         .args(["--tensor-parallel-size", "2", "--kv-cache-space", "0.25"])
         .env("R4B_CACHE", cache.path())
         .env("RAYON_NUM_THREADS", "1")
+        .env(SECRET_ENV, SECRET)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -48,10 +55,16 @@ fn start_coordinator() -> Coordinator {
     }
 }
 
-async fn connect(url: &str) -> CoordinatorClient<Channel> {
+async fn connect(url: &str) -> CoordinatorClient<AuthChannel> {
+    let secret = Secret::new(SECRET).unwrap();
     for _ in 0..600 {
-        if let Ok(c) = CoordinatorClient::connect(url.to_string()).await {
-            let mut c = c.max_encoding_message_size(64 << 20);
+        if let Ok(ch) = Channel::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+        {
+            let mut c = CoordinatorClient::with_interceptor(ch, AttachSecret::new(Some(&secret)))
+                .max_encoding_message_size(64 << 20);
             if c.model_info(pb::ModelInfoRequest {}).await.is_ok() {
                 return c;
             }
@@ -85,7 +98,7 @@ fn request(prompt: Vec<u32>, max_new_tokens: u32) -> pb::GenerateRequest {
 
 /// Runs a generation to its end: the tokens and the finish reason.
 async fn run(
-    c: &mut CoordinatorClient<Channel>,
+    c: &mut CoordinatorClient<AuthChannel>,
     req: pb::GenerateRequest,
 ) -> Result<(usize, i32), tonic::Status> {
     let mut stream = c.generate(req).await?.into_inner();
@@ -207,4 +220,73 @@ async fn bad_generate_requests_fail_alone() {
         .into_inner();
     assert_eq!(health.state, pb::ReplicaState::Serving as i32, "{health:?}");
     assert_eq!(health.restarts, 0, "a bad request restarted the workers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_the_cluster_secret_are_unauthenticated() {
+    let coord = start_coordinator();
+    let mut signed = connect(&coord.url).await;
+    signed
+        .health(pb::HealthRequest::default())
+        .await
+        .expect("with the secret");
+    let ch = Channel::from_shared(coord.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut bare = CoordinatorClient::new(ch.clone());
+    let e = bare
+        .generate(request(vec![1, 2], 2))
+        .await
+        .expect_err("no secret");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let wrong = Secret::new("another-secret-of-enough-length").unwrap();
+    let mut other = CoordinatorClient::with_interceptor(ch, AttachSecret::new(Some(&wrong)));
+    let e = other
+        .model_info(pb::ModelInfoRequest {})
+        .await
+        .expect_err("wrong secret");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+
+    // A worker as a coordinator starts it: an outsider cannot Init it, its coordinator can talk
+    // to it; without the variable it refuses to start.
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_r4b"))
+        .args(["worker", "--listen", "127.0.0.1:0"])
+        .env(SECRET_ENV, SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(worker.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line.split_whitespace().last().unwrap().to_string();
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let e = WorkerClient::new(ch.clone())
+        .init(pb::InitRequest::default())
+        .await
+        .expect_err("an outsider's Init");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let secret = Secret::new(SECRET).unwrap();
+    WorkerClient::with_interceptor(ch, AttachSecret::new(Some(&secret)))
+        .health(pb::WorkerHealthRequest {})
+        .await
+        .expect("its coordinator's Health");
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let out = Command::new(env!("CARGO_BIN_EXE_r4b"))
+        .args(["worker", "--listen", "127.0.0.1:0"])
+        .env_remove(SECRET_ENV)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(SECRET_ENV));
 }

@@ -13,6 +13,7 @@ mod process;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use r4b_proto::auth::{AttachSecret, AuthChannel, Secret};
 use r4b_proto::v1 as pb;
 use r4b_proto::v1::worker_client::WorkerClient;
 use tokio::sync::mpsc;
@@ -120,6 +121,9 @@ pub struct GroupConfig {
     pub device: String,
     /// GPU engine sizing and options (ignored on CPU).
     pub gpu: GpuOptions,
+    /// What every call to a worker carries; spawned workers get it in their environment and
+    /// refuse calls without it (`r4b_proto::auth`).
+    pub secret: Secret,
 }
 
 /// What a GPU worker sizes its buffers and KV cache for.
@@ -160,7 +164,7 @@ pub struct WorkerGroup {
     children: Vec<Supervised>,
     /// Exits of spawned workers, reported by their watchers.
     exits: mpsc::UnboundedReceiver<Exit>,
-    clients: Vec<WorkerClient<Channel>>,
+    clients: Vec<WorkerClient<AuthChannel>>,
     ranks: Vec<Rank>,
     /// Model facts reported by rank 0.
     pub facts: pb::ModelFacts,
@@ -191,7 +195,8 @@ impl WorkerGroup {
             Launch::Spawn { exe, tp, args } => {
                 let mut addrs = Vec::with_capacity(*tp);
                 for rank in 0..*tp {
-                    let (child, addr) = spawn_worker(exe, rank, args, &exits_tx).await?;
+                    let (child, addr) =
+                        spawn_worker(exe, rank, args, &cfg.secret, &exits_tx).await?;
                     children.push(child);
                     addrs.push(addr);
                 }
@@ -237,7 +242,14 @@ impl WorkerGroup {
     async fn connect_and_init(
         cfg: &GroupConfig,
         addrs: &[String],
-    ) -> Result<(Vec<WorkerClient<Channel>>, Vec<Rank>, Vec<pb::InitResponse>), GroupError> {
+    ) -> Result<
+        (
+            Vec<WorkerClient<AuthChannel>>,
+            Vec<Rank>,
+            Vec<pb::InitResponse>,
+        ),
+        GroupError,
+    > {
         if addrs.is_empty() {
             return Err(GroupError::Config("no workers".into()));
         }
@@ -261,7 +273,7 @@ impl WorkerGroup {
                     reason: e.to_string(),
                 })?;
             clients.push(
-                WorkerClient::new(channel)
+                WorkerClient::with_interceptor(channel, AttachSecret::new(Some(&cfg.secret)))
                     .max_decoding_message_size(256 << 20)
                     .max_encoding_message_size(256 << 20),
             );

@@ -121,6 +121,7 @@ pub async fn spawn_worker(
     exe: &Path,
     rank: usize,
     args: &[String],
+    secret: &r4b_proto::auth::Secret,
     exits: &mpsc::UnboundedSender<Exit>,
 ) -> Result<(Supervised, String), GroupError> {
     let err = |reason: String| GroupError::Spawn { rank, reason };
@@ -128,6 +129,7 @@ pub async fn spawn_worker(
         .arg("worker")
         .args(["--listen", "127.0.0.1:0", "--exit-with-parent"])
         .args(args)
+        .env(r4b_proto::auth::SECRET_ENV, secret.expose())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
