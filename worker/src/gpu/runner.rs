@@ -134,16 +134,7 @@ impl Runner {
                     .time_ms(3, || {
                         for w in &weights {
                             // SAFETY: x/y are step buffers of at least one row of k/n values.
-                            unsafe {
-                                gpu.linear_with(
-                                    imp,
-                                    x,
-                                    w.weight_ptr(),
-                                    y,
-                                    (1, n, k),
-                                    OutType::Bf16,
-                                )?
-                            };
+                            unsafe { w.forward_one_row_with(gpu, imp, (x, y), OutType::Bf16)? };
                         }
                         Ok(())
                     })
@@ -158,8 +149,8 @@ impl Runner {
             report.push(format!("{line} -> {:?}", best.1));
         }
         // The head (one weight, far larger than L2).
-        let (v, h) = llm.lm_head.linear().shape();
-        let head = llm.lm_head.linear().weight_ptr();
+        let head = llm.lm_head.linear();
+        let (v, h) = head.shape();
         let mut best = (f64::INFINITY, LinearImpl::Blas);
         let mut line = format!("one-row lm_head [{v}x{h}]:");
         for imp in imps {
@@ -167,12 +158,10 @@ impl Runner {
                 .time_ms(5, || {
                     // SAFETY: `last` holds a row of H, `logits` a row of the local vocabulary.
                     unsafe {
-                        gpu.linear_with(
+                        head.forward_one_row_with(
+                            gpu,
                             imp,
-                            b.last.ptr(),
-                            head,
-                            b.logits.ptr(),
-                            (1, v, h),
+                            (b.last.ptr(), b.logits.ptr()),
                             OutType::F32,
                         )
                     }

@@ -1,7 +1,7 @@
 //! Linear layers: `y = x · Wᵀ (+ b)` for PyTorch-layout weights `[out, in]`, row-major
 //! activations `[rows, in]`.
 
-use r4b_kernels::{DBuf, DevPtr, Gpu, OutType};
+use r4b_kernels::{DBuf, DevPtr, Gpu, LinearImpl, OutType};
 
 use super::Ctx;
 use crate::gpu::weights::{gpu_err, Loader, Split};
@@ -119,8 +119,8 @@ impl Linear {
         self.dtype
     }
 
-    /// The weight's device address (load-time tuning, checks).
-    pub fn weight_ptr(&self) -> DevPtr {
+    /// The weight's device address (for kernels that fuse the product).
+    fn weight_ptr(&self) -> DevPtr {
         self.weight.ptr()
     }
 
@@ -148,6 +148,25 @@ impl Linear {
                 )
                 .map_err(gpu_err),
             (WeightDtype::Bf16, Some(_)) => Err(Error::Gpu("a bf16 weight has no scale".into())),
+        }
+    }
+
+    /// One row through the implementation `imp` (load-time tuning: the runner times each and
+    /// records the fastest with `Gpu::set_linear_impl`, which [`Linear::forward`] then uses).
+    ///
+    /// # Safety
+    /// `x` and `y` hold one row of `in` / `out` values.
+    pub unsafe fn forward_one_row_with(
+        &self,
+        gpu: &Gpu,
+        imp: LinearImpl,
+        (x, y): (DevPtr, DevPtr),
+        out: OutType,
+    ) -> r4b_kernels::Result<()> {
+        match self.dtype {
+            WeightDtype::Bf16 => {
+                gpu.linear_with(imp, x, self.weight.ptr(), y, (1, self.out, self.inp), out)
+            }
         }
     }
 
