@@ -98,7 +98,8 @@ impl StepBuffers {
             logits: a(smax * d.vocab_local * 4)?,
             best_val: a(smax * 4)?,
             best_idx: a(smax * 4)?,
-            gathered: a(world * smax * 2 * 4)?,
+            // The arg-max gather: this rank's [values | indices] (2·S words), then every rank's.
+            gathered: a((world + 1) * smax * 2 * 4)?,
             pm: a(part_entries * 4)?,
             pl: a(part_entries * 4)?,
             pacc: a(part_entries * hd * 4)?,
