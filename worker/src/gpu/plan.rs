@@ -179,3 +179,118 @@ impl StepPlan {
         Ok(p)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> RConfig {
+        let text = r4b_model::embedded::config_json().to_string();
+        RConfig::from_json_str(&text).expect("embedded config")
+    }
+
+    fn limits() -> GpuLimits {
+        GpuLimits {
+            max_tokens: 2048,
+            max_seqs: 4,
+            max_model_len: 1024,
+            block_size: 16,
+            memory_utilization: 0.9,
+            num_blocks: 0,
+            enforce_eager: false,
+        }
+    }
+
+    fn chunk<'a>(tokens: &'a [u32], start_pos: usize, blocks: &'a [u32]) -> SeqChunk<'a> {
+        SeqChunk {
+            tokens,
+            start_pos,
+            block_table: blocks,
+            prompt_tokens: tokens.len(),
+            image_rows: None,
+        }
+    }
+
+    #[test]
+    fn paged_chunks_run_first_and_rows_keep_the_original_order() {
+        let cfg = cfg();
+        assert_ne!(cfg.image_token_index, 1);
+        // 600 tokens from position 0: 600 · 600 > PAGED_MAX_WORK, so it runs after the decode.
+        let long = vec![1u32; 600];
+        assert!(long.len() * long.len() > PAGED_MAX_WORK);
+        let long_blocks: Vec<u32> = (0..38).collect();
+        let decode_blocks = [40u32];
+        let chunks = [
+            chunk(&long, 0, &long_blocks),
+            chunk(&[1], 10, &decode_blocks),
+        ];
+        let p = StepPlan::build(&chunks, &cfg, &limits(), 64).expect("plan");
+        assert_eq!(p.order, [1, 0]);
+        assert_eq!((p.paged_chunks, p.paged_tokens, p.tokens), (1, 1, 601));
+        assert!(!p.decode_only);
+        // The decode is row 0 (slot 40·16 + 10, sees 11 keys), the prefill rows 1..=600.
+        assert_eq!(p.slots[0], 40 * 16 + 10);
+        assert_eq!(p.ctx_lens, [11]);
+        assert_eq!(p.bt_rows, [0]);
+        assert_eq!(p.last_rows, [600, 0]);
+        assert_eq!(p.lens, [1, 600]);
+        assert_eq!(p.table_width, 38);
+        assert_eq!(p.block_tables.len(), 2 * 38);
+        assert_eq!(p.block_tables[0], 40);
+        assert_eq!(p.max_paged_ctx, 11);
+        // A padded graph pass runs the paged kernel over every row.
+        let pass = Pass {
+            plan: &p,
+            tokens: 604,
+            split: (64, 1),
+        };
+        assert_eq!(pass.paged_rows(), 604);
+        let pass = Pass {
+            tokens: 601,
+            ..pass
+        };
+        assert_eq!(pass.paged_rows(), 1);
+    }
+
+    #[test]
+    fn decode_only_steps_are_marked() {
+        let cfg = cfg();
+        let chunks = [chunk(&[1], 3, &[0]), chunk(&[2], 20, &[1, 2])];
+        let p = StepPlan::build(&chunks, &cfg, &limits(), 8).expect("plan");
+        assert!(p.decode_only);
+        assert_eq!(p.order, [0, 1]);
+        assert_eq!(p.ctx_lens, [4, 21]);
+        assert_eq!(p.block_tables, [0, 0, 1, 2]);
+    }
+
+    #[test]
+    fn bad_chunks_are_refused() {
+        let cfg = cfg();
+        let lim = limits();
+        let vocab = cfg.text.vocab_size as u32;
+        let cases: Vec<(Vec<u32>, usize, Vec<u32>, usize)> = vec![
+            // Block 8 of 8 blocks.
+            (vec![1], 0, vec![8], 8),
+            // Block table too short for position 16.
+            (vec![1], 16, vec![0], 8),
+            // Past max_model_len.
+            (vec![1], lim.max_model_len, (0..65).collect(), 100),
+            // Outside the vocabulary.
+            (vec![vocab], 0, vec![0], 8),
+            // Empty.
+            (vec![], 0, vec![0], 8),
+        ];
+        for (tokens, start, blocks, num_blocks) in &cases {
+            let c = [chunk(tokens, *start, blocks)];
+            assert!(
+                StepPlan::build(&c, &cfg, &lim, *num_blocks).is_err(),
+                "{tokens:?} at {start} over {blocks:?}"
+            );
+        }
+        let one = [1u32];
+        let many: Vec<SeqChunk> = (0..lim.max_seqs + 1)
+            .map(|_| chunk(&one, 0, &[0]))
+            .collect();
+        assert!(StepPlan::build(&many, &cfg, &lim, 8).is_err());
+    }
+}
