@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use r4b_kernels::{DBuf, DecodeAttn, FlashAttn, Gpu, OutType, Residual};
 use r4b_kernels::{DecodeAttention, KernelArch, KernelOptions};
 use r4b_worker::checkpoint::Checkpoint;
-use r4b_worker::collective::SingleRank;
+use r4b_worker::collective::{SingleRank, Solo};
 use r4b_worker::config::{ImagePreprocessing, RConfig};
 use r4b_worker::gpu::{
     attention_gemm, parts_for, AttnGemm, EngineOptions, GpuLimits, GpuModel, GpuSampler,
@@ -1139,7 +1139,7 @@ fn sample() -> Result<()> {
         Ok(())
     };
     let indexed: Vec<(usize, SampleRow)> = rows.iter().copied().enumerate().collect();
-    let mut sampler = GpuSampler::new(&gpu, n, 1, false)?;
+    let mut sampler = GpuSampler::new(&gpu, n, &Solo)?;
     let (mut bad_all, mut diff_all) = (0, 0f32);
     // 256 rows run one part per row, 10 rows many parts per row (stage 1 split, stage 2 merge).
     for m in [n, 10] {
@@ -1147,7 +1147,7 @@ fn sample() -> Result<()> {
         let srows = &rows[..m];
         upload(&dl)?;
         // SAFETY: `dl` holds n rows of `vocab` f32.
-        let got = unsafe { sampler.sample(&gpu, (dl.ptr(), vocab, 0), None, rs)? };
+        let got = unsafe { sampler.sample(&gpu, (dl.ptr(), vocab, 0), &Solo, rs)? };
         let (bad, diff) = same_tokens(&got, ex);
         println!(
             "GPU sampler vs host sampler, {m} rows x {vocab} ({} parts per row; 10 configurations \
@@ -1240,7 +1240,7 @@ fn sample() -> Result<()> {
             gpu.sync()?;
             let t = Instant::now();
             // SAFETY: as above.
-            unsafe { sampler.sample(&gpu, (dl.ptr(), vocab, 0), None, &rs)? };
+            unsafe { sampler.sample(&gpu, (dl.ptr(), vocab, 0), &Solo, &rs)? };
             best = best.min(t.elapsed().as_secs_f64() * 1e3);
         }
         let only: Vec<SampleRow> = rs.iter().map(|r| r.1).collect();

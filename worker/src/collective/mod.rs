@@ -1,9 +1,11 @@
 //! Collective operations across the ranks of one tensor-parallel group.
 //!
 //! Design:
-//! - [`Collective`] is what the parallel layers call. [`SingleRank`] is TP=1 (identity, no
-//!   communication); [`SocketCollective`] connects separate OS processes on one machine over Unix
-//!   domain sockets (CI, tests, CPU serving). The NCCL implementation will sit behind the same trait.
+//! - [`Collective`] is what the CPU parallel layers call, on host tensors. [`SingleRank`] is TP=1
+//!   (identity, no communication); [`SocketCollective`] connects separate OS processes on one
+//!   machine over Unix domain sockets (CI, tests, CPU serving). The GPU engine's collectives work
+//!   in place on device buffers and must stay capturable in CUDA graphs, so they are a second
+//!   trait, `DeviceCollective` (`device.rs`, feature `cuda`: `Solo` and NCCL).
 //! - Star topology through rank 0: every other rank holds one connection to rank 0 (the hub), and
 //!   each operation is one round trip: every spoke sends its tensor, the hub combines and sends the
 //!   result back. With a handful of ranks on one host the hub is not a bandwidth bottleneck, and a
@@ -20,7 +22,12 @@
 //!   unusable (later calls return [`CollectiveError::Poisoned`]): the ranks may be out of step, so
 //!   the group has to be rebuilt.
 
+#[cfg(feature = "cuda")]
+mod device;
 mod wire;
+
+#[cfg(feature = "cuda")]
+pub use device::{DeviceCollective, NcclCollective, Solo};
 
 use std::io::{self, BufReader, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -81,6 +88,9 @@ pub enum CollectiveError {
     /// A tensor operation (copy, reshape) failed.
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// A device collective (NCCL) failed.
+    #[error("{op} on the GPU: {reason}")]
+    Device { op: &'static str, reason: String },
     /// An earlier error left this group unusable.
     #[error("collective group is unusable after an earlier error: {reason}")]
     Poisoned { reason: String },

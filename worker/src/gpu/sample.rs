@@ -6,20 +6,22 @@
 //! Per step: one upload of the rows' arguments (and their penalty entries, if any); the
 //! rank-local stage 1 over [`parts_for`] parts of each logits row at once (penalties,
 //! temperature, normalisers, each part's top candidates: a few rows still use the whole GPU);
-//! stage 2 merging the parts into the packed words; one NCCL all-gather of the packed
-//! candidates when the world size is above 1; the merge kernel (top-k, top-p, min-p, seeded
-//! draw, logprobs); one download of 44 words per row. Nothing of the vocabulary leaves the GPU.
+//! stage 2 merging the parts into the packed words; one all-gather of the packed candidates
+//! through the group's [`DeviceCollective`] (nothing moves for [`crate::collective::Solo`]); the
+//! merge kernel (top-k, top-p, min-p, seeded draw, logprobs); one download of 44 words per row.
+//! Nothing of the vocabulary leaves the GPU.
 //!
 //! Every rank takes the same path (GPU or host sampler) for the same rows: [`GpuSampler::accepts`]
 //! depends only on the rows and the group's configuration.
 
 use r4b_kernels::{
-    DBuf, DevPtr, Gpu, Nccl, SampleOut, SampleRowArgs, SAMPLE_MAX_K, SAMPLE_MAX_WORLD,
-    SAMPLE_OUT_WORDS, SAMPLE_PART_WORDS, SAMPLE_ROW_WORDS,
+    DBuf, DevPtr, Gpu, SampleOut, SampleRowArgs, SAMPLE_MAX_K, SAMPLE_MAX_WORLD, SAMPLE_OUT_WORDS,
+    SAMPLE_PART_WORDS, SAMPLE_ROW_WORDS,
 };
 
 use super::alloc;
 use super::weights::gpu_err;
+use crate::collective::DeviceCollective;
 use crate::sampling::{self, SampleRow, SampledToken, MAX_CANDIDATES, MAX_TOP_LOGPROBS};
 use crate::{Error, Result};
 
@@ -46,7 +48,7 @@ pub struct GpuSampler {
     /// Stage-1 scratch: `SAMPLE_PART_WORDS` per (row, part), for max(max_rows, TARGET_CTAS).
     scratch: DBuf,
     packed: DBuf,
-    /// `world` ranks' packed words (world > 1 or a forced NCCL path).
+    /// Every rank's packed words (a group that communicates: world > 1, or NCCL at 1).
     gathered: Option<DBuf>,
     out: DBuf,
     /// Penalty entries (u32 pairs) and their raw values, grown on demand.
@@ -68,8 +70,10 @@ impl Packed {
 }
 
 impl GpuSampler {
-    /// Buffers for `max_rows` rows and `world` ranks (gather buffer when `gather`).
-    pub fn new(gpu: &Gpu, max_rows: usize, world: usize, gather: bool) -> Result<Self> {
+    /// Buffers for `max_rows` rows in the group of `comm` (a gather buffer unless its
+    /// operations are no-ops).
+    pub fn new(gpu: &Gpu, max_rows: usize, comm: &dyn DeviceCollective) -> Result<Self> {
+        let (world, gather) = (comm.world_size(), !comm.is_noop());
         const _: () = assert!(MAX_CANDIDATES <= SAMPLE_MAX_K);
         let max_rows = max_rows.max(1);
         let packed_bytes = max_rows * MAX_ROW_WORDS * 4;
@@ -107,27 +111,24 @@ impl GpuSampler {
         &mut self,
         gpu: &Gpu,
         (logits, width, start): (DevPtr, usize, usize),
-        nccl: Option<&Nccl>,
+        comm: &dyn DeviceCollective,
         rows: &[(usize, SampleRow)],
     ) -> Result<Vec<SampledToken>> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let world = nccl.map_or(1, |n| n.world_size());
-        let packed = self.prepare(gpu, (logits, width, start), rows, None)?;
-        let g = match (nccl, &self.gathered) {
-            (Some(n), Some(g)) => {
-                n.all_gather_u32(self.packed.ptr(), g.ptr(), packed.words())
-                    .map_err(gpu_err)?;
-                g.ptr()
-            }
-            (Some(_), None) => {
+        let world = comm.world_size();
+        let recv = match (&self.gathered, comm.is_noop()) {
+            (Some(g), _) => g.ptr(),
+            (None, true) => self.packed.ptr(),
+            (None, false) => {
                 return Err(Error::Gpu(
                     "GPU sampler built without a gather buffer".into(),
                 ))
             }
-            (None, _) => self.packed.ptr(),
         };
+        let packed = self.prepare(gpu, (logits, width, start), rows, None)?;
+        let g = comm.all_gather_u32(self.packed.ptr(), recv, packed.words())?;
         self.finish(gpu, g, world, packed, rows.len())
     }
 

@@ -1,5 +1,5 @@
-//! Which tensor is the LM head: the one decision both backends (CPU `model`, GPU `gpu::qwen3`)
-//! read, so they cannot disagree.
+//! Which tensor is the LM head: the one decision both backends (CPU `model`, GPU
+//! `gpu::models::r4b::qwen3`) read, so they cannot disagree.
 //!
 //! `tie_word_embeddings` is resolved as transformers does ([`RConfig::tie_word_embeddings`]).
 //! Then, with `lm_head.weight` stored or not:
