@@ -499,3 +499,50 @@ async fn not_ready_replica_makes_ready_503() {
     assert_eq!(r.json()["replicas"][0]["detail"], "warming up");
     assert_eq!(gw.get("/health").await.status, 200);
 }
+
+/// Image URLs that name this host in any spelling (loopback, unspecified, IPv4-mapped,
+/// IPv4-compatible, 6to4, NAT64, numeric forms) get a 400 and are never dialled: listeners on
+/// that port, IPv4 and IPv6, see no connection.
+#[tokio::test]
+async fn internal_image_urls_are_refused_without_a_connection() {
+    let v4 = std::net::TcpListener::bind("127.0.0.1:0").expect("bind v4");
+    let port = v4.local_addr().expect("addr").port();
+    let v6 = std::net::TcpListener::bind(("::1", port)).ok();
+    v4.set_nonblocking(true).expect("nonblocking");
+    if let Some(l) = &v6 {
+        l.set_nonblocking(true).expect("nonblocking");
+    }
+    let gw = echo_gateway().await;
+    let hosts = [
+        "127.0.0.1",
+        "localhost",
+        "127.1",
+        "2130706433",
+        "0x7f.0.0.1",
+        "0.0.0.0",
+        "[::1]",
+        "[::]",
+        "[::ffff:127.0.0.1]",
+        "[::7f00:1]",
+        "[2002:7f00:1::]",
+        "[64:ff9b::7f00:1]",
+        "[64:ff9b:1::7f00:1]",
+        "[2001:0:7f00:1::]",
+    ];
+    for host in hosts {
+        let url = format!("http://{host}:{port}/cat.png");
+        let r = gw.post("/v1/chat/completions", image_body(&url)).await;
+        assert_eq!(r.status.as_u16(), 400, "{url}: {}", r.text);
+        assert_eq!(r.json()["error"]["code"], "invalid_image", "{url}");
+    }
+    let dialled = |l: &std::net::TcpListener| match l.accept() {
+        Ok((_, peer)) => Some(peer),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        Err(e) => panic!("accept: {e}"),
+    };
+    assert_eq!(dialled(&v4), None, "a refused URL was dialled (IPv4)");
+    if let Some(l) = &v6 {
+        assert_eq!(dialled(l), None, "a refused URL was dialled (IPv6)");
+    }
+    assert!(gw.seen().is_empty());
+}
