@@ -62,6 +62,7 @@ async fn run(state: AppState, req: ValidatedRequest) -> Result<Response, ApiErro
 
 /// Parses and validates a chat body into a [`ValidatedRequest`] (images fetched and expanded).
 async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, ApiError> {
+    crate::fields::check(&body.0, crate::fields::Endpoint::Chat)?;
     let chat: ChatBody = body.parse()?;
     let common: CommonParams = body.parse()?;
     let config = state.config();

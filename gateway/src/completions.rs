@@ -113,6 +113,7 @@ fn prompt_ids(state: &AppState, prompt: Option<Value>) -> Result<Vec<u32>, ApiEr
 }
 
 async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, ApiError> {
+    crate::fields::check(&body.0, crate::fields::Endpoint::Completions)?;
     let req: CompletionBody = body.parse()?;
     let common: CommonParams = body.parse()?;
     let config = state.config();

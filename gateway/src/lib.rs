@@ -33,6 +33,7 @@ pub mod embedded;
 pub mod error;
 pub mod extract;
 pub mod fetch;
+pub mod fields;
 pub mod generate;
 pub mod health;
 pub mod images;

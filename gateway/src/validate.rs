@@ -93,6 +93,20 @@ pub enum ValidationError {
         /// The template's message.
         reason: String,
     },
+    /// A field OpenAI or vLLM defines, with a value this server does not implement.
+    #[error("`{field}`: {reason}")]
+    Unsupported {
+        /// The field.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// A field no API defines.
+    #[error("Unrecognized request argument supplied: {field}")]
+    Unknown {
+        /// The field.
+        field: String,
+    },
     /// The coordinator refused the request (INVALID_ARGUMENT).
     #[error("{reason}")]
     Rejected {
@@ -107,7 +121,9 @@ impl ValidationError {
         match self {
             ValidationError::Missing { field }
             | ValidationError::OutOfRange { field, .. }
-            | ValidationError::Invalid { field, .. } => Some(field.clone()),
+            | ValidationError::Invalid { field, .. }
+            | ValidationError::Unsupported { field, .. }
+            | ValidationError::Unknown { field } => Some(field.clone()),
             ValidationError::PromptTooLong { .. }
             | ValidationError::PromptTooLongBytes { .. }
             | ValidationError::ContextLength { .. } => Some("messages".into()),
@@ -122,6 +138,8 @@ impl ValidationError {
     pub fn code(&self) -> &'static str {
         match self {
             ValidationError::Missing { .. } => "missing_required_parameter",
+            ValidationError::Unsupported { .. } => "unsupported_parameter",
+            ValidationError::Unknown { .. } => "unknown_parameter",
             ValidationError::PromptTooLong { .. }
             | ValidationError::PromptTooLongBytes { .. }
             | ValidationError::ContextLength { .. } => "context_length_exceeded",

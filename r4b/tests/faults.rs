@@ -257,8 +257,10 @@ fn a_killed_rank_is_replaced_and_the_queue_survives() {
     // Every request that was running at the kill ended within 5 s, complete or with a clear
     // error; everything else completed.
     let mut interrupted = 0;
+    let mut running = 0;
     for o in &outcomes {
         let running_at_kill = o.sent < killed_at && o.ended > killed_at;
+        running += usize::from(running_at_kill);
         if running_at_kill {
             let took = o.ended.saturating_duration_since(killed_at);
             assert!(
@@ -271,11 +273,12 @@ fn a_killed_rank_is_replaced_and_the_queue_survives() {
             assert!(o.complete(), "{o:?}");
         }
     }
-    println!("{} requests, {interrupted} interrupted", outcomes.len());
-    assert!(
-        interrupted >= 1,
-        "the kill interrupted nothing: was the load running?"
+    println!(
+        "{} requests, {running} running at the kill, {interrupted} of them interrupted (the \
+         others had no token yet and were retried, or finished)",
+        outcomes.len()
     );
+    assert!(running >= 1, "no request was running at the kill");
     let new = worker_pids(&s);
     assert!(new.iter().all(|p| !old.contains(p)), "{old:?} -> {new:?}");
     assert!(
