@@ -8,16 +8,19 @@
 //! r4b-gpu-check attn                                     # tensor-core prefill attention vs cuBLAS path
 //! r4b-gpu-check sample                                   # GPU sampler vs the host sampler
 //! ```
+//! Engine flags, after any subcommand: `--kernel-arch auto|sm80`, `--no-pdl`, `--host-sampling`,
+//! `--force-nccl` (`r4b-gpu-check --help`).
 //! `logits` writes `logits.<name>` `[scored, vocab]` f32 for `bench/gpu/compare.py`.
 //! `decode` prints load GB/s, KV capacity and decode tok/s at each batch size (greedy, every
 //! sequence `prompt` random tokens then `output` decode steps, one engine step per token).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use r4b_kernels::{DBuf, DecodeAttn, FlashAttn, Gpu, OutType, Residual};
 use r4b_kernels::{DecodeAttention, KernelArch, KernelOptions};
 use r4b_worker::checkpoint::Checkpoint;
@@ -29,19 +32,94 @@ use r4b_worker::gpu::{
 use r4b_worker::model::{anyres, SeqChunk};
 use r4b_worker::sampling::{self, SampleRow, SampledToken, SamplingParams, TokenHistory};
 
-fn arg(args: &[String], name: &str, default: &str) -> String {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
+#[derive(Parser, Debug)]
+#[command(
+    name = "r4b-gpu-check",
+    about = "GPU engine figures and the HF logits check (TP = 1)"
+)]
+struct Cli {
+    #[command(flatten)]
+    engine: EngineFlags,
+    #[command(subcommand)]
+    cmd: Cmd,
 }
 
-fn load(dir: &Path, limits: GpuLimits) -> Result<(RConfig, GpuModel)> {
+/// Engine options of the run (accepted after any subcommand).
+#[derive(Args, Debug)]
+struct EngineFlags {
+    /// Kernel variant: the device's own, or the sm_80 (A100) PTX on any device.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    kernel_arch: ArchFlag,
+    /// No programmatic dependent launch.
+    #[arg(long, global = true)]
+    no_pdl: bool,
+    /// Sample on the host instead of the GPU sampler.
+    #[arg(long, global = true)]
+    host_sampling: bool,
+    /// Run the NCCL all-reduce at TP = 1.
+    #[arg(long, global = true)]
+    force_nccl: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ArchFlag {
+    Auto,
+    Sm80,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Teacher-forced logits of REF_DIR/prompts.json, for bench/gpu/compare.py.
+    Logits {
+        /// Checkpoint directory.
+        ckpt: PathBuf,
+        /// hf_reference.py's output directory.
+        reference: PathBuf,
+        /// Output `.safetensors` (`logits.<name>`).
+        out: PathBuf,
+    },
+    /// Load GB/s, KV capacity and decode tok/s per batch size.
+    Decode {
+        /// Checkpoint directory.
+        ckpt: PathBuf,
+        /// Batch sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32,64,128,256")]
+        batches: Vec<usize>,
+        /// Prompt tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        /// Decode steps per sequence.
+        #[arg(long, default_value_t = 512)]
+        output: usize,
+        /// No CUDA graphs.
+        #[arg(long)]
+        eager: bool,
+        /// Every row sampled (temperature 0.8, top-p 0.9) through the GPU sampler.
+        #[arg(long)]
+        sampled: bool,
+    },
+    /// Copy bandwidth, GEMMs, attention, norms.
+    Profile,
+    /// Tensor-core attention kernels against the cuBLAS-product path.
+    Attn,
+    /// The GPU sampler against the host sampler.
+    Sample,
+}
+
+/// What `decode` measures.
+struct DecodeRun {
+    batches: Vec<usize>,
+    prompt: usize,
+    output: usize,
+    eager: bool,
+    sampled: bool,
+}
+
+fn load(dir: &Path, limits: GpuLimits, opts: &EngineOptions) -> Result<(RConfig, GpuModel)> {
     let cfg = RConfig::from_file(&dir.join("config.json"))?;
     let ckpt = Checkpoint::open(dir)?;
     let t = Instant::now();
-    let model = GpuModel::load(&ckpt, &cfg, Arc::new(SingleRank), None, (limits, options()))?;
+    let model = GpuModel::load(&ckpt, &cfg, Arc::new(SingleRank), None, (limits, *opts))?;
     let (bytes, secs, gbps) = model.load_report;
     println!(
         "load: {:.2} GB of weights in {secs:.2} s = {gbps:.2} GB/s (whole load incl. buffers {:.2} s)",
@@ -73,15 +151,11 @@ fn limits(max_model_len: usize, max_seqs: usize, eager: bool) -> GpuLimits {
     }
 }
 
-fn logits(args: &[String]) -> Result<()> {
-    let (dir, refdir, out) = match args {
-        [d, r, o, ..] => (Path::new(d), Path::new(r), Path::new(o)),
-        _ => bail!("usage: logits CKPT REF_DIR OUT.safetensors"),
-    };
+fn logits(dir: &Path, refdir: &Path, out: &Path, opts: &EngineOptions) -> Result<()> {
     let prompts: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(refdir.join("prompts.json")).context("prompts.json")?,
     )?;
-    let (cfg, mut model) = load(dir, limits(8192, 256, false))?;
+    let (cfg, mut model) = load(dir, limits(8192, 256, false), opts)?;
     let pre = ImagePreprocessing::from_dir(dir)?;
     let mut tensors: HashMap<String, (Vec<u8>, Vec<usize>)> = HashMap::new();
     let list = prompts["prompts"]
@@ -286,24 +360,23 @@ fn decode_chunks<'a>(
         .collect()
 }
 
-fn decode(args: &[String]) -> Result<()> {
-    let dir = Path::new(args.first().context("usage: decode CKPT")?);
-    let batches: Vec<usize> = arg(args, "--batches", "1,8,32,64,128,256")
-        .split(',')
-        .map(|s| s.parse().context("--batches"))
-        .collect::<Result<_>>()?;
-    let prompt: usize = arg(args, "--prompt", "128").parse()?;
-    let output: usize = arg(args, "--output", "512").parse()?;
-    let eager = args.iter().any(|a| a == "--eager");
+fn decode(dir: &Path, run: DecodeRun, opts: &EngineOptions) -> Result<()> {
+    let DecodeRun {
+        batches,
+        prompt,
+        output,
+        eager,
+        sampled,
+    } = run;
     let max_b = *batches.iter().max().unwrap_or(&1);
-    let (cfg, mut model) = load(dir, limits(prompt + output + 16, max_b.max(8), eager))?;
+    let (cfg, mut model) = load(dir, limits(prompt + output + 16, max_b.max(8), eager), opts)?;
     let bs = 16;
     let per_seq = (prompt + output).div_ceil(bs);
     if per_seq * max_b > model.num_blocks() {
         bail!("{max_b} sequences need {} KV blocks", per_seq * max_b);
     }
     // --sampled: every row samples (temperature 0.8, top-p 0.9) through the GPU sampler.
-    let params = if args.iter().any(|a| a == "--sampled") {
+    let params = if sampled {
         SamplingParams {
             temperature: 0.8,
             top_p: 0.9,
@@ -464,8 +537,8 @@ fn max_rel_diff(gpu: &Gpu, (a, b): (u64, u64), n: usize, out: OutType) -> Result
     })
 }
 
-fn profile() -> Result<()> {
-    let gpu = Gpu::new(0, &options().kernels)?;
+fn profile(opts: &EngineOptions) -> Result<()> {
+    let gpu = Gpu::new(0, &opts.kernels)?;
     // Copy bandwidth (bytes read + written).
     let n = 1usize << 30;
     let a = random_bf16(&gpu, n / 2, 1)?;
@@ -685,8 +758,8 @@ fn bf16_diff(gpu: &Gpu, (a, b): (u64, u64), n: usize) -> Result<(f64, f64)> {
 /// The tensor-core prefill attention against the cuBLAS path (gathered keys, two products, a
 /// bf16 row softmax — the path that matched HF), on random inputs: the decoder's shapes over a
 /// shuffled paged cache, and SigLIP's (head dim 72, every view at once, not causal).
-fn attn() -> Result<()> {
-    let mut gpu = Gpu::new(0, &options().kernels)?;
+fn attn(opts: &EngineOptions) -> Result<()> {
+    let mut gpu = Gpu::new(0, &opts.kernels)?;
     println!(
         "| case | flash 64 rows/CTA µs | flash 128 rows/CTA µs | cuBLAS path µs | best flash TFLOP/s | rel L2 (64 / 128) | max diff / max (64 / 128) |"
     );
@@ -1098,8 +1171,8 @@ fn same_tokens(a: &[SampledToken], b: &[SampledToken]) -> (usize, f32) {
 
 /// The GPU sampler against the host sampler on the same logits: identical tokens, logprobs
 /// within 1e-4; the merge of 4 simulated vocab slices; timings.
-fn sample() -> Result<()> {
-    let gpu = Gpu::new(0, &options().kernels)?;
+fn sample(opts: &EngineOptions) -> Result<()> {
+    let gpu = Gpu::new(0, &opts.kernels)?;
     let vocab = 151_936usize;
     let n = 256usize;
     let host = sample_logits_host(n, vocab, 42);
@@ -1266,34 +1339,51 @@ fn sample() -> Result<()> {
     Ok(())
 }
 
-/// The engine options of this run: `--kernel-arch sm80` (anywhere on the command line) loads the
-/// A100 kernels, `--host-sampling` samples on the host, `--force-nccl` runs NCCL at TP = 1.
-fn options() -> EngineOptions {
-    let args: Vec<String> = std::env::args().collect();
-    let has = |f: &str| args.iter().any(|a| a == f);
-    EngineOptions {
-        kernels: KernelOptions {
-            arch: if arg(&args, "--kernel-arch", "auto") == "sm80" {
-                KernelArch::Sm80
-            } else {
-                KernelArch::Auto
+impl EngineFlags {
+    fn options(&self) -> EngineOptions {
+        EngineOptions {
+            kernels: KernelOptions {
+                arch: match self.kernel_arch {
+                    ArchFlag::Auto => KernelArch::Auto,
+                    ArchFlag::Sm80 => KernelArch::Sm80,
+                },
+                pdl: !self.no_pdl,
+                ..KernelOptions::default()
             },
-            pdl: !has("--no-pdl"),
-            ..KernelOptions::default()
-        },
-        host_sampling: has("--host-sampling"),
-        force_nccl: has("--force-nccl"),
+            host_sampling: self.host_sampling,
+            force_nccl: self.force_nccl,
+        }
     }
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("logits") => logits(&args[1..]),
-        Some("decode") => decode(&args[1..]),
-        Some("profile") => profile(),
-        Some("attn") => attn(),
-        Some("sample") => sample(),
-        _ => bail!("usage: r4b-gpu-check logits|decode ..."),
+    let cli = Cli::parse();
+    let opts = cli.engine.options();
+    match cli.cmd {
+        Cmd::Logits {
+            ckpt,
+            reference,
+            out,
+        } => logits(&ckpt, &reference, &out, &opts),
+        Cmd::Decode {
+            ckpt,
+            batches,
+            prompt,
+            output,
+            eager,
+            sampled,
+        } => {
+            let run = DecodeRun {
+                batches,
+                prompt,
+                output,
+                eager,
+                sampled,
+            };
+            decode(&ckpt, run, &opts)
+        }
+        Cmd::Profile => profile(&opts),
+        Cmd::Attn => attn(&opts),
+        Cmd::Sample => sample(&opts),
     }
 }
