@@ -389,11 +389,9 @@ fn write_load_gauges(
             "KV blocks in use at one replica.",
             |l| l.kv_blocks_used,
         ),
-        (
-            "r4b_replica_kv_blocks_total",
-            "KV blocks at one replica.",
-            |l| l.kv_blocks_total,
-        ),
+        ("r4b_replica_kv_blocks", "KV blocks at one replica.", |l| {
+            l.kv_blocks_total
+        }),
     ];
     for (name, help, field) in per_replica {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
