@@ -154,6 +154,10 @@ impl TextTokenizer {
             .map(|shrink| longest_piece.max(4) * shrink);
         let mut plain = inner.clone();
         plain.set_encode_special_tokens(true);
+        // Pieces are encoded apart and post-processed together: truncation and padding, if the
+        // file sets them, apply once, to the whole (`encode_rendered`).
+        plain.with_padding(None);
+        let _ = plain.with_truncation(None);
         let mut specials: Vec<String> = inner
             .get_added_tokens_decoder()
             .into_values()
