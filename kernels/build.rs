@@ -1,11 +1,25 @@
 //! With the `cuda` feature, compiles `src/r4b.cu` with nvcc to PTX twice, for sm_80 (A100) and
 //! sm_90 (H100/H200), both embedded in the library; the GPU layer loads the one the device runs.
+//! `r4b.cu` is the one translation unit: it includes `common.cuh` and every family's `.cu`, so
+//! each arch is one PTX module.
 //! nvcc: `$NVCC`, else `$CUDA_HOME/bin/nvcc`, else `/usr/local/cuda/bin/nvcc`, else `nvcc` on PATH.
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
+    // The translation unit and everything it includes (every .cu / .cuh next to it).
     println!("cargo:rerun-if-changed=src/r4b.cu");
+    if let Ok(dir) = std::fs::read_dir("src") {
+        for entry in dir.flatten() {
+            let path = entry.path();
+            if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("cu" | "cuh")
+            ) {
+                println!("cargo:rerun-if-changed={}", path.display());
+            }
+        }
+    }
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
