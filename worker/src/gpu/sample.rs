@@ -1,5 +1,5 @@
 //! Sampling on the GPU: the two halves of [`crate::sampling`] as kernels (`sample_partial` +
-//! `sample_prepare`, `sample_finish` in r4b.cu), with the same packed layout, arithmetic order
+//! `sample_prepare`, `sample_finish` in kernels/src/sample.cu), with the same packed layout, arithmetic order
 //! and counter-based draw as the host sampler, so both pick the same tokens (`r4b-gpu-check
 //! sample` compares them).
 //!
