@@ -11,6 +11,7 @@ use cudarc::driver::{result as drv, CudaContext, CudaStream};
 use cudarc::nccl::result as nccl_result;
 use cudarc::nvrtc::Ptx;
 
+use crate::collective::CollectiveKernels;
 use crate::{attention, elementwise, embed, gemm, norm, sample};
 use crate::{KernelArch, KernelOptions};
 
@@ -47,6 +48,27 @@ pub type Result<T, E = GpuError> = std::result::Result<T, E>;
 /// Number of CUDA devices visible to this process.
 pub fn device_count() -> Result<usize> {
     Ok(CudaContext::device_count()? as usize)
+}
+
+/// Whether device `a` can map memory of device `b` (peer access over NVLink or PCIe); a device
+/// can always reach itself.
+pub fn can_access_peer(a: usize, b: usize) -> Result<bool> {
+    use cudarc::driver::sys as cu;
+    if a == b {
+        return Ok(true);
+    }
+    let ordinal =
+        |o: usize| i32::try_from(o).map_err(|_| GpuError::Invalid(format!("device ordinal {o}")));
+    // SAFETY: plain queries; the driver was initialised by `device_count` or a context.
+    unsafe {
+        cu::cuInit(0).result()?;
+        let (mut da, mut db) = (0, 0);
+        cu::cuDeviceGet(&mut da, ordinal(a)?).result()?;
+        cu::cuDeviceGet(&mut db, ordinal(b)?).result()?;
+        let mut can = 0;
+        cu::cuDeviceCanAccessPeer(&mut can, da, db).result()?;
+        Ok(can != 0)
+    }
 }
 
 /// An owned device allocation (freed on drop).
@@ -89,6 +111,7 @@ pub(crate) struct Kernels {
     pub(crate) elementwise: elementwise::Kernels,
     pub(crate) gemm: gemm::Kernels,
     pub(crate) sample: sample::Kernels,
+    pub(crate) collective: CollectiveKernels,
 }
 
 /// One GPU: context, the stream everything runs on, cuBLAS and the loaded kernels.
@@ -152,6 +175,7 @@ impl Gpu {
             elementwise: elementwise::Kernels::load(&module)?,
             gemm: gemm::Kernels::load(&module, &ctx, &stream)?,
             sample: sample::Kernels::load(&module)?,
+            collective: CollectiveKernels::load(&module)?,
         };
         let sm_count = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,

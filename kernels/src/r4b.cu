@@ -16,3 +16,4 @@
 #include "elementwise.cu"
 #include "gemm.cu"
 #include "sample.cu"
+#include "collective.cu"

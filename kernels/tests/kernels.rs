@@ -1032,3 +1032,163 @@ fn argmax_takes_the_lowest_index_of_ties() {
         assert_eq!((got_v[row], got_i[row] as usize), best, "row {row}");
     }
 }
+
+/// `world` ranks of one IPC group in this process: one `Gpu` (own stream, shared context) per
+/// rank, wired directly (the multi-process path differs only in how the regions are mapped).
+fn ipc_group(world: usize, stage_bytes: usize) -> Option<(Vec<Gpu>, Vec<IpcAllReduce>)> {
+    gpu()?;
+    let gpus: Vec<Gpu> = (0..world)
+        .map(|_| Gpu::new(0, &KernelOptions::default()).expect("opening GPU 0"))
+        .collect();
+    let mut group: Vec<IpcAllReduce> = gpus
+        .iter()
+        .enumerate()
+        .map(|(rank, g)| {
+            IpcAllReduce::new(
+                g,
+                (rank, world),
+                stage_bytes,
+                std::time::Duration::from_secs(10),
+            )
+            .expect("IPC region")
+            .0
+        })
+        .collect();
+    IpcAllReduce::connect_local(&mut group, &gpus[0]).expect("wiring the group");
+    Some((gpus, group))
+}
+
+/// The all-reduce over IPC memory, one-shot and two-shot, eager and captured in CUDA graphs, at
+/// 2, 4 and 8 ranks: every rank gets the same bits, and they are the float64 sum of the inputs
+/// rounded to bf16 (within one bf16 ulp: the kernel sums in f32).
+#[test]
+fn ipc_all_reduce_gives_every_rank_the_f64_sum_within_bf16_rounding() {
+    use r4b_kernels::cudarc::driver::sys as cu;
+    // Counts: one decode row, a tail of 7, 64 rows, one that crosses the staging buffer (run
+    // in two pieces), and 256 rows.
+    let stage = 2 << 20;
+    for world in [2usize, 4, 8] {
+        let Some((gpus, mut group)) = ipc_group(world, stage) else {
+            return;
+        };
+        let mut rng = Rng(world as u64);
+        for (count, two_shot_min, graph) in [
+            (2560usize, usize::MAX, false),
+            (2567, usize::MAX, false),
+            (64 * 2560, usize::MAX, false),
+            (64 * 2560, 0, false),
+            (stage / 2 + 2560 * 3 + 5, 0, false),
+            (256 * 2560, 1 << 20, false),
+            (2560, usize::MAX, true),
+            (64 * 2560, 0, true),
+        ] {
+            for g in group.iter_mut() {
+                g.set_two_shot_min_bytes(two_shot_min);
+            }
+            let inputs: Vec<Vec<f32>> = (0..world)
+                .map(|_| (0..count).map(|_| r(rng.uniform() * 4.0)).collect())
+                .collect();
+            let bufs: Vec<DBuf> = gpus
+                .iter()
+                .zip(&inputs)
+                .map(|(g, x)| up(g, &to_bf16(x)))
+                .collect();
+            for g in &gpus {
+                g.sync().expect("sync");
+            }
+            // Three calls in a row (epochs and both staging buffers in use), the last on the
+            // results: run 1 sums the inputs, runs 2 and 3 multiply by `world` each (exactly,
+            // for world a power of two, up to bf16 rounding of the sums).
+            let mut graphs = Vec::new();
+            for (rank, g) in gpus.iter().enumerate() {
+                if graph {
+                    g.stream
+                        .begin_capture(cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                        .expect("capture");
+                }
+                for _ in 0..3 {
+                    // SAFETY: `bufs[rank]` holds `count` bf16 on this context.
+                    unsafe { group[rank].all_reduce_bf16(g, bufs[rank].ptr(), count) }
+                        .expect("all-reduce");
+                }
+                if graph {
+                    let gr = g
+                        .stream
+                        .end_capture(cu::CUgraphInstantiate_flags(0))
+                        .expect("end capture")
+                        .expect("a graph");
+                    graphs.push(gr);
+                }
+            }
+            for gr in &graphs {
+                gr.launch().expect("graph launch");
+            }
+            let outs: Vec<Vec<bf16>> = gpus
+                .iter()
+                .zip(&bufs)
+                .map(|(g, b)| down::<bf16>(g, b, count))
+                .collect();
+            let what =
+                format!("world {world}, count {count}, two-shot ≥ {two_shot_min}, graph {graph}");
+            for (rank, o) in outs.iter().enumerate().skip(1) {
+                let same = o
+                    .iter()
+                    .zip(&outs[0])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{what}: rank {rank} differs from rank 0");
+            }
+            // The reference: the f64 sum, rounded to bf16, times world² (runs 2 and 3), each
+            // step rounded as the kernel's output is.
+            let want: Vec<f32> = (0..count)
+                .map(|j| {
+                    let s1 = r(inputs.iter().map(|x| f64::from(x[j])).sum::<f64>() as f32);
+                    let s2 = r(s1 * world as f32);
+                    r(s2 * world as f32)
+                })
+                .collect();
+            assert_close_bf16(&from_bf16(&outs[0]), &want, 1.0, &what);
+            eprintln!("ipc all-reduce {what}: {world} ranks identical, within one bf16 ulp of f64");
+        }
+    }
+}
+
+/// The IPC all-gather puts every rank's words in rank order, on every rank.
+#[test]
+fn ipc_all_gather_puts_every_rank_in_order() {
+    for world in [2usize, 8] {
+        let Some((gpus, group)) = ipc_group(world, 1 << 20) else {
+            return;
+        };
+        let count = 1000;
+        let sends: Vec<DBuf> = gpus
+            .iter()
+            .enumerate()
+            .map(|(rank, g)| {
+                let v: Vec<u32> = (0..count).map(|i| (rank * 1_000_000 + i) as u32).collect();
+                up(g, &v)
+            })
+            .collect();
+        let recvs: Vec<DBuf> = gpus
+            .iter()
+            .map(|g| zeros::<u32>(g, world * count))
+            .collect();
+        for g in &gpus {
+            g.sync().expect("sync");
+        }
+        for (rank, g) in gpus.iter().enumerate() {
+            // SAFETY: sizes as allocated above.
+            unsafe { group[rank].all_gather_u32(g, sends[rank].ptr(), recvs[rank].ptr(), count) }
+                .expect("all-gather");
+        }
+        let want: Vec<u32> = (0..world)
+            .flat_map(|r| (0..count).map(move |i| (r * 1_000_000 + i) as u32))
+            .collect();
+        for (rank, g) in gpus.iter().enumerate() {
+            assert_eq!(
+                down::<u32>(g, &recvs[rank], world * count),
+                want,
+                "rank {rank}"
+            );
+        }
+    }
+}

@@ -40,6 +40,14 @@ pub struct GpuFlags {
     /// Run the NCCL calls at TP = 1 too (a one-GPU check of that path).
     #[arg(long)]
     force_nccl: bool,
+    /// Tensor parallelism over NCCL instead of the all-reduce over CUDA IPC memory (the ranks
+    /// must then be on different GPUs).
+    #[arg(long)]
+    disable_custom_all_reduce: bool,
+    /// The GPU of each rank, comma-separated (`0,0,1,1`: ranks 0 and 1 on GPU 0). Default:
+    /// rank % visible GPUs, so TP = 8 on one GPU runs eight ranks on it.
+    #[arg(long, value_delimiter = ',')]
+    device_map: Vec<u32>,
 }
 
 /// Whether an environment variable is set to something other than empty, `0` or `false`.
@@ -74,6 +82,8 @@ impl GpuFlags {
             cuda_core_decode: self.cuda_core_decode || env_on("R4B_CUDA_CORE_DECODE"),
             host_sampling: self.host_sampling || env_on("R4B_HOST_SAMPLING"),
             force_nccl: self.force_nccl || env_on("R4B_FORCE_NCCL"),
+            disable_custom_all_reduce: self.disable_custom_all_reduce,
+            device_map: self.device_map.clone(),
         })
     }
 }

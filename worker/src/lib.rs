@@ -29,6 +29,7 @@ pub mod gpu;
 pub mod kv;
 pub mod model;
 pub mod parallel;
+pub mod placement;
 pub mod sampling;
 pub mod service;
 pub mod shard;

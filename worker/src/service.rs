@@ -185,6 +185,10 @@ fn engine_options(req: &pb::InitRequest) -> Result<crate::gpu::EngineOptions> {
         },
         host_sampling: k.host_sampling,
         force_nccl: k.force_nccl,
+        disable_custom_all_reduce: k.disable_custom_all_reduce,
+        placement: Default::default(),
+        peer_access: true,
+        collective_timeout: Duration::from_secs(u64::from(req.timeout_s.max(1))),
     })
 }
 
@@ -294,7 +298,8 @@ impl StepExecutor {
         ))
     }
 
-    /// Loads this rank on GPU `rank` (feature `cuda`).
+    /// Loads this rank on its GPU (`--device-map`, by default rank % visible GPUs; feature
+    /// `cuda`).
     #[cfg(feature = "cuda")]
     fn load_gpu(
         req: &pb::InitRequest,
@@ -317,8 +322,25 @@ impl StepExecutor {
             enforce_eager: req.enforce_eager,
         };
         let id = (!req.nccl_id.is_empty()).then_some(req.nccl_id.as_slice());
-        let model =
-            crate::gpu::GpuModel::load(ckpt, cfg, comm, id, (limits, engine_options(req)?))?;
+        let mut options = engine_options(req)?;
+        let map = req
+            .kernels
+            .as_ref()
+            .map(|k| k.device_map.as_slice())
+            .unwrap_or_default();
+        let visible = r4b_kernels::device_count().map_err(crate::gpu::weights::gpu_err)?;
+        options.placement = crate::placement::place(
+            req.rank as usize,
+            req.world_size.max(1) as usize,
+            map,
+            visible,
+        )?;
+        options.peer_access = crate::gpu::peer_access(&crate::placement::devices(
+            req.world_size.max(1) as usize,
+            map,
+            visible,
+        )?)?;
+        let model = crate::gpu::GpuModel::load(ckpt, cfg, comm, id, (limits, options))?;
         let (bytes, secs, gbps) = model.load_report;
         tracing::info!(
             rank = req.rank,

@@ -2,12 +2,15 @@
 //! `cuda`, TP = 1).
 //!
 //! ```text
-//! r4b-gpu-check logits CKPT REF_DIR OUT.safetensors     # teacher-forced logits of REF_DIR/prompts.json
+//! r4b-gpu-check logits CKPT REF_DIR OUT.safetensors [--tp N]  # teacher-forced logits of REF_DIR/prompts.json
 //! r4b-gpu-check decode CKPT [--batches 1,8,32,64,128,256] [--prompt 128] [--output 512] [--eager] [--sampled]
 //! r4b-gpu-check profile                                  # copy bandwidth, GEMMs, attention, norms
 //! r4b-gpu-check attn                                     # tensor-core prefill attention vs cuBLAS path
 //! r4b-gpu-check sample                                   # GPU sampler vs the host sampler
+//! r4b-gpu-check allreduce [--worlds 2,4,8]               # IPC all-reduce µs per call, ranks on one GPU
 //! ```
+//! `logits --tp N` runs N ranks as N processes (this one is rank 0 and starts the others), on
+//! their GPUs as `r4b serve` places them (rank % visible GPUs), over the IPC all-reduce.
 //! Engine flags, after any subcommand: `--kernel-arch auto|sm80`, `--no-pdl`, `--host-sampling`,
 //! `--force-nccl` (`r4b-gpu-check --help`).
 //! `logits` writes `logits.<name>` `[scored, vocab]` f32 for `bench/gpu/compare.py`.
@@ -24,12 +27,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use r4b_kernels::{DBuf, DecodeAttn, FlashAttn, Gpu, OutType, Residual};
 use r4b_kernels::{DecodeAttention, KernelArch, KernelOptions};
 use r4b_worker::checkpoint::Checkpoint;
-use r4b_worker::collective::{SingleRank, Solo};
+use r4b_worker::collective::{Collective, SingleRank, SocketCollective, SocketConfig, Solo};
 use r4b_worker::config::{ImagePreprocessing, RConfig};
 use r4b_worker::gpu::{
     attention_gemm, parts_for, AttnGemm, EngineOptions, GpuLimits, GpuModel, GpuSampler,
 };
 use r4b_worker::model::{anyres, SeqChunk};
+use r4b_worker::placement;
 use r4b_worker::sampling::{self, SampleRow, SampledToken, SamplingParams, TokenHistory};
 
 #[derive(Parser, Debug)]
@@ -77,6 +81,15 @@ enum Cmd {
         reference: PathBuf,
         /// Output `.safetensors` (`logits.<name>`).
         out: PathBuf,
+        /// Tensor-parallel ranks (processes).
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// This process's rank (set by rank 0 for the ranks it starts).
+        #[arg(long, default_value_t = 0, hide = true)]
+        rank: usize,
+        /// The group's rendezvous socket (set by rank 0 for the ranks it starts).
+        #[arg(long, hide = true)]
+        rendezvous: Option<PathBuf>,
     },
     /// Load GB/s, KV capacity and decode tok/s per batch size.
     Decode {
@@ -104,6 +117,13 @@ enum Cmd {
     Attn,
     /// The GPU sampler against the host sampler.
     Sample,
+    /// The IPC all-reduce, ranks in this process on GPU 0 (one stream each): µs per call, one-shot
+    /// and two-shot, at the sizes of a decode step and a prefill chunk.
+    Allreduce {
+        /// Group sizes.
+        #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+        worlds: Vec<usize>,
+    },
 }
 
 /// What `decode` measures.
@@ -116,10 +136,23 @@ struct DecodeRun {
 }
 
 fn load(dir: &Path, limits: GpuLimits, opts: &EngineOptions) -> Result<(RConfig, GpuModel)> {
+    load_rank(dir, limits, opts, Arc::new(SingleRank))
+}
+
+/// Loads one rank of the group `comm` (placed as `r4b serve` places it).
+fn load_rank(
+    dir: &Path,
+    limits: GpuLimits,
+    opts: &EngineOptions,
+    comm: Arc<dyn Collective>,
+) -> Result<(RConfig, GpuModel)> {
     let cfg = RConfig::from_file(&dir.join("config.json"))?;
     let ckpt = Checkpoint::open(dir)?;
     let t = Instant::now();
-    let model = GpuModel::load(&ckpt, &cfg, Arc::new(SingleRank), None, (limits, *opts))?;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mut opts = *opts;
+    opts.placement = placement::place(rank, world, &[], r4b_kernels::device_count()?)?;
+    let model = GpuModel::load(&ckpt, &cfg, comm, None, (limits, opts))?;
     let (bytes, secs, gbps) = model.load_report;
     println!(
         "load: {:.2} GB of weights in {secs:.2} s = {gbps:.2} GB/s (whole load incl. buffers {:.2} s)",
@@ -151,11 +184,72 @@ fn limits(max_model_len: usize, max_seqs: usize, eager: bool) -> GpuLimits {
     }
 }
 
-fn logits(dir: &Path, refdir: &Path, out: &Path, opts: &EngineOptions) -> Result<()> {
+/// The ranks of a `logits --tp N` group: rank 0 starts ranks 1.. as child processes (the same
+/// command line with `--rank r`), and every rank joins the socket collective.
+fn logits_group(tp: usize, rank: usize, rendezvous: Option<PathBuf>) -> Result<GroupRun> {
+    if tp <= 1 {
+        return Ok(GroupRun {
+            comm: Arc::new(SingleRank),
+            children: Vec::new(),
+        });
+    }
+    let path = rendezvous.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("r4b-gpu-check-{}.sock", std::process::id()))
+    });
+    let mut children = Vec::new();
+    if rank == 0 {
+        let exe = std::env::current_exe()?;
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        for r in 1..tp {
+            children.push(
+                std::process::Command::new(&exe)
+                    .args(&args)
+                    .args(["--rank", &r.to_string(), "--rendezvous"])
+                    .arg(&path)
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .context("starting a rank")?,
+            );
+        }
+    }
+    let comm = SocketCollective::connect(&SocketConfig {
+        rendezvous: path,
+        rank,
+        world_size: tp,
+        timeout: std::time::Duration::from_secs(600),
+    })?;
+    Ok(GroupRun {
+        comm: Arc::new(comm),
+        children,
+    })
+}
+
+/// A group of `logits` ranks; rank 0 waits for the ranks it started.
+struct GroupRun {
+    comm: Arc<dyn Collective>,
+    children: Vec<std::process::Child>,
+}
+
+impl Drop for GroupRun {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+    }
+}
+
+fn logits(
+    dir: &Path,
+    refdir: &Path,
+    out: &Path,
+    opts: &EngineOptions,
+    group: &GroupRun,
+) -> Result<()> {
     let prompts: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(refdir.join("prompts.json")).context("prompts.json")?,
     )?;
-    let (cfg, mut model) = load(dir, limits(8192, 256, false), opts)?;
+    let (cfg, mut model) = load_rank(dir, limits(8192, 256, false), opts, group.comm.clone())?;
+    let rank = group.comm.rank();
     let pre = ImagePreprocessing::from_dir(dir)?;
     let mut tensors: HashMap<String, (Vec<u8>, Vec<usize>)> = HashMap::new();
     let list = prompts["prompts"]
@@ -223,7 +317,17 @@ fn logits(dir: &Path, refdir: &Path, out: &Path, opts: &EngineOptions) -> Result
             .collect();
         tensors.insert(format!("logits.{name}"), (bytes, vec![rows, v]));
     }
-    decode_check(&mut model, &cfg, refdir, list)?;
+    if group.comm.world_size() > 1 {
+        println!(
+            "TP = {}: the decode-path check runs at TP = 1 only",
+            group.comm.world_size()
+        );
+    } else {
+        decode_check(&mut model, &cfg, refdir, list)?;
+    }
+    if rank != 0 {
+        return Ok(());
+    }
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(k, (b, s))| {
@@ -1342,6 +1446,10 @@ fn sample(opts: &EngineOptions) -> Result<()> {
 impl EngineFlags {
     fn options(&self) -> EngineOptions {
         EngineOptions {
+            collective_timeout: std::time::Duration::from_secs(30),
+            disable_custom_all_reduce: false,
+            peer_access: true,
+            placement: Default::default(),
             kernels: KernelOptions {
                 arch: match self.kernel_arch {
                     ArchFlag::Auto => KernelArch::Auto,
@@ -1364,7 +1472,13 @@ fn main() -> Result<()> {
             ckpt,
             reference,
             out,
-        } => logits(&ckpt, &reference, &out, &opts),
+            tp,
+            rank,
+            rendezvous,
+        } => {
+            let group = logits_group(tp, rank, rendezvous)?;
+            logits(&ckpt, &reference, &out, &opts, &group)
+        }
         Cmd::Decode {
             ckpt,
             batches,
@@ -1385,5 +1499,91 @@ fn main() -> Result<()> {
         Cmd::Profile => profile(&opts),
         Cmd::Attn => attn(&opts),
         Cmd::Sample => sample(&opts),
+        Cmd::Allreduce { worlds } => allreduce(&worlds),
     }
+}
+
+/// The IPC all-reduce with `world` ranks in this process on GPU 0, one stream each (they run
+/// concurrently, as ranks on separate GPUs would; ranks in separate processes on one GPU
+/// time-slice instead). Per size: µs per call one-shot and two-shot, device time: each rank
+/// replays a CUDA graph of `CALLS` calls, so host launches do not count.
+fn allreduce(worlds: &[usize]) -> Result<()> {
+    use r4b_kernels::cudarc::driver::sys as cu;
+    use r4b_kernels::IpcAllReduce;
+    const CALLS: usize = 20;
+    let hidden = 2560;
+    let rows = [1usize, 8, 32, 64, 128, 256, 1024, 2048, 8192];
+    println!("| ranks | rows × 2560 bf16 | bytes | one-shot µs | two-shot µs |");
+    println!("|---|---|---|---|---|");
+    for &world in worlds {
+        let gpus: Vec<Gpu> = (0..world)
+            .map(|_| Gpu::new(0, &KernelOptions::default()))
+            .collect::<std::result::Result<_, _>>()?;
+        let stage = 8192 * hidden * 2;
+        let mut group: Vec<IpcAllReduce> = gpus
+            .iter()
+            .enumerate()
+            .map(|(r, g)| {
+                IpcAllReduce::new(g, (r, world), stage, std::time::Duration::from_secs(10))
+                    .map(|x| x.0)
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        IpcAllReduce::connect_local(&mut group, &gpus[0])?;
+        let bufs: Vec<DBuf> = gpus
+            .iter()
+            .map(|g| g.alloc(8192 * hidden * 2))
+            .collect::<std::result::Result<_, _>>()?;
+        for (g, b) in gpus.iter().zip(&bufs) {
+            // SAFETY: fresh allocation of this size.
+            unsafe { g.memset0(b.ptr(), 8192 * hidden * 2)? };
+        }
+        for &n in &rows {
+            let count = n * hidden;
+            let mut us = [0f64; 2];
+            for (k, min) in [usize::MAX, 0].into_iter().enumerate() {
+                for g in &mut group {
+                    g.set_two_shot_min_bytes(min);
+                }
+                let mut graphs = Vec::new();
+                for (r, g) in gpus.iter().enumerate() {
+                    g.stream.begin_capture(
+                        cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                    )?;
+                    for _ in 0..CALLS {
+                        // SAFETY: `bufs[r]` holds 8192 rows of `hidden` bf16.
+                        unsafe { group[r].all_reduce_bf16(g, bufs[r].ptr(), count)? };
+                    }
+                    graphs.push(
+                        g.stream
+                            .end_capture(cu::CUgraphInstantiate_flags(0))?
+                            .context("capture produced no graph")?,
+                    );
+                }
+                let run = |reps: usize| -> Result<f64> {
+                    for g in &gpus {
+                        g.sync()?;
+                    }
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        for gr in &graphs {
+                            gr.launch()?;
+                        }
+                    }
+                    for g in &gpus {
+                        g.sync()?;
+                    }
+                    Ok(t.elapsed().as_secs_f64() * 1e6 / (reps * CALLS) as f64)
+                };
+                run(2)?;
+                us[k] = run(if n >= 1024 { 3 } else { 20 })?;
+            }
+            println!(
+                "| {world} | {n} | {} | {:.1} | {:.1} |",
+                count * 2,
+                us[0],
+                us[1]
+            );
+        }
+    }
+    Ok(())
 }

@@ -7,17 +7,26 @@
 //!   is a separate trait from [`super::Collective`]: that one moves host tensors and returns new
 //!   ones; this one works in place on device addresses and returns as soon as the operation is
 //!   enqueued, so a decode step that calls it can be captured in a CUDA graph.
-//! - Implementations: [`Solo`] (a group of one: every operation is a no-op) and
-//!   [`NcclCollective`] (one NCCL communicator on the engine's stream; also usable at world size
-//!   1 to check that path). The kind is chosen once, when the group starts (`GpuModel::load`).
-//! - Still to come: an all-reduce over CUDA IPC memory for ranks on one node (also several ranks
-//!   sharing one GPU). To sit behind this trait it must sum in place on the caller's stream,
-//!   give every rank the same bits, allocate nothing per call and be capturable in a CUDA graph
-//!   (no host synchronisation inside the call).
+//! - Implementations, chosen once when the group starts (`GpuModel::load`):
+//!   - [`Solo`]: a group of one; every operation is a no-op;
+//!   - [`IpcCollective`]: the ranks of one node over CUDA IPC memory, whether they share one GPU
+//!     or sit on GPUs with peer access (r4b-kernels' `IpcAllReduce`: same bits on every rank,
+//!     one-shot or two-shot by size, graph-capturable, a deadline instead of a hang). The default
+//!     at TP > 1, and the only one when ranks share a GPU (NCCL refuses that);
+//!   - [`NcclCollective`]: one NCCL communicator on the engine's stream, for GPUs without peer
+//!     access, or when `--disable-custom-all-reduce` asks for it (also usable at world size 1 to
+//!     check that path).
+//!
+//! Every implementation sums in place on the caller's stream, gives every rank the same bits,
+//! allocates nothing per call and can be captured in a CUDA graph (no host synchronisation
+//! inside a call).
 
-use r4b_kernels::{DevPtr, Gpu, Nccl};
+use std::time::Duration;
 
-use super::CollectiveError;
+use candle_core::{Device, Tensor};
+use r4b_kernels::{DevPtr, Gpu, IpcAllReduce, Nccl, IPC_HANDLE_BYTES};
+
+use super::{Collective, CollectiveError};
 
 /// Collectives over device buffers of one tensor-parallel group, enqueued on the stream of the
 /// engine's `Gpu`. Every call must be made by every rank of the group, in the same order.
@@ -29,12 +38,17 @@ pub trait DeviceCollective: Send + std::fmt::Debug {
     /// Whether every operation is a no-op (a group of one without a communicator): callers may
     /// then skip the packing around a gather.
     fn is_noop(&self) -> bool;
-    /// In-place element-wise sum of `count` bf16 values at `buf` over the group, enqueued on the
-    /// stream (graph-capturable).
+    /// In-place element-wise sum of `count` bf16 values at `buf` over the group, enqueued on
+    /// `gpu`'s stream (graph-capturable).
     ///
     /// # Safety
     /// `buf` is a live device allocation of the engine's context holding `count` bf16 values.
-    unsafe fn all_reduce_sum_bf16(&self, buf: DevPtr, count: usize) -> Result<(), CollectiveError>;
+    unsafe fn all_reduce_sum_bf16(
+        &self,
+        gpu: &Gpu,
+        buf: DevPtr,
+        count: usize,
+    ) -> Result<(), CollectiveError>;
     /// Gathers `count` 4-byte words of every rank, in rank order, and returns where they are:
     /// `recv` (`world_size() · count` words), or `send` itself when nothing had to move (a group
     /// of one).
@@ -43,6 +57,7 @@ pub trait DeviceCollective: Send + std::fmt::Debug {
     /// `send` holds `count` words and `recv` `world_size() · count` words on the engine's context.
     unsafe fn all_gather_u32(
         &self,
+        gpu: &Gpu,
         send: DevPtr,
         recv: DevPtr,
         count: usize,
@@ -63,11 +78,17 @@ impl DeviceCollective for Solo {
     fn is_noop(&self) -> bool {
         true
     }
-    unsafe fn all_reduce_sum_bf16(&self, _: DevPtr, _: usize) -> Result<(), CollectiveError> {
+    unsafe fn all_reduce_sum_bf16(
+        &self,
+        _: &Gpu,
+        _: DevPtr,
+        _: usize,
+    ) -> Result<(), CollectiveError> {
         Ok(())
     }
     unsafe fn all_gather_u32(
         &self,
+        _: &Gpu,
         send: DevPtr,
         _: DevPtr,
         _: usize,
@@ -108,19 +129,113 @@ impl DeviceCollective for NcclCollective {
     fn is_noop(&self) -> bool {
         false
     }
-    unsafe fn all_reduce_sum_bf16(&self, buf: DevPtr, count: usize) -> Result<(), CollectiveError> {
+    unsafe fn all_reduce_sum_bf16(
+        &self,
+        _: &Gpu,
+        buf: DevPtr,
+        count: usize,
+    ) -> Result<(), CollectiveError> {
         self.nccl
             .all_reduce_bf16(buf, count)
             .map_err(|e| device_error("all_reduce", e))
     }
     unsafe fn all_gather_u32(
         &self,
+        _: &Gpu,
         send: DevPtr,
         recv: DevPtr,
         count: usize,
     ) -> Result<DevPtr, CollectiveError> {
         self.nccl
             .all_gather_u32(send, recv, count)
+            .map_err(|e| device_error("all_gather", e))?;
+        Ok(recv)
+    }
+}
+
+/// The ranks of one node over CUDA IPC memory (see the module documentation).
+#[derive(Debug)]
+pub struct IpcCollective {
+    ipc: IpcAllReduce,
+}
+
+impl IpcCollective {
+    /// Allocates this rank's region (two staging buffers of `stage_bytes`), exchanges the IPC
+    /// handles over the host collective `host` (whose rank and size this group takes) and maps
+    /// the peers' regions. A collective that waits longer than `timeout` for a peer fails the
+    /// GPU context instead of hanging.
+    pub fn join(
+        gpu: &Gpu,
+        host: &dyn Collective,
+        stage_bytes: usize,
+        timeout: Duration,
+    ) -> Result<Self, CollectiveError> {
+        let (rank, world) = (host.rank(), host.world_size());
+        let (mut ipc, handle) = IpcAllReduce::new(gpu, (rank, world), stage_bytes, timeout)
+            .map_err(|e| device_error("ipc_setup", e))?;
+        let mine =
+            Tensor::from_vec(handle.to_vec(), IPC_HANDLE_BYTES, &Device::Cpu).map_err(|e| {
+                device_error("ipc_setup", r4b_kernels::GpuError::Invalid(e.to_string()))
+            })?;
+        let mut handles = Vec::with_capacity(world);
+        for t in host.all_gather(&mine)? {
+            let bytes: Vec<u8> = t.to_vec1().map_err(|e| {
+                device_error("ipc_setup", r4b_kernels::GpuError::Invalid(e.to_string()))
+            })?;
+            let h: [u8; IPC_HANDLE_BYTES] = bytes.try_into().map_err(|_| {
+                device_error(
+                    "ipc_setup",
+                    r4b_kernels::GpuError::Invalid("an IPC handle of the wrong size".into()),
+                )
+            })?;
+            handles.push(h);
+        }
+        ipc.connect(gpu, &handles)
+            .map_err(|e| device_error("ipc_connect", e))?;
+        // Every rank has mapped every region before any collective may run.
+        host.all_reduce_sum(
+            &Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu).map_err(|e| {
+                device_error("ipc_setup", r4b_kernels::GpuError::Invalid(e.to_string()))
+            })?,
+        )?;
+        Ok(IpcCollective { ipc })
+    }
+
+    /// Messages of at least this many bytes take the two-shot kernel (every rank the same).
+    pub fn set_two_shot_min_bytes(&mut self, bytes: usize) {
+        self.ipc.set_two_shot_min_bytes(bytes);
+    }
+}
+
+impl DeviceCollective for IpcCollective {
+    fn rank(&self) -> usize {
+        self.ipc.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.ipc.world_size()
+    }
+    fn is_noop(&self) -> bool {
+        false
+    }
+    unsafe fn all_reduce_sum_bf16(
+        &self,
+        gpu: &Gpu,
+        buf: DevPtr,
+        count: usize,
+    ) -> Result<(), CollectiveError> {
+        self.ipc
+            .all_reduce_bf16(gpu, buf, count)
+            .map_err(|e| device_error("all_reduce", e))
+    }
+    unsafe fn all_gather_u32(
+        &self,
+        gpu: &Gpu,
+        send: DevPtr,
+        recv: DevPtr,
+        count: usize,
+    ) -> Result<DevPtr, CollectiveError> {
+        self.ipc
+            .all_gather_u32(gpu, send, recv, count)
             .map_err(|e| device_error("all_gather", e))?;
         Ok(recv)
     }

@@ -2,11 +2,42 @@
 //! of `nkv × hd` values. Owned by the runner and borrowed by the model's forward (the layers hold
 //! weights only). The last block is scratch: padded rows of a graph step write there.
 
+use candle_core::{DType, Device, Tensor};
 use r4b_kernels::{DBuf, DevPtr, Gpu};
 
 use super::weights::gpu_err;
 use super::GpuLimits;
+use crate::collective::Collective;
 use crate::{Error, Result};
+
+/// How this rank's KV budget is found when the group has several ranks: `ranks_on_device`
+/// ranks (this one included) split `memory_utilization` of their GPU, and the group measures the
+/// memory in use only once every rank has allocated everything but its KV cache.
+pub struct KvShare<'a> {
+    pub ranks_on_device: usize,
+    /// The group's host collective (its barriers).
+    pub host: &'a dyn Collective,
+}
+
+impl KvShare<'_> {
+    /// Bytes of `gpu` in use by every process, measured between two barriers of the group (so
+    /// every rank sharing the GPU has allocated its weights and buffers, and none its cache
+    /// yet). At world size 1 there is no barrier.
+    fn measure_used(&self, gpu: &Gpu) -> Result<usize> {
+        let barrier = || -> Result<()> {
+            if self.host.world_size() > 1 {
+                let one = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+                self.host.all_reduce_sum(&one)?;
+            }
+            Ok(())
+        };
+        gpu.sync().map_err(gpu_err)?;
+        barrier()?;
+        let (free, total) = gpu.mem_info().map_err(gpu_err)?;
+        barrier()?;
+        Ok(total - free)
+    }
+}
 
 /// One layer's view of the cache, as the attention kernels read it.
 #[derive(Clone, Copy, Debug)]
@@ -33,29 +64,31 @@ impl GpuKv {
         layers * 2 * nkv * head_dim * 2
     }
 
-    /// Allocates `limits.num_blocks` blocks, or as many as fit in `memory_utilization` of the
-    /// device, plus the scratch block. Every rank must end with the same count: the caller takes
-    /// the minimum.
+    /// Allocates `limits.num_blocks` blocks, or as many as fit in this rank's share of
+    /// `memory_utilization` of the device, plus the scratch block. Every rank must end with the
+    /// same count: the caller takes the minimum.
     pub fn alloc(
         gpu: &Gpu,
         (layers, nkv, head_dim): (usize, usize, usize),
         lim: &GpuLimits,
+        share: &KvShare,
     ) -> Result<Self> {
-        let (free, total) = gpu.mem_info().map_err(gpu_err)?;
-        let used = total - free;
+        let used = share.measure_used(gpu)?;
+        let (_, total) = gpu.mem_info().map_err(gpu_err)?;
         let budget = (total as f64 * lim.memory_utilization) as usize;
-        // Graphs, cuBLAS and NCCL take some memory after this point.
-        let reserve = 512 << 20;
+        // Graphs, cuBLAS and NCCL take some memory after this point, per rank.
+        let ranks = share.ranks_on_device.max(1);
+        let reserve = ranks * (512 << 20);
         let per_block = Self::bytes_per_token(layers, nkv, head_dim) * lim.block_size;
-        let fit = budget.saturating_sub(used + reserve) / per_block.max(1);
+        let fit = budget.saturating_sub(used + reserve) / ranks / per_block.max(1);
         let blocks = match lim.num_blocks {
             0 => fit,
             n => n,
         };
         if blocks < 2 || (lim.num_blocks > 0 && lim.num_blocks > fit) {
             return Err(Error::Kv(format!(
-                "{blocks} KV blocks wanted, {fit} fit in {:.1} GiB ({:.0}% of {:.1} GiB, {:.1} GiB in use)",
-                budget.saturating_sub(used) as f64 / (1u64 << 30) as f64,
+                "{blocks} KV blocks wanted, {fit} fit in {:.1} GiB ({:.0}% of {:.1} GiB, {:.1} GiB in use, {ranks} rank(s) on this GPU)",
+                budget.saturating_sub(used) as f64 / ranks as f64 / (1u64 << 30) as f64,
                 lim.memory_utilization * 100.0,
                 total as f64 / (1u64 << 30) as f64,
                 used as f64 / (1u64 << 30) as f64

@@ -35,19 +35,22 @@ mod sample;
 pub mod weights;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use r4b_kernels::{DBuf, Gpu};
 
 use crate::checkpoint::Checkpoint;
-use crate::collective::{Collective, DeviceCollective, NcclCollective, Solo};
+use crate::collective::{Collective, DeviceCollective, IpcCollective, NcclCollective, Solo};
 use crate::config::RConfig;
 use crate::model::anyres::PixelViews;
 use crate::model::SeqChunk;
 use crate::parallel::Shard;
+pub use crate::placement::Placement;
 use crate::sampling::{SampleRow, SampledToken};
 use crate::{Error, Result};
 
+pub use kv::KvShare;
 use layers::Ctx;
 pub use layers::{attention_gemm, AttnGemm};
 use models::r4b::R4b;
@@ -105,7 +108,31 @@ pub struct EngineOptions {
     pub host_sampling: bool,
     /// Run the NCCL calls at TP = 1 too (a one-GPU check of that path, graphs included).
     pub force_nccl: bool,
+    /// TP > 1 over NCCL instead of the IPC all-reduce (vLLM's `--disable-custom-all-reduce`).
+    pub disable_custom_all_reduce: bool,
+    /// This rank's GPU and how many ranks share it.
+    pub placement: Placement,
+    /// Every pair of the group's GPUs has peer access (or the group uses one GPU): the IPC
+    /// all-reduce can run. The same on every rank ([`peer_access`]).
+    pub peer_access: bool,
+    /// How long a collective waits for a peer before it fails the step (and the context).
+    pub collective_timeout: Duration,
 }
+
+/// Whether every pair of `devices` (each rank's GPU) has peer access; true for one GPU.
+pub fn peer_access(devices: &[usize]) -> Result<bool> {
+    for &a in devices {
+        for &b in devices {
+            if !r4b_kernels::can_access_peer(a, b).map_err(gpu_err)? {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Staging bytes of the IPC all-reduce per buffer: larger messages run in pieces of this size.
+const IPC_STAGE_BYTES: usize = 16 << 20;
 
 /// One rank of R-4B on a GPU: the model (its layers and weights), the runner (buffers, KV
 /// cache, graphs, sampler) and the group's device collective.
@@ -138,32 +165,61 @@ impl std::fmt::Debug for GpuModel {
     }
 }
 
-/// Starts the group's device collective, the one choice of its kind: NCCL when there is more
-/// than one rank (or when forced at one), else [`Solo`].
+/// Starts the group's device collective, the one choice of its kind, made the same way on every
+/// rank: [`Solo`] for one rank (NCCL when forced); at TP > 1 the all-reduce over CUDA IPC memory
+/// when the group's GPUs are one or all have peer access, else NCCL (also when
+/// `disable_custom_all_reduce` asks for it; NCCL cannot run two ranks on one GPU).
 fn start_group(
     gpu: &Gpu,
-    shard: Shard,
+    host: &dyn Collective,
     nccl_id: Option<&[u8]>,
-    force_nccl: bool,
+    options: &EngineOptions,
+    stage_bytes: usize,
 ) -> Result<Box<dyn DeviceCollective>> {
-    Ok(match (shard.world, nccl_id) {
-        (1, _) if force_nccl => {
+    let (rank, world) = (host.rank(), host.world_size());
+    if world == 1 {
+        if options.force_nccl {
             let id = r4b_kernels::nccl_unique_id().map_err(gpu_err)?;
-            Box::new(NcclCollective::join(gpu, &id, 0, 1)?)
+            return Ok(Box::new(NcclCollective::join(gpu, &id, 0, 1)?));
         }
-        (1, _) => Box::new(Solo),
-        (_, Some(id)) => Box::new(NcclCollective::join(gpu, id, shard.rank, shard.world)?),
-        (_, None) => {
-            return Err(Error::Gpu(
-                "tensor parallel on GPUs needs rank 0's NCCL id".into(),
-            ))
-        }
-    })
+        return Ok(Box::new(Solo));
+    }
+    let p = options.placement;
+    if options.peer_access && !options.disable_custom_all_reduce {
+        let ipc = IpcCollective::join(gpu, host, stage_bytes, options.collective_timeout)?;
+        tracing::info!(
+            rank,
+            world,
+            device = p.device,
+            ranks_on_device = p.ranks_on_device,
+            "tensor parallel over CUDA IPC memory"
+        );
+        return Ok(Box::new(ipc));
+    }
+    if p.ranks_on_device > 1 {
+        return Err(Error::TensorParallel {
+            tp: world,
+            reason: format!(
+                "{} ranks share GPU {} and NCCL cannot run two ranks on one GPU{}",
+                p.ranks_on_device,
+                p.device,
+                if options.disable_custom_all_reduce {
+                    ": drop --disable-custom-all-reduce"
+                } else {
+                    ""
+                }
+            ),
+        });
+    }
+    let id = nccl_id
+        .ok_or_else(|| Error::Gpu("tensor parallel over NCCL needs rank 0's NCCL id".into()))?;
+    Ok(Box::new(NcclCollective::join(gpu, id, rank, world)?))
 }
 
 impl GpuModel {
-    /// Loads this rank's shard onto GPU `shard.rank` (local rank = device ordinal) and sizes the
-    /// KV cache. `nccl_id` is rank 0's NCCL unique id (required when the world size is above 1).
+    /// Loads this rank's shard onto its GPU (`options.placement`) and sizes the KV cache (its
+    /// share of the budget when ranks share the GPU). `nccl_id` is rank 0's NCCL unique id
+    /// (needed when the group runs over NCCL).
     pub fn load(
         ckpt: &Checkpoint,
         cfg: &RConfig,
@@ -176,25 +232,17 @@ impl GpuModel {
             world: comm.world_size(),
         };
         cfg.validate_tp(shard.world)?;
-        let devices = r4b_kernels::device_count().map_err(gpu_err)?;
-        if shard.world > devices {
-            return Err(Error::TensorParallel {
-                tp: shard.world,
-                reason: format!(
-                    "{} ranks need {} GPUs, this machine has {devices}",
-                    shard.world, shard.world
-                ),
-            });
-        }
-        let gpu = Gpu::new(shard.rank, &options.kernels).map_err(gpu_err)?;
+        let gpu = Gpu::new(options.placement.device, &options.kernels).map_err(gpu_err)?;
         tracing::info!(
             rank = shard.rank,
+            device = options.placement.device,
             "GPU {}.{}: sm_{} kernels",
             gpu.compute_capability.0,
             gpu.compute_capability.1,
             gpu.ptx_arch
         );
-        let device_comm = start_group(&gpu, shard, nccl_id, options.force_nccl)?;
+        let stage = IPC_STAGE_BYTES.max(GpuSampler::gather_bytes(limits.max_seqs));
+        let device_comm = start_group(&gpu, comm.as_ref(), nccl_id, &options, stage)?;
         let mut loader = Loader::new(ckpt, &gpu, shard, true);
         let model = R4b::load(&mut loader, cfg, limits.max_model_len)?;
         gpu.sync().map_err(gpu_err)?;
@@ -203,7 +251,11 @@ impl GpuModel {
             gpu: &gpu,
             comm: device_comm.as_ref(),
         };
-        let runner = Runner::new(&ctx, &model, cfg, limits, options.host_sampling)?;
+        let share = KvShare {
+            ranks_on_device: options.placement.ranks_on_device,
+            host: comm.as_ref(),
+        };
+        let runner = Runner::new(&ctx, &model, cfg, (limits, share), options.host_sampling)?;
         let tuning = runner.tune_one_row(&gpu, &model)?;
         for line in &tuning {
             tracing::debug!(rank = shard.rank, "{line}");
@@ -301,17 +353,29 @@ impl GpuModel {
             .last_logits(&ctx, &self.model, &self.cfg, chunks)
     }
 
-    /// Teacher-forced logits of every token of one sequence's chunk `[T, vocab]` (TP = 1 only;
-    /// correctness checks). Runs as a prefill and writes the chunk's keys into the cache.
+    /// Teacher-forced logits of every token of one sequence's chunk `[T, vocab]` (correctness
+    /// checks; every rank must call it, and every rank gets the whole vocabulary: the slices of
+    /// the vocab-parallel head are gathered over the host collective). Runs as a prefill and
+    /// writes the chunk's keys into the cache.
     pub fn logits_all(&mut self, chunk: &SeqChunk) -> Result<Vec<f32>> {
-        if self.shard.world != 1 {
-            return Err(Error::Gpu("logits_all runs at TP = 1".into()));
-        }
         let ctx = Ctx {
             gpu: &self.gpu,
             comm: self.comm.as_ref(),
         };
-        self.runner.logits_all(&ctx, &self.model, &self.cfg, chunk)
+        let local = self
+            .runner
+            .logits_all(&ctx, &self.model, &self.cfg, chunk)?;
+        if self.shard.world == 1 {
+            return Ok(local);
+        }
+        let t = chunk.tokens.len().max(1);
+        let slice = Tensor::from_vec(
+            local,
+            (t, self.cfg.text.vocab_size / self.shard.world),
+            &Device::Cpu,
+        )?;
+        let parts = self.host_comm.all_gather(&slice)?;
+        Ok(Tensor::cat(&parts, 1)?.flatten_all()?.to_vec1()?)
     }
 }
 

@@ -17,7 +17,7 @@ use r4b_kernels::{Gpu, LinearImpl, OutType};
 
 use super::buffers::StepBuffers;
 use super::image_cache::ImageRowCache;
-use super::kv::GpuKv;
+use super::kv::{GpuKv, KvShare};
 use super::layers::{Ctx, Linear};
 use super::models::r4b::{ImageBuffers, R4b};
 use super::plan::{Pass, StepPlan};
@@ -52,7 +52,7 @@ impl Runner {
         ctx: &Ctx,
         model: &R4b,
         cfg: &RConfig,
-        limits: GpuLimits,
+        (limits, share): (GpuLimits, KvShare),
         host_sampling: bool,
     ) -> Result<Self> {
         let gpu = ctx.gpu;
@@ -61,7 +61,7 @@ impl Runner {
         let image_bufs = model.image_buffers(gpu, cfg)?;
         gpu.sync().map_err(gpu_err)?;
         let sampler = GpuSampler::new(gpu, limits.max_seqs, ctx.comm)?;
-        let kv = GpuKv::alloc(gpu, (d.layers, d.nkv, d.head_dim), &limits)?;
+        let kv = GpuKv::alloc(gpu, (d.layers, d.nkv, d.head_dim), &limits, &share)?;
         Ok(Runner {
             limits,
             bufs,

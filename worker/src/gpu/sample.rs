@@ -76,7 +76,7 @@ impl GpuSampler {
         let (world, gather) = (comm.world_size(), !comm.is_noop());
         const _: () = assert!(MAX_CANDIDATES <= SAMPLE_MAX_K);
         let max_rows = max_rows.max(1);
-        let packed_bytes = max_rows * MAX_ROW_WORDS * 4;
+        let packed_bytes = Self::gather_bytes(max_rows);
         Ok(GpuSampler {
             max_rows,
             args: alloc(gpu, max_rows * SAMPLE_ROW_WORDS * 4)?,
@@ -99,6 +99,11 @@ impl GpuSampler {
         seen.sort_unstable();
         seen.dedup();
         rows.len() <= self.max_rows && seen.len() == rows.len() && world <= SAMPLE_MAX_WORLD
+    }
+
+    /// Bytes of one rank's packed words for `max_rows` rows (what the gather moves per rank).
+    pub fn gather_bytes(max_rows: usize) -> usize {
+        max_rows * MAX_ROW_WORDS * 4
     }
 
     /// Samples one token per row from this rank's logits (f32 `[_, width]` at `logits`, global
@@ -128,7 +133,7 @@ impl GpuSampler {
             }
         };
         let packed = self.prepare(gpu, (logits, width, start), rows, None)?;
-        let g = comm.all_gather_u32(self.packed.ptr(), recv, packed.words())?;
+        let g = comm.all_gather_u32(gpu, self.packed.ptr(), recv, packed.words())?;
         self.finish(gpu, g, world, packed, rows.len())
     }
 

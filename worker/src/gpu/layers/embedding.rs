@@ -44,7 +44,8 @@ impl VocabParallelEmbedding {
                 (self.vocab_start, self.vocab_local),
             )
             .map_err(gpu_err)?;
-        ctx.comm.all_reduce_sum_bf16(out, tokens * self.hidden)?;
+        ctx.comm
+            .all_reduce_sum_bf16(ctx.gpu, out, tokens * self.hidden)?;
         Ok(())
     }
 }
@@ -140,7 +141,7 @@ impl VocabParallelHead {
             gpu.dtod(bufs.best_idx, bufs.gathered + (seqs * 4) as u64, seqs * 4)
                 .map_err(gpu_err)?;
             let recv = bufs.gathered + (2 * seqs * 4) as u64;
-            let at = comm.all_gather_u32(bufs.gathered, recv, 2 * seqs)?;
+            let at = comm.all_gather_u32(gpu, bufs.gathered, recv, 2 * seqs)?;
             gpu.dtoh(at, &mut words).map_err(gpu_err)?;
         }
         let mut out = Vec::with_capacity(seqs);

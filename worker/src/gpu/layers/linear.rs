@@ -225,6 +225,28 @@ impl ColumnParallelLinear {
         })
     }
 
+    /// As [`ColumnParallelLinear::load`], with this rank's part of each `{name}.bias`.
+    pub fn load_biased(l: &mut Loader, parts: &[(&str, usize)], inp: usize) -> Result<Self> {
+        Ok(ColumnParallelLinear {
+            linear: Linear::load_stacked(l, parts, inp, Split::Rows, true)?,
+        })
+    }
+
+    /// `[T, in] -> act([T, out / world] + b)` (bf16; act as in [`Linear::forward_bias_act`]).
+    ///
+    /// # Safety
+    /// As [`Linear::forward`].
+    pub unsafe fn forward_bias_act(
+        &self,
+        ctx: &Ctx,
+        x: DevPtr,
+        y: DevPtr,
+        rows: usize,
+        act: i32,
+    ) -> Result<()> {
+        self.linear.forward_bias_act(ctx.gpu, x, y, rows, act)
+    }
+
     /// The local weight.
     pub fn linear(&self) -> &Linear {
         &self.linear
@@ -280,6 +302,54 @@ impl RowParallelLinear {
         })
     }
 
+    /// As [`RowParallelLinear::load`], with the whole `{name}.bias [out]` on every rank: it is
+    /// added once, after the sum.
+    pub fn load_biased(l: &mut Loader, name: &str, (out, inp): (usize, usize)) -> Result<Self> {
+        let mut linear =
+            Linear::load_tensor(l, &format!("{name}.weight"), (out, inp), Split::Cols)?;
+        linear.bias = Some(l.upload(&format!("{name}.bias"), &[out], Split::Replicated)?);
+        Ok(RowParallelLinear { linear })
+    }
+
+    /// `y = act(Σ_ranks x · Wᵀ + b)` `[T, out]` (bf16, the sum in place in `y`).
+    ///
+    /// # Safety
+    /// As [`Linear::forward`].
+    pub unsafe fn forward_bias_act(
+        &self,
+        ctx: &Ctx,
+        x: DevPtr,
+        y: DevPtr,
+        rows: usize,
+        act: i32,
+    ) -> Result<()> {
+        self.linear.forward(ctx.gpu, x, y, rows, OutType::Bf16)?;
+        ctx.comm
+            .all_reduce_sum_bf16(ctx.gpu, y, rows * self.linear.out)?;
+        ctx.gpu
+            .bias_act(y, self.linear.bias_ptr()?, (rows, self.linear.out), act)
+            .map_err(gpu_err)
+    }
+
+    /// `res += Σ_ranks x · Wᵀ + b` (bf16), the sum in the scratch `tmp` (`rows × out`).
+    ///
+    /// # Safety
+    /// As [`Linear::forward`]; `tmp` and `res` hold `rows × out` values.
+    pub unsafe fn forward_residual(
+        &self,
+        ctx: &Ctx,
+        x: DevPtr,
+        (tmp, res): (DevPtr, DevPtr),
+        rows: usize,
+    ) -> Result<()> {
+        self.linear.forward(ctx.gpu, x, tmp, rows, OutType::Bf16)?;
+        ctx.comm
+            .all_reduce_sum_bf16(ctx.gpu, tmp, rows * self.linear.out)?;
+        ctx.gpu
+            .bias_residual(res, tmp, self.linear.bias_ptr()?, (rows, self.linear.out))
+            .map_err(gpu_err)
+    }
+
     /// The local weight.
     pub fn linear(&self) -> &Linear {
         &self.linear
@@ -300,7 +370,8 @@ impl RowParallelLinear {
     ) -> Result<()> {
         self.linear.forward(ctx.gpu, x, y, rows, OutType::Bf16)?;
         ctx.mark(label)?;
-        ctx.comm.all_reduce_sum_bf16(y, rows * self.linear.out)?;
+        ctx.comm
+            .all_reduce_sum_bf16(ctx.gpu, y, rows * self.linear.out)?;
         ctx.mark("all-reduce")
     }
 }

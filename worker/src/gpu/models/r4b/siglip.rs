@@ -1,4 +1,4 @@
-//! SigLIP vision tower + R-4B projector on the GPU (bf16, replicated on every rank). Same blocks
+//! SigLIP vision tower + R-4B projector on the GPU (bf16). Same blocks
 //! and math as `model/siglip.rs` and `model/projector.rs` (transformers
 //! `models/siglip/modeling_siglip.py`: `SiglipVisionEmbeddings`, `SiglipEncoderLayer`,
 //! `SiglipAttention`, `SiglipMLP`; vLLM `models/rvl.py`: `RVLMultiModalProjector`).
@@ -6,15 +6,24 @@
 //! Shapes: a batch of `nv ≤ VIEWS_PER_BATCH` views of 384² px; patch 14, so `N = 27² = 729`
 //! tokens per view and `R = nv·N` rows; C = 1152 channels, 16 heads of 72, MLP 4304; the projector
 //! maps C → H = 2560. Only the layers up to the feature layer are loaded and run.
+//!
+//! At TP > 1 the tower is sharded like the decoder, so each image runs once over the group, not
+//! once per rank: q/k/v, fc1 and the projector's linear_1 are column-parallel (each rank holds
+//! `heads / world` heads and its slice of the MLP), out_proj, fc2 and linear_2 row-parallel
+//! (one all-reduce each, the bias added once after it). Every rank ends with the same rows.
+//! Chosen over splitting images across ranks: a request usually brings one image (7 views at
+//! most), which would leave most of 8 ranks idle, while the sharded tower splits every view's
+//! work 8 ways with the layer types and all-reduce the decoder already uses.
 
 use r4b_kernels::{DBuf, FlashAttn, Gpu, OutType};
 
 use crate::config::RConfig;
 use crate::gpu::layers::{
-    attention_gemm, AttentionKernels, AttnGemm, Ctx, LayerNorm, Linear, PrefillKernel,
+    attention_gemm, AttentionKernels, AttnGemm, ColumnParallelLinear, Ctx, LayerNorm,
+    PrefillKernel, RowParallelLinear,
 };
 use crate::gpu::weights::{gpu_err, Loader, Split};
-use crate::Result;
+use crate::{Error, Result};
 
 /// Views encoded per batch (bounds the activation buffers).
 pub const VIEWS_PER_BATCH: usize = 8;
@@ -31,17 +40,21 @@ struct Embeddings {
 
 /// Full (non-causal) multi-head attention within each view; `q | k | v` fused.
 struct SiglipAttention {
-    /// `q_proj | k_proj | v_proj`: `[3C, C]`, bias `[3C]`.
-    qkv: Linear,
-    out_proj: Linear,
+    /// `q_proj | k_proj | v_proj`: this rank's heads, `[3C / world, C]`, bias `[3C / world]`.
+    qkv: ColumnParallelLinear,
+    /// `[C, C / world]`, bias `[C]`.
+    out_proj: RowParallelLinear,
+    /// Heads on this rank.
     heads: usize,
     head_dim: usize,
     kernels: AttentionKernels,
 }
 
 struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
+    /// `[F / world, C]`.
+    fc1: ColumnParallelLinear,
+    /// `[C, F / world]`.
+    fc2: RowParallelLinear,
 }
 
 /// Pre-LN encoder block: `x + Attn(LN1(x))`, then `x + MLP(LN2(x))`.
@@ -55,8 +68,10 @@ struct EncoderLayer {
 /// `pre_norm` LayerNorm(1e-6) → `linear_1` → GELU(erf) → `linear_2`.
 struct Projector {
     pre_norm: LayerNorm,
-    linear_1: Linear,
-    linear_2: Linear,
+    /// `[H / world, C]`.
+    linear_1: ColumnParallelLinear,
+    /// `[H, H / world]`.
+    linear_2: RowParallelLinear,
 }
 
 /// Activations of one batch of views (owned by the runner, passed to [`Siglip::forward`]).
@@ -79,10 +94,12 @@ pub struct Siglip {
     embeddings: Embeddings,
     layers: Vec<EncoderLayer>,
     projector: Projector,
-    /// C, MLP width, H.
+    /// C, MLP width, H (whole).
     channels: usize,
     intermediate: usize,
     text_hidden: usize,
+    /// Ranks the tower is sharded over.
+    world: usize,
     /// View side (px), patch side (px), patches per side.
     image_size: usize,
     patch_size: usize,
@@ -97,6 +114,19 @@ impl Siglip {
         let (c, f, p) = (v.hidden_size, v.intermediate_size, v.patch_size);
         let h = cfg.text.hidden_size;
         let eps = v.layer_norm_eps as f32;
+        let world = l.shard.world.max(1);
+        for (field, value) in [
+            ("vision_config.num_attention_heads", v.num_attention_heads),
+            ("vision_config.intermediate_size", f),
+            ("text_config.hidden_size", h),
+        ] {
+            if !value.is_multiple_of(world) {
+                return Err(Error::TensorParallel {
+                    tp: world,
+                    reason: format!("{field} = {value} is not divisible by it (vision tower)"),
+                });
+            }
+        }
         let root = "model.vision_tower.vision_model";
         let emb = format!("{root}.embeddings");
         let embeddings = Embeddings {
@@ -126,44 +156,32 @@ impl Siglip {
                 format!("{a}.k_proj"),
                 format!("{a}.v_proj"),
             );
-            let qkv =
-                Linear::load_stacked(l, &[(&q, c), (&k, c), (&vv, c)], c, Split::Replicated, true)?;
-            let linear = |l: &mut Loader, name: &str, shape| {
-                Linear::load(l, name, shape, Split::Replicated, true)
-            };
+            let qkv = ColumnParallelLinear::load_biased(l, &[(&q, c), (&k, c), (&vv, c)], c)?;
             layers.push(EncoderLayer {
                 layer_norm1: LayerNorm::load(l, &format!("{pre}.layer_norm1"), c, eps)?,
                 self_attn: SiglipAttention {
                     qkv,
-                    out_proj: linear(l, &format!("{a}.out_proj"), (c, c))?,
-                    heads: v.num_attention_heads,
+                    out_proj: RowParallelLinear::load_biased(l, &format!("{a}.out_proj"), (c, c))?,
+                    heads: v.num_attention_heads / world,
                     head_dim: c / v.num_attention_heads,
                     kernels,
                 },
                 layer_norm2: LayerNorm::load(l, &format!("{pre}.layer_norm2"), c, eps)?,
                 mlp: Mlp {
-                    fc1: linear(l, &format!("{pre}.mlp.fc1"), (f, c))?,
-                    fc2: linear(l, &format!("{pre}.mlp.fc2"), (c, f))?,
+                    fc1: ColumnParallelLinear::load_biased(
+                        l,
+                        &[(&format!("{pre}.mlp.fc1"), f)],
+                        c,
+                    )?,
+                    fc2: RowParallelLinear::load_biased(l, &format!("{pre}.mlp.fc2"), (c, f))?,
                 },
             });
         }
         let proj = "model.multi_modal_projector";
         let projector = Projector {
             pre_norm: LayerNorm::load(l, &format!("{proj}.pre_norm"), c, 1e-6)?,
-            linear_1: Linear::load(
-                l,
-                &format!("{proj}.linear_1"),
-                (h, c),
-                Split::Replicated,
-                true,
-            )?,
-            linear_2: Linear::load(
-                l,
-                &format!("{proj}.linear_2"),
-                (h, h),
-                Split::Replicated,
-                true,
-            )?,
+            linear_1: ColumnParallelLinear::load_biased(l, &[(&format!("{proj}.linear_1"), h)], c)?,
+            linear_2: RowParallelLinear::load_biased(l, &format!("{proj}.linear_2"), (h, h))?,
         };
         Ok(Siglip {
             embeddings,
@@ -172,6 +190,7 @@ impl Siglip {
             channels: c,
             intermediate: f,
             text_hidden: h,
+            world,
             image_size: v.image_size,
             patch_size: p,
             grid: v.grid_side(),
@@ -255,9 +274,9 @@ impl Siglip {
         let p = &self.projector;
         p.pre_norm.forward(gpu, b.x.ptr(), b.n.ptr(), rows)?;
         p.linear_1
-            .forward_bias_act(gpu, b.n.ptr(), b.proj1.ptr(), rows, 2)?;
+            .forward_bias_act(ctx, b.n.ptr(), b.proj1.ptr(), rows, 2)?;
         p.linear_2
-            .forward_bias_act(gpu, b.proj1.ptr(), out, rows, 0)?;
+            .forward_bias_act(ctx, b.proj1.ptr(), out, rows, 0)?;
         ctx.mark("vision projector")
     }
 
@@ -270,13 +289,14 @@ impl Siglip {
         nv: usize,
     ) -> Result<()> {
         let gpu = ctx.gpu;
-        let (c, n) = (self.channels, self.tokens_per_view());
+        // c: this rank's channels of the attention (its heads); the residual stream is whole.
+        let (c, n) = (self.channels / self.world, self.tokens_per_view());
         let rows = nv * n;
         // x = x + out_proj(Attn(LN1(x))).
         l.layer_norm1.forward(gpu, b.x.ptr(), b.n.ptr(), rows)?;
         let a = &l.self_attn;
         a.qkv
-            .forward_bias_act(gpu, b.n.ptr(), b.qkv.ptr(), rows, 0)?;
+            .forward_bias_act(ctx, b.n.ptr(), b.qkv.ptr(), rows, 0)?;
         ctx.mark("vision ln + qkv")?;
         let hd = a.head_dim;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -334,16 +354,16 @@ impl Siglip {
             }
         }
         a.out_proj
-            .forward_residual(gpu, b.attn.ptr(), (b.tmp.ptr(), b.x.ptr()), rows)?;
+            .forward_residual(ctx, b.attn.ptr(), (b.tmp.ptr(), b.x.ptr()), rows)?;
         ctx.mark("vision attention + out")?;
         // x = x + fc2(GELU-tanh(fc1(LN2(x)))).
         l.layer_norm2.forward(gpu, b.x.ptr(), b.n.ptr(), rows)?;
         l.mlp
             .fc1
-            .forward_bias_act(gpu, b.n.ptr(), b.f.ptr(), rows, 1)?;
+            .forward_bias_act(ctx, b.n.ptr(), b.f.ptr(), rows, 1)?;
         l.mlp
             .fc2
-            .forward_residual(gpu, b.f.ptr(), (b.tmp.ptr(), b.x.ptr()), rows)?;
+            .forward_residual(ctx, b.f.ptr(), (b.tmp.ptr(), b.x.ptr()), rows)?;
         ctx.mark("vision mlp")
     }
 }
