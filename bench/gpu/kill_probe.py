@@ -23,8 +23,8 @@ def health(url):
         return json.loads(r.read())["replicas"][0]
 
 
-def stream(url, out, i):
-    body = {"model": "r4b", "stream": True, "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
+def stream(url, model, out, i):
+    body = {"model": model, "stream": True, "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
             "messages": [{"role": "user", "content": f"Count from {i} onwards, one number per line."}]}
     req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -55,12 +55,16 @@ ap.add_argument("--rank", type=int, default=1)
 ap.add_argument("--streams", type=int, default=4)
 a = ap.parse_args()
 pids = health(a.url)["worker_pids"]
+with urllib.request.urlopen(f"{a.url}/v1/models", timeout=30) as r:
+    model = json.loads(r.read())["data"][0]["id"]
 out = {}
-threads = [threading.Thread(target=stream, args=(a.url, out, i)) for i in range(a.streams)]
+threads = [threading.Thread(target=stream, args=(a.url, model, out, i)) for i in range(a.streams)]
 for t in threads:
     t.start()
 deadline = time.time() + 120
 while time.time() < deadline and not all(out.get(i, {}).get("tokens", 0) >= 5 for i in range(a.streams)):
+    if any(out.get(i, {}).get("end") for i in range(a.streams)):
+        raise SystemExit(f"a stream ended before the kill: {out}")
     time.sleep(0.05)
 print(f"{a.streams} streams running ({[out[i]['tokens'] for i in range(a.streams)]} tokens); "
       f"kill -9 of rank {a.rank} (pid {pids[a.rank]}) of {pids}")
@@ -92,7 +96,7 @@ for p in pids:
         print(f"old pid {p}: still present, state {st}")
     except ProcessLookupError:
         print(f"old pid {p}: gone")
-body = {"model": "r4b", "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
+body = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
 req = urllib.request.Request(f"{a.url}/v1/chat/completions", data=json.dumps(body).encode(),
                              headers={"Content-Type": "application/json"})
 try:
