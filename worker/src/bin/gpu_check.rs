@@ -684,6 +684,7 @@ fn profile(opts: &EngineOptions) -> Result<()> {
                 pacc: pacc.ptr(),
                 out: out.ptr(),
                 out_stride: nq * hd,
+                kernel: opts.kernels.decode_attention,
             };
             // SAFETY: as above (scratch sized for 32-key partitions).
             let t = time_it(&gpu, 50, || unsafe { gpu.decode_attention(&args) })?;
@@ -923,7 +924,7 @@ fn attn(opts: &EngineOptions) -> Result<()> {
             gpu.htod(&ctx_lens, cl_d.ptr())?;
             gpu.htod(&rows, rw_d.ptr())?;
         }
-        let args = |out: u64| DecodeAttn {
+        let args = |out: u64, kernel| DecodeAttn {
             q: q.ptr(),
             q_stride: qkv_w,
             k_cache: kc.ptr(),
@@ -945,17 +946,15 @@ fn attn(opts: &EngineOptions) -> Result<()> {
             pacc: pacc.ptr(),
             out,
             out_stride: nq * hd,
+            kernel,
         };
-        gpu.options.decode_attention = DecodeAttention::TensorCore;
         // SAFETY: as above.
         let t1 = time_it(&gpu, 50, || unsafe {
-            gpu.decode_attention(&args(o1.ptr()))
+            gpu.decode_attention(&args(o1.ptr(), DecodeAttention::TensorCore))
         })?;
-        gpu.options.decode_attention = DecodeAttention::CudaCore;
         let t2 = time_it(&gpu, 50, || unsafe {
-            gpu.decode_attention(&args(o2.ptr()))
+            gpu.decode_attention(&args(o2.ptr(), DecodeAttention::CudaCore))
         })?;
-        gpu.options.decode_attention = DecodeAttention::TensorCore;
         let (l2, mx) = bf16_diff(&gpu, (o1.ptr(), o2.ptr()), bsz * nq * hd)?;
         let bytes: f64 = ctx_lens
             .iter()
