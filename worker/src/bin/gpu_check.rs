@@ -29,7 +29,7 @@ use r4b_worker::config::{ImagePreprocessing, RConfig};
 use r4b_worker::gpu::{
     attention_gemm, parts_for, AttnGemm, EngineOptions, GpuLimits, GpuModel, GpuSampler,
 };
-use r4b_worker::model::{anyres, SeqChunk};
+use r4b_worker::model::{anyres, ChunkImageRows, ImageRows, SeqChunk};
 use r4b_worker::sampling::{self, SampleRow, SampledToken, SamplingParams, TokenHistory};
 
 #[derive(Parser, Debug)]
@@ -170,7 +170,7 @@ fn logits(dir: &Path, refdir: &Path, out: &Path, opts: &EngineOptions) -> Result
             .map(|v| v.as_u64().unwrap_or(0) as u32)
             .collect();
         let from = p["logits_from"].as_u64().unwrap_or(0) as usize;
-        let image_rows = match p["image"].as_str() {
+        let image = match p["image"].as_str() {
             Some(f) => {
                 let img = image::open(refdir.join(f))
                     .with_context(|| format!("opening {f}"))?
@@ -188,13 +188,14 @@ fn logits(dir: &Path, refdir: &Path, out: &Path, opts: &EngineOptions) -> Result
                     img.width(),
                     img.height(),
                     views.views,
-                    rows.dim(0)?,
+                    rows.rows(),
                     t.elapsed().as_secs_f64() * 1e3
                 );
-                Some(rows)
+                Some(ImageRows::Device(rows))
             }
             None => None,
         };
+        let image_rows = image.as_ref().map(ChunkImageRows::whole).transpose()?;
         let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
         let chunk = SeqChunk {
             tokens: &ids,

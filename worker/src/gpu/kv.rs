@@ -34,18 +34,19 @@ impl GpuKv {
     }
 
     /// Allocates `limits.num_blocks` blocks, or as many as fit in `memory_utilization` of the
-    /// device, plus the scratch block. Every rank must end with the same count: the caller takes
-    /// the minimum.
+    /// device less `reserved` bytes (what others allocate later: the image budget), plus the
+    /// scratch block. Every rank must end with the same count: the caller takes the minimum.
     pub fn alloc(
         gpu: &Gpu,
         (layers, nkv, head_dim): (usize, usize, usize),
         lim: &GpuLimits,
+        reserved: usize,
     ) -> Result<Self> {
         let (free, total) = gpu.mem_info().map_err(gpu_err)?;
         let used = total - free;
         let budget = (total as f64 * lim.memory_utilization) as usize;
         // Graphs, cuBLAS and NCCL take some memory after this point.
-        let reserve = 512 << 20;
+        let reserve = (512 << 20) + reserved;
         let per_block = Self::bytes_per_token(layers, nkv, head_dim) * lim.block_size;
         let fit = budget.saturating_sub(used + reserve) / per_block.max(1);
         let blocks = match lim.num_blocks {
