@@ -48,7 +48,6 @@ pub struct StepBuffers {
     pub vc: DBuf,
     pub s: DBuf,
     /// Sizes the buffers were made for.
-    pub hidden_size: usize,
     pub max_tokens: usize,
     pub max_seqs: usize,
     pub max_blocks: usize,
@@ -104,7 +103,6 @@ impl StepBuffers {
             kc: a(ctx * nkv * hd * 2)?,
             vc: a(ctx * nkv * hd * 2)?,
             s: a(PREFILL_SCRATCH.max(nkv * PREFILL_ROWS * ctx * 2))?,
-            hidden_size: h,
             max_tokens: tmax,
             max_seqs: smax,
             max_blocks,

@@ -55,11 +55,13 @@ impl GpuKv {
         };
         if blocks < 2 || (lim.num_blocks > 0 && lim.num_blocks > fit) {
             return Err(Error::Kv(format!(
-                "{blocks} KV blocks wanted, {fit} fit in {:.1} GiB ({:.0}% of {:.1} GiB, {:.1} GiB in use)",
+                "{blocks} KV blocks wanted, {fit} fit in {:.1} GiB ({:.0}% of {:.1} GiB, {:.1} GiB \
+                 in use, {:.1} GiB kept for image rows)",
                 budget.saturating_sub(used) as f64 / (1u64 << 30) as f64,
                 lim.memory_utilization * 100.0,
                 total as f64 / (1u64 << 30) as f64,
-                used as f64 / (1u64 << 30) as f64
+                used as f64 / (1u64 << 30) as f64,
+                reserved as f64 / (1u64 << 30) as f64
             )));
         }
         let layer_bytes = blocks * lim.block_size * nkv * head_dim * 2;
