@@ -5,14 +5,15 @@
 //! released (or refused, or replaced after a preemption), and every prefill chunk scatters its
 //! rows from there into the embeddings. Nothing goes through the host.
 //!
-//! **Budget.** The images held at once take at most [`ImageMemory::limit`] bytes:
-//! [`IMAGE_MEMORY_BYTES`] (2 GiB: about 140 images of 640×480, or 50 of the largest anyres
-//! grid, held by live sequences at once), or less when `max_seqs` sequences of `max_model_len`
-//! image rows need less. The runner reserves the whole budget out of the KV cache's sizing at
-//! load, so image rows never compete with KV blocks. An image that would go over the budget
-//! refuses its sequence with [`Error::ImageMemory`] before anything is encoded (the same answer
-//! on every rank: the accounting is the same); a [`DeviceImage`] gives its bytes back when
-//! dropped.
+//! **Budget.** The images held at once take at most [`ImageMemory::limit`] bytes: room for
+//! [`IMAGE_ROWS_PER_SEQ`] rows (one 640×480 image is 2,929) for each of the `max_seqs` sequences
+//! a step may hold, or `max_model_len` rows each when that is less. For R-4B at the default 256
+//! sequences that is 3.75 GiB per rank (about 3 % of an H200's KV cache at TP = 1); a sequence
+//! may hold more than its share while others hold less. The runner reserves the whole budget out
+//! of the KV cache's sizing at load, so image rows never compete with KV blocks. An image that
+//! would go over the budget refuses its sequence with [`Error::ImageMemory`] before anything is
+//! encoded (the same answer on every rank: the accounting is the same); a [`DeviceImage`] gives
+//! its bytes back when dropped.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,8 +24,8 @@ use super::weights::gpu_err;
 use super::GpuLimits;
 use crate::{Error, Result};
 
-/// Device bytes the images of live sequences may hold at once (at most; see the module doc).
-pub const IMAGE_MEMORY_BYTES: usize = 2 << 30;
+/// Image rows budgeted per sequence slot (`max_seqs`): one 640×480 image and some to spare.
+pub const IMAGE_ROWS_PER_SEQ: usize = 3072;
 
 const MIB: usize = 1 << 20;
 
@@ -36,11 +37,12 @@ pub struct ImageMemory {
 }
 
 impl ImageMemory {
-    /// The budget for a worker of `limits` whose rows are `hidden` bf16 values.
+    /// The budget for a worker of `limits` whose rows are `hidden` bf16 values: `max_seqs ×
+    /// min(IMAGE_ROWS_PER_SEQ, max_model_len)` rows.
     pub fn new(limits: &GpuLimits, hidden: usize) -> Self {
-        let most = limits.max_seqs * limits.max_model_len * hidden * 2;
+        let rows = limits.max_seqs * IMAGE_ROWS_PER_SEQ.min(limits.max_model_len);
         ImageMemory {
-            limit: IMAGE_MEMORY_BYTES.min(most),
+            limit: rows * hidden * 2,
             used: Arc::default(),
         }
     }
@@ -129,11 +131,13 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_is_the_constant_or_what_every_sequence_could_hold() {
+    fn the_budget_is_rows_per_sequence_slot() {
+        // R-4B, 256 sequences: 3.75 GiB.
         assert_eq!(
             ImageMemory::new(&limits(256, 8192), 2560).limit(),
-            IMAGE_MEMORY_BYTES
+            (15 << 30) / 4
         );
+        // Sequences shorter than the per-slot rows.
         assert_eq!(
             ImageMemory::new(&limits(2, 100), 8).limit(),
             2 * 100 * 8 * 2

@@ -51,7 +51,7 @@ use crate::parallel::Shard;
 use crate::sampling::{SampleRow, SampledToken};
 use crate::{Error, Result};
 
-pub use images::{DeviceImage, ImageMemory, IMAGE_MEMORY_BYTES};
+pub use images::{DeviceImage, ImageMemory, IMAGE_ROWS_PER_SEQ};
 use layers::Ctx;
 pub use layers::{attention_gemm, AttnGemm};
 use models::r4b::R4b;
