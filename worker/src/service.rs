@@ -5,9 +5,8 @@
 //! Per sequence the executor keeps what later steps need: the `<image>` rows (encoded once when
 //! the images arrive with the first chunk, kept where the engine computed them: host tensors on
 //! the CPU, device memory on the GPU), the sampling parameters and the token history for
-//! penalties. The coordinator releases that state with `release_seq_ids` (a preempted sequence
-//! comes back with its first chunk and its images, which replace the old state); dropping it
-//! frees the rows.
+//! penalties. The coordinator releases that state with `release_seq_ids`, a preempted sequence's
+//! too (its re-run brings its first chunk and its images again); dropping it frees the rows.
 
 use std::collections::HashMap;
 use std::pin::Pin;

@@ -2,8 +2,8 @@
 //!
 //! The vision tower packs an image's rows straight into a [`DeviceImage`] (one allocation per
 //! image, bf16 `[n, H]`); the worker keeps it in the sequence's state until the sequence is
-//! released (or refused, or replaced after a preemption), and every prefill chunk scatters its
-//! rows from there into the embeddings. Nothing goes through the host.
+//! released (a preemption releases it too) or refused, and every prefill chunk scatters its rows
+//! from there into the embeddings. Nothing goes through the host.
 //!
 //! **Budget.** The images held at once take at most [`ImageMemory::limit`] bytes: room for
 //! [`IMAGE_ROWS_PER_SEQ`] rows (one 640×480 image is 2,929) for each of the `max_seqs` sequences
