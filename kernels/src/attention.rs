@@ -39,6 +39,8 @@ pub struct DecodeAttn {
     /// Output: head `h` of token `t` at `out + (t·out_stride + h·hd)·2`.
     pub out: DevPtr,
     pub out_stride: usize,
+    /// Which kernel runs (the caller's choice, see [`Gpu::has_decode_attention`]).
+    pub kernel: DecodeAttention,
 }
 
 /// Head dims the tensor-core prefill attention is built for ([`Gpu::flash_attention`]).
@@ -152,8 +154,26 @@ impl Kernels {
 }
 
 impl Gpu {
+    /// Whether the paged decode attention `kernel` is built for `head_dim` with `group` query
+    /// heads per kv head (tensor cores: head dim 64/128, group 1..=8; CUDA cores: head dim
+    /// 16/32/64/128, group 1/2/4/8).
+    pub fn has_decode_attention(
+        &self,
+        kernel: DecodeAttention,
+        head_dim: usize,
+        group: usize,
+    ) -> bool {
+        let k = &self.kernels.attention;
+        match kernel {
+            DecodeAttention::TensorCore => {
+                (1..=8).contains(&group) && k.flash_decode.iter().any(|(d, _)| *d == head_dim)
+            }
+            DecodeAttention::CudaCore => k.decode.iter().any(|(d, _)| *d == (head_dim, group)),
+        }
+    }
+
     /// Paged attention of single queries over their cached keys (split over the context, then
-    /// merged).
+    /// merged), on the kernel `a.kernel` names.
     pub unsafe fn decode_attention(&self, a: &DecodeAttn) -> Result<()> {
         if a.tokens == 0 {
             return Ok(());
@@ -164,16 +184,34 @@ impl Gpu {
             0
         };
         let k = &self.kernels.attention;
-        let func = (k.decode.iter())
-            .find(|(k, _)| *k == (a.head_dim, group))
-            .map(|(_, f)| f)
-            .ok_or_else(|| {
-                GpuError::Invalid(format!(
-                    "decode attention: head_dim {} with {} q heads over {} kv heads \
-                     (head_dim 16/32/64/128, group 1/2/4/8)",
-                    a.head_dim, a.nq, a.nkv
-                ))
-            })?;
+        let missing = || {
+            GpuError::Invalid(format!(
+                "decode attention ({:?}): head_dim {} with {} q heads over {} kv heads \
+                 (tensor cores: head_dim 64/128, group 1..=8; CUDA cores: head_dim \
+                 16/32/64/128, group 1/2/4/8)",
+                a.kernel, a.head_dim, a.nq, a.nkv
+            ))
+        };
+        let (func, smem, scale) = match a.kernel {
+            DecodeAttention::TensorCore => {
+                let f = (k.flash_decode.iter())
+                    .find(|(d, _)| *d == a.head_dim && (1..=8).contains(&group))
+                    .map(|(_, f)| f)
+                    .ok_or_else(missing)?;
+                (
+                    f,
+                    flash_smem_bytes(a.head_dim),
+                    a.scale * std::f32::consts::LOG2_E,
+                )
+            }
+            DecodeAttention::CudaCore => {
+                let f = (k.decode.iter())
+                    .find(|(k, _)| *k == (a.head_dim, group))
+                    .map(|(_, f)| f)
+                    .ok_or_else(missing)?;
+                (f, 0, a.scale)
+            }
+        };
         let (qs, mb, bs, nq, nkv) = (
             i(a.q_stride),
             i(a.max_blocks),
@@ -182,23 +220,6 @@ impl Gpu {
             i(a.nkv),
         );
         let (ps, parts, hd, os) = (i(a.part_size), i(a.parts), i(a.head_dim), i(a.out_stride));
-        let tensor_core = (k.flash_decode.iter())
-            .find(|(d, _)| *d == a.head_dim)
-            .map(|(_, f)| f)
-            // Measured (r4b-gpu-check attn, H200): the tensor-core kernel is 1.1–1.8× faster
-            // from 1 to 256 queries.
-            .filter(|_| {
-                self.options.decode_attention == DecodeAttention::TensorCore
-                    && (1..=8).contains(&group)
-            });
-        let (func, smem, scale) = match tensor_core {
-            Some(f) => (
-                f,
-                flash_smem_bytes(a.head_dim),
-                a.scale * std::f32::consts::LOG2_E,
-            ),
-            None => (func, 0, a.scale),
-        };
         let cfg = grid((a.parts, a.nkv, a.tokens), 128, smem);
         let (q, kc, vc, lens) = (&a.q, &a.k_cache, &a.v_cache, &a.ctx_lens);
         let (rows, tables, (pm, pl, pacc)) = (&a.bt_rows, &a.block_tables, (&a.pm, &a.pl, &a.pacc));

@@ -12,7 +12,9 @@ pub enum KernelArch {
     Sm80,
 }
 
-/// Which kernel runs the paged decode attention.
+/// Which kernel runs the paged decode attention. The option is the wish; the worker's attention
+/// layer turns it into the kernel it names in `DecodeAttn::kernel` once, at load (the CUDA-core
+/// one where the tensor-core kernel is not built for the head dim).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DecodeAttention {
     /// Tensor cores: 1.1-1.8x the CUDA-core kernel at every batch measured (bench/RESULTS.md).

@@ -477,7 +477,7 @@ fn attend(q: &[f32], keys: &[&[f32]], vals: &[&[f32]], scale: f32) -> Vec<f32> {
 
 #[test]
 fn paged_decode_attention_matches_the_reference_on_both_kernels() {
-    let Some(mut gpu) = gpu() else { return };
+    let Some(gpu) = gpu() else { return };
     let mut rng = Rng(5);
     for hd in [128usize, 64] {
         let (nq, nkv, bs, blocks) = (32usize, 8usize, 16usize, 80usize);
@@ -523,7 +523,6 @@ fn paged_decode_attention_matches_the_reference_on_both_kernels() {
             }
         }
         for kernel in [DecodeAttention::TensorCore, DecodeAttention::CudaCore] {
-            gpu.options.decode_attention = kernel;
             let out = zeros::<bf16>(&gpu, tokens * nq * hd);
             let a = DecodeAttn {
                 q: d_q.ptr(),
@@ -547,6 +546,7 @@ fn paged_decode_attention_matches_the_reference_on_both_kernels() {
                 pacc: pacc.ptr(),
                 out: out.ptr(),
                 out_stride: nq * hd,
+                kernel,
             };
             // SAFETY: buffers sized above; 999 keys fit in 16 partitions of 64.
             unsafe { gpu.decode_attention(&a) }.unwrap();
@@ -560,7 +560,6 @@ fn paged_decode_attention_matches_the_reference_on_both_kernels() {
                 );
             }
         }
-        gpu.options.decode_attention = DecodeAttention::TensorCore;
     }
 }
 

@@ -8,7 +8,7 @@
 
 use candle_core::Tensor;
 
-use crate::model::{OutputRows, R4bModel, SeqChunk};
+use crate::model::{ChunkImageRows, OutputRows, R4bModel, SeqChunk};
 use crate::{Error, Result};
 
 /// One prompt: token ids (with `<image>` already expanded to its count) and the rows of its
@@ -157,7 +157,7 @@ pub fn run_greedy(
             };
             let n_img = chunk.image_count(image_id);
             if let (Some(r), true) = (&s.image_rows, n_img > 0) {
-                chunk.image_rows = Some(r.narrow(0, s.image_used, n_img)?);
+                chunk.image_rows = Some(ChunkImageRows::Host(r.narrow(0, s.image_used, n_img)?));
             }
             chunks.push(chunk);
         }

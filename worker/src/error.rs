@@ -37,6 +37,16 @@ pub enum Error {
     /// A step was malformed (wrong image rows, block table too short, position out of range, ...).
     #[error("step: {0}")]
     Step(String),
+    /// The GPU engine's image memory has no room for an image's rows (see `gpu::ImageMemory`).
+    #[error(
+        "GPU image memory: {need} MiB of image rows do not fit, {used} of {limit} MiB are held by \
+         live sequences' images (the budget is reserved at load, out of the KV cache)"
+    )]
+    ImageMemory {
+        need: usize,
+        used: usize,
+        limit: usize,
+    },
     /// The KV cache has no room for the step.
     #[error("kv cache: {0}")]
     Kv(String),

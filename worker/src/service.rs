@@ -3,8 +3,10 @@
 //! thread (the model is not `Sync`-shared across tasks), `Health` and `Shutdown`.
 //!
 //! Per sequence the executor keeps what later steps need: the `<image>` rows (encoded once when
-//! the images arrive with the first chunk), the sampling parameters and the token history for
-//! penalties. The coordinator releases that state with `release_seq_ids`.
+//! the images arrive with the first chunk, kept where the engine computed them: host tensors on
+//! the CPU, device memory on the GPU), the sampling parameters and the token history for
+//! penalties. The coordinator releases that state with `release_seq_ids`, a preempted sequence's
+//! too (its re-run brings its first chunk and its images again); dropping it frees the rows.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -26,7 +28,7 @@ use crate::collective::{Collective, CollectiveError, SingleRank, SocketCollectiv
 use crate::config::{ImagePreprocessing, RConfig};
 use crate::kv::PagedKvCache;
 use crate::model::anyres::PixelViews;
-use crate::model::{OutputRows, R4bModel, SeqChunk};
+use crate::model::{ChunkImageRows, ImageRows, OutputRows, R4bModel, SeqChunk};
 use crate::sampling::{SampleRow, SamplingParams, TokenHistory};
 use crate::{Error, Result};
 
@@ -69,7 +71,7 @@ impl Collective for Timed {
 struct SeqState {
     /// `<image>` rows of the images received since the first chunk, one `[n_i, hidden]` per
     /// image, in order.
-    image_rows: Vec<Tensor>,
+    image_rows: Vec<ImageRows>,
     params: SamplingParams,
     history: TokenHistory,
     seed: u64,
@@ -105,11 +107,22 @@ impl Backend {
         }
     }
 
-    fn encode_image(&self, views: &PixelViews) -> Result<Tensor> {
+    fn encode_image(&self, views: &PixelViews) -> Result<ImageRows> {
         match self {
-            Backend::Cpu { model, .. } => model.encode_image(views),
+            Backend::Cpu { model, .. } => Ok(ImageRows::Host(model.encode_image(views)?)),
             #[cfg(feature = "cuda")]
-            Backend::Gpu(m) => m.encode_image(views),
+            Backend::Gpu(m) => Ok(ImageRows::Device(m.encode_image(views)?)),
+        }
+    }
+
+    /// Whether `rows` more image rows fit where the engine keeps them (the GPU engine's image
+    /// budget; the CPU engine's host memory is not budgeted). The same answer on every rank.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn check_image_room(&self, rows: usize) -> std::result::Result<(), String> {
+        match self {
+            Backend::Cpu { .. } => Ok(()),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(m) => m.check_image_room(rows),
         }
     }
 
@@ -395,9 +408,10 @@ impl StepExecutor {
         if run.is_empty() {
             return Ok(resp);
         }
+        let image_id = self.model.config().image_token_index;
         let chunks = run
             .iter()
-            .map(|s| self.chunk(s))
+            .map(|s| chunk(&self.seqs, image_id, s))
             .collect::<Result<Vec<_>>>()?;
         let states: Vec<(usize, &SeqState)> = (0..run.len())
             .filter(|&i| run[i].sample)
@@ -497,6 +511,10 @@ impl StepExecutor {
             if let Err(reason) = self.limits.check_images(&s.images) {
                 return Ok(Err(reason));
             }
+            let rows = s.images.iter().map(|i| i.num_tokens as usize).sum();
+            if let Err(reason) = self.model.check_image_room(rows) {
+                return Ok(Err(reason));
+            }
             let t = Instant::now();
             let rows = self.encode_images(&s.images)?;
             tracing::debug!(
@@ -514,7 +532,7 @@ impl StepExecutor {
         };
         let mut rows = 0;
         for r in &st.image_rows {
-            rows += r.dim(0)?;
+            rows += r.rows()?;
         }
         if let Err(reason) = self.limits.check_chunk(s, rows, st.prompt_len) {
             return Ok(Err(reason));
@@ -529,8 +547,9 @@ impl StepExecutor {
         Ok(Ok(()))
     }
 
-    /// Each image's `<image>` rows, in order.
-    fn encode_images(&self, images: &[pb::Image]) -> Result<Vec<Tensor>> {
+    /// Each image's `<image>` rows, in order (an error drops, and so frees, those already
+    /// encoded).
+    fn encode_images(&self, images: &[pb::Image]) -> Result<Vec<ImageRows>> {
         let mut rows = Vec::with_capacity(images.len());
         for img in images {
             let views = PixelViews::from_u8_chw(
@@ -541,12 +560,12 @@ impl StepExecutor {
                 &self.pre.norm,
             )?;
             let r = self.model.encode_image(&views)?;
-            if r.dim(0)? != img.num_tokens as usize {
+            if r.rows()? != img.num_tokens as usize {
                 return Err(Error::Step(format!(
                     "image {}x{} gives {} rows, the request expected {}",
                     img.width,
                     img.height,
-                    r.dim(0)?,
+                    r.rows()?,
                     img.num_tokens
                 )));
             }
@@ -554,52 +573,33 @@ impl StepExecutor {
         }
         Ok(rows)
     }
-
-    fn chunk<'a>(&self, s: &'a pb::SeqStep) -> Result<SeqChunk<'a>> {
-        let st = self
-            .seqs
-            .get(&s.seq_id)
-            .ok_or_else(|| Error::Step(format!("unknown sequence {}", s.seq_id)))?;
-        let image_id = self.model.config().image_token_index;
-        let mut chunk = SeqChunk {
-            tokens: &s.tokens,
-            start_pos: s.start_pos as usize,
-            block_table: &s.block_table,
-            prompt_tokens: st.prompt_len.saturating_sub(s.start_pos as usize),
-            image_rows: None,
-        };
-        let n = chunk.image_count(image_id);
-        if n > 0 {
-            chunk.image_rows = Some(rows_range(&st.image_rows, s.image_row_offset as usize, n)?);
-        }
-        Ok(chunk)
-    }
 }
 
-/// Rows `off..off + n` of the images' rows laid end to end (a view of one image's tensor when
-/// the range lies inside it).
-fn rows_range(images: &[Tensor], off: usize, n: usize) -> Result<Tensor> {
-    let mut pieces = Vec::new();
-    let (mut start, end) = (off, off + n);
-    let mut base = 0;
-    for t in images {
-        let len = t.dim(0)?;
-        if start < base + len && start < end {
-            let take = (base + len).min(end) - start;
-            pieces.push(t.narrow(0, start - base, take)?);
-            start += take;
-        }
-        base += len;
+/// The chunk of `s` over its sequence's state in `seqs` (the chunk borrows the image rows).
+fn chunk<'a>(
+    seqs: &'a HashMap<u64, SeqState>,
+    image_id: u32,
+    s: &'a pb::SeqStep,
+) -> Result<SeqChunk<'a>> {
+    let st = seqs
+        .get(&s.seq_id)
+        .ok_or_else(|| Error::Step(format!("unknown sequence {}", s.seq_id)))?;
+    let mut chunk = SeqChunk {
+        tokens: &s.tokens,
+        start_pos: s.start_pos as usize,
+        block_table: &s.block_table,
+        prompt_tokens: st.prompt_len.saturating_sub(s.start_pos as usize),
+        image_rows: None,
+    };
+    let n = chunk.image_count(image_id);
+    if n > 0 {
+        chunk.image_rows = Some(ChunkImageRows::select(
+            &st.image_rows,
+            s.image_row_offset as usize,
+            n,
+        )?);
     }
-    if start < end {
-        return Err(Error::Step(format!(
-            "chunk needs image rows {off}..{end} of {base}"
-        )));
-    }
-    Ok(match pieces.len() {
-        1 => pieces.remove(0),
-        _ => Tensor::cat(&pieces, 0)?,
-    })
+    Ok(chunk)
 }
 
 type Job = (pb::StepRequest, oneshot::Sender<Result<pb::StepResponse>>);

@@ -333,7 +333,7 @@ fn served_variants_match_hf_logits() {
             prompt_tokens: usize::MAX,
             start_pos: 0,
             block_table: &table,
-            image_rows: Some(rows),
+            image_rows: Some(rows.into()),
         };
         let hidden = model
             .forward_step(&[chunk], &mut kv, OutputRows::All)

@@ -47,7 +47,7 @@ fn prompt_logits(model: &R4bModel, p: &Prompt) -> Vec<Vec<f32>> {
     let image_rows = if p.images.is_empty() {
         None
     } else {
-        Some(Tensor::cat(&p.images, 0).unwrap())
+        Some(Tensor::cat(&p.images, 0).unwrap().into())
     };
     let chunk = SeqChunk {
         tokens: &p.input_ids,
@@ -192,7 +192,7 @@ fn a_step_with_mismatched_image_rows_is_an_error() {
         prompt_tokens: usize::MAX,
         start_pos: 0,
         block_table: &table,
-        image_rows: Some(rows),
+        image_rows: Some(rows.into()),
     };
     let err = model
         .forward_step(&[chunk], &mut kv, OutputRows::Last)

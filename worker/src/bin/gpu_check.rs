@@ -32,7 +32,7 @@ use r4b_worker::config::{ImagePreprocessing, RConfig};
 use r4b_worker::gpu::{
     attention_gemm, parts_for, AttnGemm, EngineOptions, GpuLimits, GpuModel, GpuSampler,
 };
-use r4b_worker::model::{anyres, SeqChunk};
+use r4b_worker::model::{anyres, ChunkImageRows, ImageRows, SeqChunk};
 use r4b_worker::placement;
 use r4b_worker::sampling::{self, SampleRow, SampledToken, SamplingParams, TokenHistory};
 
@@ -264,7 +264,7 @@ fn logits(
             .map(|v| v.as_u64().unwrap_or(0) as u32)
             .collect();
         let from = p["logits_from"].as_u64().unwrap_or(0) as usize;
-        let image_rows = match p["image"].as_str() {
+        let image = match p["image"].as_str() {
             Some(f) => {
                 let img = image::open(refdir.join(f))
                     .with_context(|| format!("opening {f}"))?
@@ -282,13 +282,14 @@ fn logits(
                     img.width(),
                     img.height(),
                     views.views,
-                    rows.dim(0)?,
+                    rows.rows(),
                     t.elapsed().as_secs_f64() * 1e3
                 );
-                Some(rows)
+                Some(ImageRows::Device(rows))
             }
             None => None,
         };
+        let image_rows = image.as_ref().map(ChunkImageRows::whole).transpose()?;
         let blocks: Vec<u32> = (0..ids.len().div_ceil(16) as u32).collect();
         let chunk = SeqChunk {
             tokens: &ids,
@@ -788,6 +789,7 @@ fn profile(opts: &EngineOptions) -> Result<()> {
                 pacc: pacc.ptr(),
                 out: out.ptr(),
                 out_stride: nq * hd,
+                kernel: opts.kernels.decode_attention,
             };
             // SAFETY: as above (scratch sized for 32-key partitions).
             let t = time_it(&gpu, 50, || unsafe { gpu.decode_attention(&args) })?;
@@ -1027,7 +1029,7 @@ fn attn(opts: &EngineOptions) -> Result<()> {
             gpu.htod(&ctx_lens, cl_d.ptr())?;
             gpu.htod(&rows, rw_d.ptr())?;
         }
-        let args = |out: u64| DecodeAttn {
+        let args = |out: u64, kernel| DecodeAttn {
             q: q.ptr(),
             q_stride: qkv_w,
             k_cache: kc.ptr(),
@@ -1049,17 +1051,15 @@ fn attn(opts: &EngineOptions) -> Result<()> {
             pacc: pacc.ptr(),
             out,
             out_stride: nq * hd,
+            kernel,
         };
-        gpu.options.decode_attention = DecodeAttention::TensorCore;
         // SAFETY: as above.
         let t1 = time_it(&gpu, 50, || unsafe {
-            gpu.decode_attention(&args(o1.ptr()))
+            gpu.decode_attention(&args(o1.ptr(), DecodeAttention::TensorCore))
         })?;
-        gpu.options.decode_attention = DecodeAttention::CudaCore;
         let t2 = time_it(&gpu, 50, || unsafe {
-            gpu.decode_attention(&args(o2.ptr()))
+            gpu.decode_attention(&args(o2.ptr(), DecodeAttention::CudaCore))
         })?;
-        gpu.options.decode_attention = DecodeAttention::TensorCore;
         let (l2, mx) = bf16_diff(&gpu, (o1.ptr(), o2.ptr()), bsz * nq * hd)?;
         let bytes: f64 = ctx_lens
             .iter()

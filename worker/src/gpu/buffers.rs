@@ -21,9 +21,8 @@ pub struct StepBuffers {
     /// `[max_seqs, max_blocks]`.
     pub block_tables: DBuf,
     pub last_rows: DBuf,
+    /// i32 `[T]`: the step row of each `<image>` row of the step, in order.
     pub image_dst: DBuf,
-    /// bf16 `[max_tokens, H]`.
-    pub image_rows: DBuf,
     // Activations.
     /// The residual stream, f32 `[T, H]`.
     pub hidden: DBuf,
@@ -49,7 +48,6 @@ pub struct StepBuffers {
     pub vc: DBuf,
     pub s: DBuf,
     /// Sizes the buffers were made for.
-    pub hidden_size: usize,
     pub max_tokens: usize,
     pub max_seqs: usize,
     pub max_blocks: usize,
@@ -86,7 +84,6 @@ impl StepBuffers {
             block_tables: a(smax * max_blocks * 4)?,
             last_rows: a(smax * 4)?,
             image_dst: a(tmax * 4)?,
-            image_rows: a(tmax * h * 2)?,
             hidden: a(tmax * h * 4)?,
             normed: a(tmax * h * 2)?,
             qkv: a(tmax * qkv_w * 2)?,
@@ -106,7 +103,6 @@ impl StepBuffers {
             kc: a(ctx * nkv * hd * 2)?,
             vc: a(ctx * nkv * hd * 2)?,
             s: a(PREFILL_SCRATCH.max(nkv * PREFILL_ROWS * ctx * 2))?,
-            hidden_size: h,
             max_tokens: tmax,
             max_seqs: smax,
             max_blocks,

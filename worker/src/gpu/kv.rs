@@ -65,20 +65,22 @@ impl GpuKv {
     }
 
     /// Allocates `limits.num_blocks` blocks, or as many as fit in this rank's share of
-    /// `memory_utilization` of the device, plus the scratch block. Every rank must end with the
-    /// same count: the caller takes the minimum.
+    /// `memory_utilization` of the device less `reserved` bytes per rank (what the rank allocates
+    /// later: the image budget), plus the scratch block. Every rank must end with the same count:
+    /// the caller takes the minimum.
     pub fn alloc(
         gpu: &Gpu,
         (layers, nkv, head_dim): (usize, usize, usize),
         lim: &GpuLimits,
-        share: &KvShare,
+        (share, reserved): (&KvShare, usize),
     ) -> Result<Self> {
         let used = share.measure_used(gpu)?;
         let (_, total) = gpu.mem_info().map_err(gpu_err)?;
         let budget = (total as f64 * lim.memory_utilization) as usize;
-        // Graphs, cuBLAS and NCCL take some memory after this point, per rank.
+        // Graphs, cuBLAS and NCCL take some memory after this point, and the image rows up to
+        // `reserved`, per rank.
         let ranks = share.ranks_on_device.max(1);
-        let reserve = ranks * (512 << 20);
+        let reserve = ranks * ((512 << 20) + reserved);
         let per_block = Self::bytes_per_token(layers, nkv, head_dim) * lim.block_size;
         let fit = budget.saturating_sub(used + reserve) / ranks / per_block.max(1);
         let blocks = match lim.num_blocks {
@@ -87,11 +89,13 @@ impl GpuKv {
         };
         if blocks < 2 || (lim.num_blocks > 0 && lim.num_blocks > fit) {
             return Err(Error::Kv(format!(
-                "{blocks} KV blocks wanted, {fit} fit in {:.1} GiB ({:.0}% of {:.1} GiB, {:.1} GiB in use, {ranks} rank(s) on this GPU)",
+                "{blocks} KV blocks wanted, {fit} fit in {:.1} GiB ({:.0}% of {:.1} GiB, {:.1} GiB \
+                 in use, {:.1} GiB kept for image rows per rank, {ranks} rank(s) on this GPU)",
                 budget.saturating_sub(used) as f64 / ranks as f64 / (1u64 << 30) as f64,
                 lim.memory_utilization * 100.0,
                 total as f64 / (1u64 << 30) as f64,
-                used as f64 / (1u64 << 30) as f64
+                used as f64 / (1u64 << 30) as f64,
+                reserved as f64 / (1u64 << 30) as f64
             )));
         }
         let layer_bytes = blocks * lim.block_size * nkv * head_dim * 2;

@@ -23,9 +23,13 @@
 //! it lacks, two cuBLAS products over their gathered keys).
 //! A step made only of decodes (and no images) is a CUDA graph replay, captured once per
 //! (batch-size bucket, context-partition bucket), unless `enforce_eager`.
+//!
+//! Images stay on the GPU: [`GpuModel::encode_image`] packs an image's rows into a
+//! [`DeviceImage`] the caller keeps (within the [`ImageMemory`] budget, reserved out of the KV
+//! cache), and a prefill chunk scatters its rows from there into the embeddings.
 
 mod buffers;
-mod image_cache;
+mod images;
 mod kv;
 pub mod layers;
 pub mod models;
@@ -50,6 +54,7 @@ pub use crate::placement::Placement;
 use crate::sampling::{SampleRow, SampledToken};
 use crate::{Error, Result};
 
+pub use images::{DeviceImage, ImageMemory, IMAGE_ROWS_PER_SEQ};
 pub use kv::KvShare;
 use layers::Ctx;
 pub use layers::{attention_gemm, AttnGemm};
@@ -291,8 +296,10 @@ impl GpuModel {
         self.model.llm.dims.kv_bytes_per_token()
     }
 
-    /// One image → its `<image>` rows (bf16, host).
-    pub fn encode_image(&self, views: &PixelViews) -> Result<Tensor> {
+    /// One image → its `<image>` rows `[n, H]` (bf16, on this GPU, counted against the image
+    /// budget until dropped). The work is queued on the GPU's stream; the steps that read the
+    /// rows run after it on the same stream.
+    pub fn encode_image(&self, views: &PixelViews) -> Result<DeviceImage> {
         self.gpu.bind().map_err(gpu_err)?;
         self.gpu.set_pdl(false);
         let ctx = Ctx {
@@ -301,6 +308,14 @@ impl GpuModel {
         };
         self.runner
             .encode_image(&ctx, &self.model, &self.cfg, views)
+    }
+
+    /// Whether `rows` more image rows fit in the image budget (a refusal reason otherwise).
+    pub fn check_image_room(&self, rows: usize) -> std::result::Result<(), String> {
+        self.runner
+            .images()
+            .check(rows * self.cfg.text.hidden_size * 2)
+            .map_err(|e| e.to_string())
     }
 
     /// Runs one step and samples one token for each `(chunk index, row)` in `rows`.
@@ -376,17 +391,6 @@ impl GpuModel {
         )?;
         let parts = self.host_comm.all_gather(&slice)?;
         Ok(Tensor::cat(&parts, 1)?.flatten_all()?.to_vec1()?)
-    }
-}
-
-/// The bf16 values of a contiguous CPU tensor, borrowed from its storage.
-fn with_bf16<R>(t: &Tensor, f: impl FnOnce(&[half::bf16]) -> Result<R>) -> Result<R> {
-    let (st, layout) = t.storage_and_layout();
-    match (&*st, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)), Some((a, b))) => f(&v[a..b]),
-        _ => Err(Error::Step(
-            "image rows must be a contiguous bf16 CPU tensor".into(),
-        )),
     }
 }
 

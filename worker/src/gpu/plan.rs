@@ -1,11 +1,11 @@
 //! The host side of a step: chunks reordered paged-first, the metadata every kernel reads, all
 //! validated against the worker's sizes before anything is uploaded.
 
-use candle_core::Tensor;
+use r4b_kernels::DevPtr;
 
 use super::{GpuLimits, PAGED_MAX_WORK};
 use crate::config::RConfig;
-use crate::model::SeqChunk;
+use crate::model::{ChunkImageRows, ImageRows, SeqChunk};
 use crate::{Error, Result};
 
 /// Host-side plan of one step (chunks reordered decodes first).
@@ -32,9 +32,10 @@ pub struct StepPlan {
     pub table_width: usize,
     /// Row of each chunk's last token, by ORIGINAL chunk index.
     pub last_rows: Vec<i32>,
-    /// Image rows (bf16, contiguous, in step order) and their destination rows.
+    /// The step row of each `<image>` row, in step order, and where those rows are: runs of
+    /// `(first row on the device, rows)` inside the images' own memory, in the same order.
     pub image_dst: Vec<i32>,
-    pub image_rows: Vec<Tensor>,
+    pub image_src: Vec<(DevPtr, usize)>,
     /// Longest context of the paged tokens.
     pub max_paged_ctx: usize,
     pub tokens: usize,
@@ -123,9 +124,7 @@ impl StepPlan {
             p.table_width = p.table_width.max(need);
             c.checked_image_count(image_id)?;
             if let Some(r) = &c.image_rows {
-                // Uploaded straight from the tensor's storage (no host copy).
-                p.image_rows
-                    .push(r.to_dtype(candle_core::DType::BF16)?.contiguous()?);
+                device_runs(r, cfg.text.hidden_size, &mut p.image_src)?;
             }
             for (i, &t) in c.tokens.iter().enumerate() {
                 let pos = c.start_pos + i;
@@ -180,8 +179,40 @@ impl StepPlan {
     }
 }
 
+/// Appends where a chunk's image rows are on the device: one `(first row, rows)` run per image
+/// range. The GPU engine reads only the images it encoded itself.
+fn device_runs(rows: &ChunkImageRows, hidden: usize, out: &mut Vec<(DevPtr, usize)>) -> Result<()> {
+    let ChunkImageRows::Ranges(ranges) = rows else {
+        return Err(Error::Step(
+            "the GPU engine reads image rows from the images it encoded \
+             (GpuModel::encode_image), not from host tensors"
+                .into(),
+        ));
+    };
+    for r in ranges.iter().filter(|r| r.len > 0) {
+        let ImageRows::Device(image) = r.image else {
+            return Err(Error::Step(
+                "the GPU engine was handed an image encoded on the host".into(),
+            ));
+        };
+        if r.start + r.len > image.rows() || image.hidden() != hidden {
+            return Err(Error::Step(format!(
+                "image rows {}..{} of an image of {} rows of {} (the model's rows have {hidden})",
+                r.start,
+                r.start + r.len,
+                image.rows(),
+                image.hidden()
+            )));
+        }
+        out.push((image.row(r.start), r.len));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    use candle_core::Device;
+
     use super::*;
 
     fn cfg() -> RConfig {
@@ -292,5 +323,28 @@ mod tests {
             .map(|_| chunk(&one, 0, &[0]))
             .collect();
         assert!(StepPlan::build(&many, &cfg, &lim, 8).is_err());
+    }
+
+    #[test]
+    fn host_image_rows_are_refused() {
+        let cfg = cfg();
+        let h = cfg.text.hidden_size;
+        let tokens = [1, cfg.image_token_index, cfg.image_token_index];
+        let rows = candle_core::Tensor::zeros((2, h), candle_core::DType::BF16, &Device::Cpu)
+            .expect("rows");
+        let host = ImageRows::Host(rows.clone());
+        for image_rows in [
+            ChunkImageRows::Host(rows),
+            ChunkImageRows::whole(&host).expect("whole"),
+        ] {
+            let c = [SeqChunk {
+                image_rows: Some(image_rows),
+                ..chunk(&tokens, 0, &[0])
+            }];
+            match StepPlan::build(&c, &cfg, &limits(), 8) {
+                Err(Error::Step(m)) => assert!(m.contains("GPU engine"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

@@ -1,14 +1,13 @@
 //! The runner: everything of a step that is not the model's math. It owns the step buffers, the
-//! KV cache (lent to the model's forward), the plan upload, the CUDA graphs (one per
-//! (batch-size bucket, context-partition bucket)), the timeline's step-level marks, the one-row
-//! product tuning at load and the sampler call.
+//! KV cache (lent to the model's forward), the image budget (reserved out of the KV sizing), the
+//! plan upload, the CUDA graphs (one per (batch-size bucket, context-partition bucket)), the
+//! timeline's step-level marks, the one-row product tuning at load and the sampler call.
 //!
 //! A step: plan on the host ([`StepPlan::build`]) → upload → the model's forward (eager, or a
 //! graph replay for decode-only steps) → the head → arg-max (greedy rows), the GPU sampler, or
 //! the host sampler over downloaded logits.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use candle_core::{Device, Tensor};
 use r4b_kernels::cudarc::driver::sys as cu;
@@ -16,14 +15,14 @@ use r4b_kernels::cudarc::driver::CudaGraph;
 use r4b_kernels::{Gpu, LinearImpl, OutType};
 
 use super::buffers::StepBuffers;
-use super::image_cache::ImageRowCache;
+use super::images::{DeviceImage, ImageMemory};
 use super::kv::{GpuKv, KvShare};
 use super::layers::{Ctx, Linear};
 use super::models::r4b::{ImageBuffers, R4b};
 use super::plan::{Pass, StepPlan};
 use super::sample::GpuSampler;
 use super::weights::gpu_err;
-use super::{with_bf16, GpuLimits, GRAPH_BATCHES, PDL_MAX_TOKENS};
+use super::{GpuLimits, GRAPH_BATCHES, PDL_MAX_TOKENS};
 use crate::collective::Collective;
 use crate::config::RConfig;
 use crate::model::anyres::PixelViews;
@@ -41,13 +40,13 @@ pub struct Runner {
     sampler: GpuSampler,
     /// Sample on the host over downloaded logits instead.
     host_sampling: bool,
-    /// Device copies of recently encoded images' rows (see `image_cache`).
-    image_rows: Mutex<ImageRowCache>,
+    /// The budget of the image rows live sequences hold (see `images`).
+    images: ImageMemory,
 }
 
 impl Runner {
     /// Allocates the step and image buffers, the sampler's and the KV cache (last: it takes what
-    /// is left of the memory budget).
+    /// is left of the memory budget, less the image budget).
     pub fn new(
         ctx: &Ctx,
         model: &R4b,
@@ -61,7 +60,14 @@ impl Runner {
         let image_bufs = model.image_buffers(gpu, cfg)?;
         gpu.sync().map_err(gpu_err)?;
         let sampler = GpuSampler::new(gpu, limits.max_seqs, ctx.comm)?;
-        let kv = GpuKv::alloc(gpu, (d.layers, d.nkv, d.head_dim), &limits, &share)?;
+        // The image rows of live sequences are allocated per image later, within this budget.
+        let images = ImageMemory::new(&limits, d.hidden);
+        let kv = GpuKv::alloc(
+            gpu,
+            (d.layers, d.nkv, d.head_dim),
+            &limits,
+            (&share, images.limit()),
+        )?;
         Ok(Runner {
             limits,
             bufs,
@@ -70,13 +76,18 @@ impl Runner {
             graphs: HashMap::new(),
             sampler,
             host_sampling,
-            image_rows: Default::default(),
+            images,
         })
     }
 
     /// KV blocks allocated (the scheduler's pool).
     pub fn num_blocks(&self) -> usize {
         self.kv.num_blocks()
+    }
+
+    /// The image budget.
+    pub fn images(&self) -> &ImageMemory {
+        &self.images
     }
 
     /// Turns CUDA graphs off (true) or on (false) for the following steps.
@@ -177,21 +188,15 @@ impl Runner {
         Ok(report)
     }
 
-    /// One image → its `<image>` rows (bf16, host); a device copy of them is kept for the
-    /// prefill that reads them.
+    /// One image → its `<image>` rows on the device, within the image budget.
     pub fn encode_image(
         &self,
         ctx: &Ctx,
         model: &R4b,
         cfg: &RConfig,
         views: &PixelViews,
-    ) -> Result<Tensor> {
-        let (rows, on_device) = model.encode_image(ctx, &self.image_bufs, views, cfg)?;
-        if let (Some(dev), Ok(mut cache)) = (on_device, self.image_rows.lock()) {
-            // SAFETY: the vision tower's packed buffer holds exactly `rows`.
-            unsafe { cache.insert(ctx.gpu, &rows, dev)? };
-        }
-        Ok(rows)
+    ) -> Result<DeviceImage> {
+        model.encode_image(ctx, &self.image_bufs, views, cfg, &self.images)
     }
 
     /// Plans a step (host side).
@@ -199,17 +204,13 @@ impl Runner {
         StepPlan::build(chunks, cfg, &self.limits, self.kv.num_blocks())
     }
 
-    /// Copies the plan's metadata and image rows to the device (image rows still on the device
-    /// are copied there); with `pad_to`, pads the decode rows to that many (padding tokens: id 0
-    /// at position 0 in the scratch block, context 1).
+    /// Copies the plan's metadata to the device (the image rows stay where they are: the forward
+    /// reads them from their images); with `pad_to`, pads the decode rows to that many (padding
+    /// tokens: id 0 at position 0 in the scratch block, context 1).
     ///
     /// # Safety
     /// The plan was built by [`Runner::plan`] (validated against the buffers' sizes).
     unsafe fn upload_plan(&self, gpu: &Gpu, p: &StepPlan, pad_to: Option<usize>) -> Result<()> {
-        let cache = self
-            .image_rows
-            .lock()
-            .map_err(|_| Error::Step("image row cache poisoned".into()))?;
         let b = &self.bufs;
         let n = pad_to.unwrap_or(p.tokens);
         if n > b.max_tokens || p.order.len() > b.max_seqs {
@@ -258,24 +259,6 @@ impl Runner {
         .map_err(map)?;
         gpu.htod(&last, b.last_rows.ptr()).map_err(map)?;
         gpu.htod(&p.image_dst, b.image_dst.ptr()).map_err(map)?;
-        let mut at = 0;
-        for r in &p.image_rows {
-            let n = r.elem_count();
-            if at + n > b.max_tokens * b.hidden_size {
-                return Err(Error::Step(
-                    "image rows larger than the step buffers".into(),
-                ));
-            }
-            // SAFETY: `image_rows` holds max_tokens rows of H (checked just above); a device
-            // copy of `r` holds as many values as `r`.
-            with_bf16(r, |v| match cache.find(v) {
-                Some(src) => gpu
-                    .dtod(src, b.image_rows.at(at, 2), v.len() * 2)
-                    .map_err(map),
-                None => gpu.htod(v, b.image_rows.at(at, 2)).map_err(map),
-            })?;
-            at += n;
-        }
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 
 pub mod anyres;
 pub mod head;
+pub mod image_rows;
 pub mod plan;
 pub mod projector;
 pub mod qwen3;
@@ -24,6 +25,7 @@ use crate::sampling::{SampleRow, SampledToken};
 use crate::{Error, Result};
 
 use anyres::PixelViews;
+pub use image_rows::{ChunkImageRows, ImageRange, ImageRows};
 use projector::Projector;
 use qwen3::{Qwen3, SeqSpan};
 use siglip::VisionTower;
@@ -40,8 +42,9 @@ pub struct SeqChunk<'a> {
     /// How many leading tokens of this chunk belong to the prompt. Only prompt tokens can be
     /// image placeholders: an `<image>` id the model generates is embedded like any token.
     pub prompt_tokens: usize,
-    /// Rows for the `<image>` tokens among the chunk's prompt tokens, in order: `[count, hidden]`.
-    pub image_rows: Option<Tensor>,
+    /// Rows for the `<image>` tokens among the chunk's prompt tokens, in order: `[count, hidden]`
+    /// (host rows for the CPU engine, ranges of the engine's own image rows for either).
+    pub image_rows: Option<ChunkImageRows<'a>>,
 }
 
 impl SeqChunk<'_> {
@@ -60,7 +63,7 @@ impl SeqChunk<'_> {
         let have = self
             .image_rows
             .as_ref()
-            .map(|r| r.dim(0))
+            .map(|r| r.rows())
             .transpose()?
             .unwrap_or(0);
         if have != count {
@@ -207,6 +210,7 @@ impl R4bModel {
         let mut row = 0;
         for c in chunks {
             c.checked_image_count(image_id)?;
+            let image_rows = c.image_rows.as_ref().map(|r| r.to_host()).transpose()?;
             let is_img = |i: usize| i < c.prompt_tokens && c.tokens[i] == image_id;
             let mut used = 0;
             let mut i = 0;
@@ -215,7 +219,7 @@ impl R4bModel {
                 let run = (i..c.tokens.len())
                     .take_while(|&j| is_img(j) == img)
                     .count();
-                match (img, &c.image_rows) {
+                match (img, &image_rows) {
                     (true, Some(r)) => {
                         pieces.push(r.narrow(0, used, run)?);
                         used += run;

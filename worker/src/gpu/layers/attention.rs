@@ -1,7 +1,9 @@
 //! Attention: Qwen3's paged self-attention layer ([`Attention`]) and the kernel choice it makes
 //! once ([`AttentionKernels`]); the cuBLAS-product path ([`attention_gemm`]) shared with SigLIP.
 
-use r4b_kernels::{DBuf, DecodeAttn, DevPtr, FlashAttn, Gemm, Gpu, OutType, RopeKv};
+use r4b_kernels::{
+    DBuf, DecodeAttention, DecodeAttn, DevPtr, FlashAttn, Gemm, Gpu, OutType, RopeKv,
+};
 
 use super::{ColumnParallelLinear, Ctx, RmsNorm, RowParallelLinear};
 use crate::gpu::buffers::StepBuffers;
@@ -23,21 +25,29 @@ pub enum PrefillKernel {
 /// The attention kernels of one head dim on one GPU, chosen when the layer is built.
 ///
 /// Decodes and short prefill chunks run the paged split-context kernel (one query token at a
-/// time; its tensor-core or CUDA-core variant is `KernelOptions::decode_attention`, applied by
-/// `Gpu::decode_attention`); long prefill chunks run [`PrefillKernel`] (rows per CTA:
+/// time) named by `decode`; long prefill chunks run [`PrefillKernel`] (rows per CTA:
 /// `KernelOptions::prefill_rows`, applied by `Gpu::flash_attention`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionKernels {
     pub prefill: PrefillKernel,
+    /// The paged decode kernel: `KernelOptions::decode_attention` where it is built for the head
+    /// dim and group, else the CUDA-core kernel.
+    pub decode: DecodeAttention,
 }
 
 impl AttentionKernels {
-    /// The kernels for `head_dim` on `gpu` (built with its `KernelOptions`).
-    pub fn choose(gpu: &Gpu, head_dim: usize) -> Self {
+    /// The kernels for `head_dim` with `group` query heads per kv head on `gpu` (from its
+    /// `KernelOptions`).
+    pub fn choose(gpu: &Gpu, head_dim: usize, group: usize) -> Self {
+        let wanted = gpu.options.decode_attention;
         AttentionKernels {
             prefill: match gpu.has_flash(head_dim) {
                 true => PrefillKernel::Flash,
                 false => PrefillKernel::GemmProducts,
+            },
+            decode: match gpu.has_decode_attention(wanted, head_dim, group) {
+                true => wanted,
+                false => DecodeAttention::CudaCore,
             },
         }
     }
@@ -242,6 +252,7 @@ impl Attention {
                 pacc: b.pacc.ptr(),
                 out: b.attn.ptr(),
                 out_stride: nq * hd,
+                kernel: self.kernels.decode,
             })
             .map_err(gpu_err)?;
             ctx.mark("attention (paged)")?;

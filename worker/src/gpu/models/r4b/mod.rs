@@ -1,19 +1,21 @@
 //! R-4B on the GPU: SigLIP vision tower + projector ([`siglip`]) and the Qwen3 decoder
 //! ([`qwen3`]), the same blocks as the CPU reference (`model/`). The vision side
 //! ([`R4b::encode_image`]) and the LLM side ([`R4b::forward`]) are separate: the decoder sees
-//! embeddings with the image rows scattered in, never images.
+//! embeddings with the image rows scattered in, never images. The rows stay on the device: the
+//! vision side packs them into a [`DeviceImage`], the decoder's embedding reads them from there.
 
 pub mod qwen3;
 pub mod siglip;
 
 use candle_core::{Device, Tensor};
-use r4b_kernels::{DBuf, DevPtr, Gpu};
+use r4b_kernels::{DBuf, Gpu};
 
 pub use qwen3::{Qwen3, Qwen3Dims};
 pub use siglip::{Siglip, VisionBuffers, VIEWS_PER_BATCH};
 
 use crate::config::RConfig;
 use crate::gpu::buffers::StepBuffers;
+use crate::gpu::images::{DeviceImage, ImageMemory};
 use crate::gpu::kv::GpuKv;
 use crate::gpu::layers::Ctx;
 use crate::gpu::plan::Pass;
@@ -36,8 +38,7 @@ pub struct ImageBuffers {
     pub views: VisionBuffers,
     /// Projected features of every view of one image, then the newline row: `[V·N + 1, H]`.
     feats: DBuf,
-    /// Packed `<image>` rows, and the i32 source row of each.
-    packed: DBuf,
+    /// The i32 source row (in `feats`) of each packed `<image>` row.
     pack_idx: DBuf,
 }
 
@@ -82,20 +83,20 @@ impl R4b {
         Ok(ImageBuffers {
             views: self.vision.buffers(gpu, cfg)?,
             feats: a((self.max_views * n + 1) * h * 2)?,
-            packed: a((self.max_views * n + 1024) * h * 2)?,
             pack_idx: a((self.max_views * n + 1024) * 4)?,
         })
     }
 
-    /// One image's views → its `<image>` rows `[num_image_tokens, H]` (bf16, host), and where
-    /// the same rows are on the device (until the next encode) when they were packed there.
+    /// One image's views → its `<image>` rows `[num_image_tokens, H]` (bf16, in a
+    /// [`DeviceImage`] of `images`).
     pub fn encode_image(
         &self,
         ctx: &Ctx,
         b: &ImageBuffers,
         views: &PixelViews,
         cfg: &RConfig,
-    ) -> Result<(Tensor, Option<DevPtr>)> {
+        images: &ImageMemory,
+    ) -> Result<DeviceImage> {
         let gpu = ctx.gpu;
         let n = self.vision.tokens_per_view();
         let h = cfg.text.hidden_size;
@@ -127,36 +128,28 @@ impl R4b {
             views.image_size,
             &cfg.image_geometry(),
         )? {
-            // The packing only selects rows (no interpolation): gather them on the GPU.
+            // The packing only selects rows (no interpolation): gather them on the GPU, straight
+            // into the image's rows `[src.len(), H]`.
             Some(src) if src.len() <= self.max_views * n + 1024 => {
                 let newline: Vec<half::bf16> = self
                     .image_newline
                     .to_dtype(candle_core::DType::BF16)?
                     .to_vec1()?;
-                let mut host = vec![half::bf16::ZERO; src.len() * h];
-                // SAFETY: feats has a row after the views for the newline; packed/pack_idx hold
-                // max_views·N + 1024 rows ≥ src.len() (checked above).
+                let rows = images.alloc(gpu, src.len(), h)?;
+                // SAFETY: feats has a row after the views for the newline; pack_idx holds
+                // max_views·N + 1024 rows ≥ src.len() (checked above), `rows` src.len() rows.
                 unsafe {
                     gpu.htod(&newline, b.feats.at(total * h, 2))
                         .map_err(gpu_err)?;
                     gpu.htod(&src, b.pack_idx.ptr()).map_err(gpu_err)?;
-                    gpu.gather_rows(
-                        b.pack_idx.ptr(),
-                        b.feats.ptr(),
-                        b.packed.ptr(),
-                        src.len(),
-                        h,
-                    )
-                    .map_err(gpu_err)?;
-                    gpu.dtoh(b.packed.ptr(), &mut host).map_err(gpu_err)?;
-                    ctx.mark("vision pack + download")?;
+                    gpu.gather_rows(b.pack_idx.ptr(), b.feats.ptr(), rows.row(0), src.len(), h)
+                        .map_err(gpu_err)?;
+                    ctx.mark("vision pack")?;
                 }
-                Ok((
-                    Tensor::from_vec(host, (src.len(), h), &Device::Cpu)?,
-                    Some(b.packed.ptr()),
-                ))
+                Ok(rows)
             }
-            // Interpolated (more tiles than anyres_max allows): the host path.
+            // Interpolated (more tiles than anyres_max allows): packed on the host, then uploaded
+            // once into the image's rows.
             _ => {
                 let mut host = vec![half::bf16::ZERO; total * h];
                 // SAFETY: feats holds `total` rows.
@@ -168,8 +161,20 @@ impl R4b {
                     views.image_size,
                     &cfg.image_geometry(),
                     &self.image_newline,
-                )?;
-                Ok((packed.to_dtype(candle_core::DType::BF16)?, None))
+                )?
+                .to_dtype(candle_core::DType::BF16)?;
+                let n_rows = packed.dim(0)?;
+                let host: Vec<half::bf16> = packed.flatten_all()?.to_vec1()?;
+                if host.len() != n_rows * h {
+                    return Err(Error::Step(format!(
+                        "packed image rows of {} values, expected {n_rows} × {h}",
+                        host.len()
+                    )));
+                }
+                let rows = images.alloc(gpu, n_rows, h)?;
+                // SAFETY: `rows` holds n_rows · h bf16 values, as many as `host`.
+                unsafe { gpu.htod(&host, rows.row(0)) }.map_err(gpu_err)?;
+                Ok(rows)
             }
         }
     }
@@ -186,17 +191,22 @@ impl R4b {
         kv: &GpuKv,
         pass: &Pass,
     ) -> Result<()> {
-        // 1. Embeddings [T, H] (vocab-parallel, summed), then the image rows.
+        // 1. Embeddings [T, H] (vocab-parallel, summed), then the image rows, read from their
+        //    images: run k's rows go to the step rows image_dst[at..at + n].
         self.llm.embed(ctx, b, pass.tokens)?;
-        ctx.gpu
-            .scatter_rows(
-                b.image_dst.ptr(),
-                b.image_rows.ptr(),
-                b.proj.ptr(),
-                pass.plan.image_dst.len(),
-                self.llm.dims.hidden,
-            )
-            .map_err(gpu_err)?;
+        let mut at = 0;
+        for &(src, n) in &pass.plan.image_src {
+            ctx.gpu
+                .scatter_rows(
+                    b.image_dst.at(at, 4),
+                    src,
+                    b.proj.ptr(),
+                    n,
+                    self.llm.dims.hidden,
+                )
+                .map_err(gpu_err)?;
+            at += n;
+        }
         ctx.mark("embed")?;
         // 2. The decoder layers and the final norm.
         self.llm.forward_embeds(ctx, b, kv, pass)

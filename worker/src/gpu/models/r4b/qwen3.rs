@@ -98,7 +98,8 @@ impl Qwen3 {
         let root = "model.language_model";
         let embed_tokens =
             VocabParallelEmbedding::load(l, &format!("{root}.embed_tokens"), (t.vocab_size, h))?;
-        let kernels = AttentionKernels::choose(l.gpu, hd);
+        let kernels =
+            AttentionKernels::choose(l.gpu, hd, dims.nq.checked_div(dims.nkv).unwrap_or(0));
         let mut layers = Vec::with_capacity(t.num_hidden_layers);
         for i in 0..t.num_hidden_layers {
             let pre = format!("{root}.layers.{i}");

@@ -146,7 +146,8 @@ impl Siglip {
                 Split::Replicated,
             )?,
         };
-        let kernels = AttentionKernels::choose(l.gpu, c / v.num_attention_heads);
+        // Full attention, heads = kv heads (the decode kernel is never used here).
+        let kernels = AttentionKernels::choose(l.gpu, c / v.num_attention_heads, 1);
         let mut layers = Vec::new();
         for i in 0..cfg.vision_layers_used() {
             let pre = format!("{root}.encoder.layers.{i}");
