@@ -6,8 +6,10 @@
 //! * `least-loaded`: power of two choices over each replica's load, the larger of what it pushed
 //!   (waiting + running, etcd only) and this gateway's own count of its requests in flight;
 //! * `prefix` (default): the replica holding the longest run of the request's leading KV blocks
-//!   (from the block hashes replicas publish), unless its load exceeds the least loaded one's by
-//!   more than the slack; otherwise least-loaded.
+//!   (from the block hashes replicas publish), when that run is at least half of the prompt's
+//!   full blocks (a short shared head, such as a system prompt every replica soon holds, does not
+//!   pin all traffic to one replica) and its load exceeds the least loaded one's by at most the
+//!   slack; otherwise least-loaded.
 //!
 //! A replica that fails a call (UNAVAILABLE, a broken connection) or drains is skipped for
 //! [`EJECT_FOR`] (or until etcd shows it registered again under a new lease), and a request
@@ -338,10 +340,13 @@ impl ReplicaPool {
             Routing::LeastLoaded => two_choices(&cands, n),
             Routing::Prefix => {
                 let least = cands.iter().map(|r| r.load()).min().unwrap_or(0);
+                let enough = keys.len().div_ceil(2).max(1);
                 let best = cands
                     .iter()
                     .map(|r| (r.cached_blocks(keys), r))
-                    .filter(|(blocks, r)| *blocks > 0 && r.load() <= least + self.overload_slack)
+                    .filter(|(blocks, r)| {
+                        *blocks >= enough && r.load() <= least + self.overload_slack
+                    })
                     // Longest prefix; among equals the least loaded.
                     .max_by_key(|(blocks, r)| (*blocks, std::cmp::Reverse(r.load())));
                 match best {
@@ -476,8 +481,8 @@ mod tests {
             Routing::Prefix,
             vec![
                 entry("http://a:1", 0, &[]),
-                entry("http://b:1", 2, &[10, 11]),
-                entry("http://c:1", 0, &[10]),
+                entry("http://b:1", 2, &[10, 11, 12]),
+                entry("http://c:1", 0, &[10, 11]),
             ],
         );
         for _ in 0..10 {
@@ -488,11 +493,19 @@ mod tests {
             Routing::Prefix,
             vec![
                 entry("http://a:1", 0, &[]),
-                entry("http://b:1", 9, &[10, 11]),
-                entry("http://c:1", 1, &[10]),
+                entry("http://b:1", 9, &[10, 11, 12]),
+                entry("http://c:1", 1, &[10, 11]),
             ],
         );
         assert_eq!(url_of(p.pick(&[10, 11, 12], &[])), "http://c:1");
+        // A match on under half of the prompt's blocks does not count: least-loaded decides.
+        let p = pool(
+            Routing::Prefix,
+            vec![entry("http://a:1", 3, &[10]), entry("http://b:1", 0, &[])],
+        );
+        for _ in 0..10 {
+            assert_eq!(url_of(p.pick(&[10, 11, 12], &[])), "http://b:1");
+        }
     }
 
     #[tokio::test]
