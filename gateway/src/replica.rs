@@ -11,6 +11,10 @@
 //!   pin all traffic to one replica) and its load exceeds the least loaded one's by at most the
 //!   slack; otherwise least-loaded.
 //!
+//! Between two summaries of a replica, the keys of the requests this gateway sent it count as
+//! held (the published summary lags by up to ~200 ms plus etcd's propagation, while the next turn
+//! of a conversation often follows at once).
+//!
 //! A replica that fails a call (UNAVAILABLE, a broken connection) or drains is skipped for
 //! [`EJECT_FOR`] (or until etcd shows it registered again under a new lease), and a request
 //! that has not received its first token is started again on another replica.
@@ -382,11 +386,16 @@ impl ReplicaPool {
             };
             match attempt.await {
                 Ok((stream, first)) => {
+                    // The replica now holds this prompt's blocks: known here at once, before
+                    // its next published summary (which replaces this guess).
+                    if self.routing == Routing::Prefix {
+                        replica.view().prefixes.extend(keys.iter().copied());
+                    }
                     return Ok(Started {
                         stream,
                         first,
                         inflight,
-                    })
+                    });
                 }
                 Err(status) if replica_failed(&status) => {
                     replica.eject(&status);
