@@ -17,7 +17,8 @@
 //!
 //! A replica that fails a call (UNAVAILABLE, a broken connection) or drains is skipped for
 //! [`EJECT_FOR`] (or until etcd shows it registered again under a new lease), and a request
-//! that has not received its first token is started again on another replica.
+//! that has not received its first token is started again on another replica; so is one whose
+//! replica's queue is full (RESOURCE_EXHAUSTED), without marking it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -400,6 +401,11 @@ impl ReplicaPool {
                 Err(status) if replica_failed(&status) => {
                     replica.eject(&status);
                     tracing::warn!(replica = %replica.url, %status, "request not started; trying another replica");
+                    last = status;
+                }
+                // Its queue is full: another replica may have room (the 429 stands if none has).
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    tracing::debug!(replica = %replica.url, "queue full; trying another replica");
                     last = status;
                 }
                 Err(status) => return Err(status),

@@ -5,7 +5,9 @@
 //!   registered again, under new leases;
 //! * `kill -9` of one coordinator: no request hangs, requests sent after the kill succeed (on the
 //!   other replica) and one starts streaming within 1 s of the kill; restarted, the replica
-//!   registers again and gets requests again (its own Load counters, asked over gRPC).
+//!   registers again and gets requests again (its own Load counters, asked over gRPC);
+//! * SIGTERM of the other coordinator (drain): its registration is gone within 1 s, no request
+//!   fails, and it exits 0.
 //!
 //! Needs the `etcd` feature and `/usr/bin/etcd`; without either it prints "SKIPPED: ..." and
 //! passes. CI (`.ci/run`) installs both, so there it runs.
@@ -229,7 +231,42 @@ fn etcd_outage_and_replica_kill_under_load() {
         gap < Duration::from_secs(1),
         "first success {gap:?} after the kill"
     );
+
+    // --- SIGTERM (drain) of replica B under load.
+    let mut b = b;
+    let load = Load::start(&gw.base, 4);
+    std::thread::sleep(Duration::from_secs(2));
+    let b_url = b.url();
+    let b_proc = std::thread::spawn(move || b.terminate(Duration::from_secs(20)));
+    let gone = etcd
+        .wait_registrations(Duration::from_secs(5), |r| {
+            !r.iter().any(|e| e["url"] == b_url.as_str())
+        })
+        .expect("the draining replica's registration disappeared");
+    std::thread::sleep(Duration::from_secs(3));
+    let outcomes = load.finish(Duration::from_secs(60));
+    let status = b_proc.join().unwrap();
+    let bad: Vec<String> = outcomes
+        .iter()
+        .filter(|o| !o.complete())
+        .map(describe)
+        .collect();
+    println!(
+        "drain phase: registration gone {:.0} ms after SIGTERM; {} requests, {} failed; exit {:?}",
+        gone.as_secs_f64() * 1e3,
+        outcomes.len(),
+        bad.len(),
+        status
+    );
+    assert!(
+        gone < Duration::from_secs(1),
+        "registration still there {gone:?} after SIGTERM"
+    );
+    assert!(bad.is_empty(), "requests failed around the drain: {bad:?}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "drained coordinator: {status:?}"
+    );
     drop(gw);
-    drop(b);
     let _ = etcd.pid();
 }

@@ -242,6 +242,24 @@ impl Coordinator {
         }
     }
 
+    /// SIGTERM (drain), then waits up to `timeout` for the exit; its status, if it exited.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        procs::signal(c.id(), "TERM");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Its `Load` counters, asked over gRPC directly (not through the gateway).
     pub fn load(&self) -> Option<r4b_proto::v1::LoadResponse> {
         let url = self.url();
