@@ -93,8 +93,63 @@ fn skip_reason() -> Option<String> {
     None
 }
 
+/// One cluster at a time: the machine has 2 cores and the timings matter.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The static list (`--coordinator a,b`, no etcd; runs without the feature): the gateway's own
+/// in-flight counts spread the load over both replicas, and a `kill -9` of one fails over with
+/// no failed request sent after it.
+#[test]
+fn static_list_spreads_load_and_fails_over() {
+    let _serial = serial();
+    let cache = tempfile::tempdir().unwrap();
+    let mut a = Coordinator::start("", 2, cache.path(), &[]);
+    a.wait_up(Duration::from_secs(120));
+    let b = Coordinator::start("", 2, cache.path(), &[]);
+    b.wait_up(Duration::from_secs(120));
+    let list = format!("{},{}", a.url(), b.url());
+    let gw = Gateway::start_with(
+        cache.path(),
+        &["--coordinator", &list, "--routing", "least-loaded"],
+    );
+    let served = |c: &Coordinator| c.load().map_or(0, |l| l.prefix_query_tokens);
+    let before = [served(&a), served(&b)];
+    let load = Load::start(&gw.base, 4);
+    std::thread::sleep(Duration::from_secs(3));
+    let during = [served(&a), served(&b)];
+    for i in 0..2 {
+        assert!(
+            during[i] > before[i] + 100,
+            "replica {i} got no requests: {before:?} -> {during:?}"
+        );
+    }
+    a.kill9();
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let outcomes = load.finish(Duration::from_secs(60));
+    let bad: Vec<String> = outcomes
+        .iter()
+        .filter(|o| (o.sent >= killed && !o.complete()) || !(o.complete() || o.clear_error()))
+        .map(describe)
+        .collect();
+    println!(
+        "static list: {} requests, both replicas served ({before:?} -> {during:?}), {} bad",
+        outcomes.len(),
+        bad.len()
+    );
+    assert!(bad.is_empty(), "{bad:?}");
+    assert!(
+        outcomes.iter().any(|o| o.sent >= killed && o.complete()),
+        "nothing succeeded after the kill"
+    );
+}
+
 #[test]
 fn etcd_outage_and_replica_kill_under_load() {
+    let _serial = serial();
     if let Some(why) = skip_reason() {
         println!("SKIPPED: {why}");
         eprintln!("SKIPPED: {why}");

@@ -184,7 +184,8 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Starts a coordinator with TP = `tp` on a free port, registering in etcd at `etcd`.
+    /// Starts a coordinator with TP = `tp` on a free port, registering in etcd at `etcd` (an
+    /// empty string: no etcd).
     pub fn start(etcd: &str, tp: usize, cache: &Path, extra: &[&str]) -> Coordinator {
         let mut c = Coordinator {
             child: None,
@@ -192,12 +193,11 @@ impl Coordinator {
             args: extra.iter().map(|s| s.to_string()).collect(),
             cache: cache.to_path_buf(),
         };
-        c.args.extend([
-            "--tensor-parallel-size".into(),
-            tp.to_string(),
-            "--etcd".into(),
-            etcd.into(),
-        ]);
+        c.args
+            .extend(["--tensor-parallel-size".into(), tp.to_string()]);
+        if !etcd.is_empty() {
+            c.args.extend(["--etcd".into(), etcd.into()]);
+        }
         c.restart();
         c
     }
@@ -239,6 +239,19 @@ impl Coordinator {
         if let Some(mut c) = self.child.take() {
             procs::signal(c.id(), "KILL");
             let _ = c.wait();
+        }
+    }
+
+    /// Waits until its gRPC service answers `Load` (its workers are up).
+    pub fn wait_up(&self, timeout: Duration) {
+        let t0 = Instant::now();
+        while self.load().is_none() {
+            assert!(
+                t0.elapsed() < timeout,
+                "coordinator {} did not come up",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
@@ -310,12 +323,18 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway on `--etcd etcd` with `extra` flags; waits until `/ready` is 200.
     pub fn start(etcd: &str, cache: &Path, extra: &[&str]) -> Gateway {
+        let mut args = vec!["--etcd", etcd];
+        args.extend_from_slice(extra);
+        Gateway::start_with(cache, &args)
+    }
+
+    /// Starts a gateway with `args` (the replica source among them); waits until `/ready` is 200.
+    pub fn start_with(cache: &Path, args: &[&str]) -> Gateway {
         let port = free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_r4b"))
             .arg("gateway")
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--etcd", etcd])
-            .args(extra)
+            .args(args)
             .env("R4B_CACHE", cache)
             .env("R4B_CLUSTER_SECRET", SECRET)
             .env(
