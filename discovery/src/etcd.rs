@@ -15,7 +15,10 @@ use etcd_client::{
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::{Discovery, DiscoveryError, ReplicaEntry, ReplicaSet};
+use crate::{
+    decode_prefixes, encode_prefixes, prefixes_key, Discovery, DiscoveryError, ReplicaEntry,
+    ReplicaSet, PREFIXES_SUFFIX,
+};
 
 /// Pause between attempts to reach etcd.
 pub const RETRY: Duration = Duration::from_millis(500);
@@ -56,9 +59,10 @@ pub fn endpoints(values: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// A coordinator's registration: its entry under `<prefix><id>`, attached to a lease that is
-/// renewed every third of its TTL and revoked by [`Registration::revoke`]. The entry is put
-/// again whenever the watched value changes (the caller rate-limits the changes).
+/// A coordinator's registration: its entry under `<prefix><id>` (JSON) and its prefix keys under
+/// `<prefix><id>/prefixes` (little-endian `u64`s), both attached to a lease that is renewed every
+/// third of its TTL and revoked by [`Registration::revoke`]. Each key is put again when its part
+/// of the watched value changes (the caller rate-limits the changes).
 #[derive(Debug)]
 pub struct Registration {
     stop: Option<oneshot::Sender<()>>,
@@ -156,27 +160,61 @@ async fn register_once(
         .await?
         .id();
     let (mut keeper, mut acks) = call("lease keep-alive", client.lease_keep_alive(lease)).await?;
-    let put = |client: &mut Client, e: &ReplicaEntry| {
-        let mut e = e.clone();
-        e.lease = lease;
-        let key = format!("{prefix}{}", e.id);
-        let mut client = client.clone();
-        async move {
-            let value = serde_json::to_vec(&e)?;
-            call(
-                "put",
-                client.put(key, value, Some(PutOptions::new().with_lease(lease))),
-            )
-            .await
-            .map(|_| ())
-        }
-    };
-    let current = entry.borrow_and_update().clone();
-    put(&mut client, &current).await?;
-    lease_tx.send_replace(lease);
-    tracing::info!(lease, key = %format!("{prefix}{}", current.id), "registered in etcd");
+    let key = |e: &ReplicaEntry| format!("{prefix}{}", e.id);
+    // What was put last: the entry (its prefixes aside) and the prefix keys.
+    let mut put_entry: Option<ReplicaEntry> = None;
+    let mut put_keys: Option<Arc<Vec<u64>>> = None;
+    let mut current = entry.borrow_and_update().clone();
     let mut renew = tokio::time::interval(Duration::from_millis(ttl as u64 * 1000 / 3));
     let mut last_ack = tokio::time::Instant::now();
+    loop {
+        let mut main = current.clone();
+        main.prefixes = Arc::default();
+        main.lease = lease;
+        if put_entry.as_ref() != Some(&main) {
+            let value = serde_json::to_vec(&main)?;
+            let opts = PutOptions::new().with_lease(lease);
+            call("put", client.put(key(&main), value, Some(opts))).await?;
+            if put_entry.is_none() {
+                lease_tx.send_replace(lease);
+                tracing::info!(lease, key = %key(&main), "registered in etcd");
+            }
+            put_entry = Some(main);
+        }
+        if put_keys.as_ref() != Some(&current.prefixes) {
+            let opts = PutOptions::new().with_lease(lease);
+            let value = encode_prefixes(&current.prefixes);
+            let k = prefixes_key(prefix, &current.id);
+            call("put", client.put(k, value, Some(opts))).await?;
+            put_keys = Some(current.prefixes.clone());
+        }
+        let changed = renew_until_change(
+            &mut keeper,
+            &mut acks,
+            entry,
+            ttl,
+            lease,
+            &mut renew,
+            &mut last_ack,
+        )
+        .await?;
+        if changed {
+            current = entry.borrow_and_update().clone();
+        }
+    }
+}
+
+/// Renews the lease until the entry changes (`Ok(true)`), its owner is gone and the lease is
+/// to be kept as is (never returns), or an error.
+async fn renew_until_change(
+    keeper: &mut etcd_client::LeaseKeeper,
+    acks: &mut etcd_client::LeaseKeepAliveStream,
+    entry: &mut watch::Receiver<ReplicaEntry>,
+    ttl: i64,
+    lease: i64,
+    renew: &mut tokio::time::Interval,
+    last_ack: &mut tokio::time::Instant,
+) -> Result<bool, DiscoveryError> {
     loop {
         tokio::select! {
             _ = renew.tick() => {
@@ -186,17 +224,16 @@ async fn register_once(
                 keeper.keep_alive().await.map_err(err)?;
             }
             ack = acks.message() => match ack.map_err(err)? {
-                Some(a) if a.ttl() > 0 => last_ack = tokio::time::Instant::now(),
+                Some(a) if a.ttl() > 0 => *last_ack = tokio::time::Instant::now(),
                 Some(_) => return Err(DiscoveryError::Etcd(format!("lease {lease} expired"))),
                 None => return Err(DiscoveryError::Etcd("keep-alive stream ended".into())),
             },
             changed = entry.changed() => {
                 if changed.is_err() {
-                    // The owner is gone: keep the last entry until revoked or expired.
+                    // The owner is gone: stop renewing; the lease runs out.
                     std::future::pending::<()>().await;
                 }
-                let e = entry.borrow_and_update().clone();
-                put(&mut client, &e).await?;
+                return Ok(true);
             }
         }
     }
@@ -263,19 +300,54 @@ impl Discovery for EtcdDiscovery {
     }
 }
 
-fn decode(prefix: &str, kv: &KeyValue) -> Option<(String, ReplicaEntry)> {
-    let key = std::str::from_utf8(kv.key()).ok()?;
-    let id = key.strip_prefix(prefix)?.to_string();
-    match serde_json::from_slice::<ReplicaEntry>(kv.value()) {
-        Ok(mut e) => {
-            e.id = id.clone();
-            e.lease = kv.lease();
-            Some((id, e))
+/// What the watched prefix holds: entries and prefix keys by replica id.
+#[derive(Default)]
+struct Known {
+    entries: BTreeMap<String, ReplicaEntry>,
+    keys: BTreeMap<String, Arc<Vec<u64>>>,
+}
+
+impl Known {
+    /// Applies a put (`Some(kv)`) or a delete (`None` value) of `key`.
+    fn apply(&mut self, prefix: &str, kv: &KeyValue, deleted: bool) {
+        let Some(rest) = std::str::from_utf8(kv.key())
+            .ok()
+            .and_then(|k| k.strip_prefix(prefix))
+        else {
+            return;
+        };
+        if let Some(id) = rest.strip_suffix(PREFIXES_SUFFIX) {
+            if deleted {
+                self.keys.remove(id);
+            } else {
+                self.keys
+                    .insert(id.to_string(), Arc::new(decode_prefixes(kv.value())));
+            }
+            return;
         }
-        Err(e) => {
-            tracing::warn!(key, error = %e, "ignoring an unreadable registration");
-            None
+        if deleted {
+            self.entries.remove(rest);
+            return;
         }
+        match serde_json::from_slice::<ReplicaEntry>(kv.value()) {
+            Ok(mut e) => {
+                e.id = rest.to_string();
+                e.lease = kv.lease();
+                self.entries.insert(rest.to_string(), e);
+            }
+            Err(e) => tracing::warn!(key = rest, error = %e, "ignoring an unreadable registration"),
+        }
+    }
+
+    /// The entries with their prefix keys.
+    fn set(&self) -> ReplicaSet {
+        let mut set = self.entries.clone();
+        for (id, e) in set.iter_mut() {
+            if let Some(k) = self.keys.get(id) {
+                e.prefixes = k.clone();
+            }
+        }
+        Arc::new(set)
     }
 }
 
@@ -293,13 +365,16 @@ async fn follow(
     )
     .await?;
     let revision = resp.header().map_or(0, |h| h.revision());
-    let set: BTreeMap<_, _> = resp
-        .kvs()
-        .iter()
-        .filter_map(|kv| decode(prefix, kv))
-        .collect();
-    tracing::info!(replicas = set.len(), revision, "etcd: registrations read");
-    tx.send_replace(Arc::new(set));
+    let mut known = Known::default();
+    for kv in resp.kvs() {
+        known.apply(prefix, kv, false);
+    }
+    tracing::info!(
+        replicas = known.entries.len(),
+        revision,
+        "etcd: registrations read"
+    );
+    tx.send_replace(known.set());
     synced.send_replace(true);
     let opts = WatchOptions::new()
         .with_prefix()
@@ -315,27 +390,12 @@ async fn follow(
         if resp.events().is_empty() {
             continue;
         }
-        tx.send_modify(|set| {
-            let set = Arc::make_mut(set);
-            for ev in resp.events() {
-                let Some(kv) = ev.kv() else { continue };
-                match ev.event_type() {
-                    EventType::Put => {
-                        if let Some((id, e)) = decode(prefix, kv) {
-                            set.insert(id, e);
-                        }
-                    }
-                    EventType::Delete => {
-                        if let Some(id) = std::str::from_utf8(kv.key())
-                            .ok()
-                            .and_then(|k| k.strip_prefix(prefix))
-                        {
-                            set.remove(id);
-                        }
-                    }
-                }
+        for ev in resp.events() {
+            if let Some(kv) = ev.kv() {
+                known.apply(prefix, kv, ev.event_type() == EventType::Delete);
             }
-        });
+        }
+        tx.send_replace(known.set());
     }
     Err(DiscoveryError::Etcd("watch stream ended".into()))
 }

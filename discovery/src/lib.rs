@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -48,10 +47,11 @@ pub struct ReplicaEntry {
     /// Tokens per KV block (the prefix hashes are per block).
     pub block_size: u32,
     /// The first 8 bytes (little-endian `u64`) of the chained hashes of the KV blocks the replica
-    /// holds or caches, most recently used first, at most [`MAX_PREFIX_HASHES`]; base64 of the
-    /// concatenated little-endian bytes.
-    #[serde(default)]
-    pub prefixes: String,
+    /// holds or caches, most recently used first, at most [`MAX_PREFIX_HASHES`]. Not part of the
+    /// entry's JSON: etcd keeps them under their own key ([`prefixes_key`]), put less often than
+    /// the load, so that load updates stay small.
+    #[serde(skip)]
+    pub prefixes: Arc<Vec<u64>>,
     /// The etcd lease the entry lives under (0 for a static entry); a new lease means a new
     /// process or a new registration.
     #[serde(default)]
@@ -69,27 +69,35 @@ impl ReplicaEntry {
         }
     }
 
-    /// Encodes `hashes` into [`ReplicaEntry::prefixes`] (at most [`MAX_PREFIX_HASHES`]).
+    /// Sets [`ReplicaEntry::prefixes`] (at most [`MAX_PREFIX_HASHES`]).
     pub fn set_prefixes(&mut self, hashes: &[u64]) {
-        let bytes: Vec<u8> = hashes
-            .iter()
-            .take(MAX_PREFIX_HASHES)
-            .flat_map(|h| h.to_le_bytes())
-            .collect();
-        self.prefixes = base64::engine::general_purpose::STANDARD.encode(bytes);
+        self.prefixes = Arc::new(hashes.iter().take(MAX_PREFIX_HASHES).copied().collect());
     }
+}
 
-    /// The published block hashes (empty when none or malformed).
-    pub fn prefix_hashes(&self) -> Vec<u64> {
-        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&self.prefixes) else {
-            return Vec::new();
-        };
-        bytes
-            .chunks_exact(8)
-            .take(MAX_PREFIX_HASHES)
-            .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
-            .collect()
-    }
+/// Suffix of the key that holds a replica's prefix keys (`<prefix><id>/prefixes`).
+pub const PREFIXES_SUFFIX: &str = "/prefixes";
+
+/// The key of replica `id`'s prefix keys under `prefix`.
+pub fn prefixes_key(prefix: &str, id: &str) -> String {
+    format!("{prefix}{id}{PREFIXES_SUFFIX}")
+}
+
+/// The value of a prefix-keys key: the keys as concatenated little-endian `u64`s.
+pub fn encode_prefixes(keys: &[u64]) -> Vec<u8> {
+    keys.iter()
+        .take(MAX_PREFIX_HASHES)
+        .flat_map(|h| h.to_le_bytes())
+        .collect()
+}
+
+/// The keys of a prefix-keys value (a trailing partial key is ignored).
+pub fn decode_prefixes(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .take(MAX_PREFIX_HASHES)
+        .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
+        .collect()
 }
 
 /// The known replicas, by registration id.
@@ -176,9 +184,14 @@ mod tests {
             .map(|i| i * 77)
             .collect();
         e.set_prefixes(&hashes);
-        assert_eq!(e.prefix_hashes(), hashes[..MAX_PREFIX_HASHES]);
-        e.prefixes = "not base64!".into();
-        assert!(e.prefix_hashes().is_empty());
+        assert_eq!(e.prefixes[..], hashes[..MAX_PREFIX_HASHES]);
+        let bytes = encode_prefixes(&hashes);
+        assert_eq!(bytes.len(), 8 * MAX_PREFIX_HASHES);
+        assert_eq!(decode_prefixes(&bytes), hashes[..MAX_PREFIX_HASHES]);
+        assert_eq!(decode_prefixes(&bytes[..11]), hashes[..1]);
+        // Not in the JSON.
+        let json = serde_json::to_string(&e).unwrap_or_default();
+        assert!(!json.contains("prefixes"), "{json}");
     }
 
     #[test]

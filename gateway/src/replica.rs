@@ -281,8 +281,10 @@ impl ReplicaPool {
                 if v.entry.lease != entry.lease {
                     v.down_until = None;
                 }
-                if v.entry.prefixes != entry.prefixes {
-                    v.prefixes = entry.prefix_hashes().into_iter().collect();
+                if !Arc::ptr_eq(&v.entry.prefixes, &entry.prefixes)
+                    && v.entry.prefixes != entry.prefixes
+                {
+                    v.prefixes = entry.prefixes.iter().copied().collect();
                 }
                 v.entry = entry.clone();
             }

@@ -13,6 +13,10 @@ use r4b_proto::v1 as pb;
 /// How often a coordinator refreshes its entry (it is put only when it changed).
 #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
 pub const REFRESH: Duration = Duration::from_millis(200);
+/// How often it refreshes its prefix keys (up to 32 KiB; the gateway also counts the keys of
+/// the requests it just sent as held, so a slower refresh costs little).
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+pub const PREFIX_REFRESH: Duration = Duration::from_secs(1);
 
 /// etcd flags (gateway and coordinator).
 #[derive(Args, Debug, Clone)]
@@ -136,14 +140,18 @@ fn announce_etcd(
         let mut version = None;
         let mut keys = Vec::new();
         let mut tick = tokio::time::interval(REFRESH);
+        let mut keys_at: Option<tokio::time::Instant> = None;
         loop {
             tick.tick().await;
-            if let Some((v, k)) = engine
-                .prefix_keys(version, r4b_discovery::MAX_PREFIX_HASHES)
-                .await
-            {
-                version = Some(v);
-                keys = k;
+            if keys_at.is_none_or(|t| t.elapsed() >= PREFIX_REFRESH) {
+                keys_at = Some(tokio::time::Instant::now());
+                if let Some((v, k)) = engine
+                    .prefix_keys(version, r4b_discovery::MAX_PREFIX_HASHES)
+                    .await
+                {
+                    version = Some(v);
+                    keys = k;
+                }
             }
             let next = entry_of(&id, &url, &info, &engine, &keys);
             tx.send_if_modified(|e| {

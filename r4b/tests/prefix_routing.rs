@@ -142,7 +142,7 @@ fn prefix_hit_rate_prefix_vs_round_robin() {
     let turns = env_usize("TURNS", 6);
     let clients = env_usize("CLIENTS", 4);
     let mut rates = Vec::new();
-    for routing in ["round-robin", "prefix"] {
+    for routing in ["round-robin", "least-loaded", "prefix"] {
         let f = measure(routing, convs, turns, clients);
         let rate = f.hit as f64 / f.query.max(1) as f64;
         println!(
@@ -160,9 +160,9 @@ fn prefix_hit_rate_prefix_vs_round_robin() {
         rates.push(rate);
     }
     assert!(
-        rates[1] > rates[0],
+        rates[2] > rates[0],
         "prefix routing {:.3} did not beat round-robin {:.3}",
-        rates[1],
+        rates[2],
         rates[0]
     );
 }

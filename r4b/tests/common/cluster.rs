@@ -136,6 +136,8 @@ impl Etcd {
             .as_array()
             .map(|kvs| {
                 kvs.iter()
+                    // `<id>/prefixes` holds the prefix keys (binary), not an entry.
+                    .filter(|kv| !decode(&kv["key"]).ends_with(b"/prefixes"))
                     .filter_map(|kv| {
                         let mut e: Value = serde_json::from_slice(&decode(&kv["value"])).ok()?;
                         // int64 fields are JSON strings in etcd's gateway.
