@@ -56,6 +56,11 @@ pub struct GatewayConfig {
     pub allow_special_tokens_in_content: bool,
     /// What every call to a coordinator carries (`r4b_proto::auth`); none: calls go without.
     pub cluster_secret: Option<r4b_proto::auth::Secret>,
+    /// How a request picks its replica (default: prefix-aware, see [`crate::replica`]).
+    pub routing: crate::replica::Routing,
+    /// Prefix-aware routing gives up a replica's cached prefix when its load (requests waiting
+    /// and running) exceeds the least loaded replica's by more than this; default 4.
+    pub prefix_overload_slack: u32,
 }
 
 impl GatewayConfig {
@@ -83,6 +88,8 @@ impl GatewayConfig {
             auth_probes: false,
             allow_special_tokens_in_content: false,
             cluster_secret: None,
+            routing: crate::replica::Routing::default(),
+            prefix_overload_slack: 4,
         }
     }
 }

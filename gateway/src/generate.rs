@@ -105,6 +105,8 @@ pub struct ChoiceRun {
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: u32,
     stream: Option<Streaming<pb::GenerateResponse>>,
+    /// Counts the choice against its replica (least-loaded routing) while it runs.
+    inflight: Option<crate::replica::InFlight>,
     first: Option<pb::GenerateResponse>,
     pipeline: OutputPipeline,
     clock: Arc<RequestClock>,
@@ -143,6 +145,7 @@ impl ChoiceRun {
         };
         if !matches!(event, ChoiceEvent::Delta(_)) {
             self.stream = None; // ends (and so cancels) the generation at the coordinator
+            self.inflight = None;
         }
         Some(event)
     }
@@ -223,18 +226,19 @@ async fn start_choice(
     let files = state.files();
     let proto = req.to_proto(index, files.stop_ids());
     let submitted = Instant::now();
-    let mut stream = state
+    // Routing keys: the coordinator's hashes of the prompt's full KV blocks.
+    let keys = crate::prefix::block_hashes(
+        &proto.prompt_ids,
+        &proto.images,
+        state.image_token_id(),
+        state.block_size(),
+    );
+    let started = state
         .replicas()
-        .generate(proto)
+        .start(proto, &keys)
         .await
         .map_err(|s| ApiError::from_status(&s))?;
-    let first = stream
-        .message()
-        .await
-        .map_err(|s| ApiError::from_status(&s))?
-        .ok_or_else(|| {
-            ApiError::Internal("the coordinator closed a stream before its first message".into())
-        })?;
+    let (stream, first) = (started.stream, started.first);
     // Where a request's time to first token goes, gateway side (the coordinator logs its part).
     tracing::debug!(
         index,
@@ -247,6 +251,7 @@ async fn start_choice(
         prompt_tokens: first.prompt_tokens,
         cached_tokens: first.cached_tokens,
         stream: Some(stream),
+        inflight: Some(started.inflight),
         first: Some(first),
         pipeline: OutputPipeline::new(files.tokenizer().clone(), req, files.stop_ids()),
         clock: clock.clone(),

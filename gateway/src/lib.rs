@@ -41,6 +41,7 @@ pub mod metrics;
 pub mod model_files;
 pub mod models;
 pub mod output;
+pub mod prefix;
 pub mod prompt;
 pub mod reasoning;
 pub mod replica;

@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::model_files::ModelFiles;
 use crate::replica::ReplicaPool;
 use crate::startup::GatewayError;
+use r4b_discovery::{Discovery, StaticDiscovery};
 
 /// Shared state of the HTTP handlers. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -29,7 +30,10 @@ struct Inner {
     config: GatewayConfig,
     files: ModelFiles,
     images: ImagePipeline,
-    replicas: ReplicaPool,
+    replicas: Arc<ReplicaPool>,
+    /// Keeps the replica set followed (etcd: its watch task).
+    _discovery: Arc<dyn Discovery>,
+    block_size: usize,
     metrics: Arc<Metrics>,
     max_model_len: usize,
     vocab_size: u32,
@@ -128,15 +132,29 @@ impl AppState {
     /// The context length is the smaller of the configured and the coordinator's (0 = unset);
     /// an empty `served_model_name` takes the coordinator's model name.
     pub async fn connect(
-        mut config: GatewayConfig,
+        config: GatewayConfig,
         files: ModelFiles,
         coordinator_urls: Vec<String>,
     ) -> Result<Self, GatewayError> {
-        let replicas = ReplicaPool::new(
-            &coordinator_urls,
+        let discovery =
+            StaticDiscovery::new(&coordinator_urls).map_err(|_| GatewayError::NoReplicas)?;
+        Self::connect_with(config, files, Arc::new(discovery)).await
+    }
+
+    /// Like [`AppState::connect`], with the replicas from `discovery` (followed as they change);
+    /// waits up to `config.connect_timeout` for one to answer ModelInfo.
+    pub async fn connect_with(
+        mut config: GatewayConfig,
+        files: ModelFiles,
+        discovery: Arc<dyn Discovery>,
+    ) -> Result<Self, GatewayError> {
+        let replicas = Arc::new(ReplicaPool::new(
             config.rpc_timeout,
             config.cluster_secret.as_ref(),
-        )?;
+            config.routing,
+            config.prefix_overload_slack,
+        ));
+        replicas.follow(discovery.subscribe());
         let info = replicas.model_info(config.connect_timeout).await?;
         let max_model_len = match (config.max_model_len, info.max_model_len as usize) {
             (0, 0) => {
@@ -176,6 +194,8 @@ impl AppState {
                 files,
                 images,
                 replicas,
+                _discovery: discovery,
+                block_size: info.block_size as usize,
                 metrics: Arc::new(Metrics::default()),
                 max_model_len,
                 vocab_size: info.vocab_size,
@@ -208,6 +228,11 @@ impl AppState {
     /// The coordinators.
     pub fn replicas(&self) -> &ReplicaPool {
         &self.inner.replicas
+    }
+
+    /// Tokens per KV block of the replicas (0: unknown; no prefix-aware routing).
+    pub fn block_size(&self) -> usize {
+        self.inner.block_size
     }
 
     /// The metrics.

@@ -8,6 +8,7 @@
 //! With no model, `serve` uses the embedded default: a tiny R-4B-shaped model with deterministic
 //! weights, written on first run into the cache directory.
 
+mod discovery;
 mod inspect;
 mod model;
 mod options;

@@ -169,6 +169,15 @@ pub struct GatewayOpts {
     /// connection stays open.
     #[arg(long, default_value_t = 10)]
     http_header_timeout: u64,
+    /// How a request picks its replica: `prefix` (where its longest prompt prefix is cached,
+    /// unless that replica is overloaded; else least-loaded), `least-loaded` (power of two
+    /// choices over load) or `round-robin`.
+    #[arg(long, default_value = "prefix")]
+    routing: r4b_gateway::replica::Routing,
+    /// Prefix-aware routing skips a replica whose load (requests waiting + running) exceeds the
+    /// least loaded one's by more than this.
+    #[arg(long, default_value_t = 4)]
+    prefix_overload_slack: u32,
 }
 
 /// `r4b serve`.
@@ -213,9 +222,17 @@ pub struct GatewayArgs {
     model: ModelArgs,
     #[command(flatten)]
     gateway: GatewayOpts,
-    /// Coordinator URLs (http://host:port), comma-separated; requests are spread over them.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Coordinator URLs (http://host:port), comma-separated; requests are spread over them
+    /// (`--routing`). Or `--etcd`: the coordinators registered there.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "etcd",
+        conflicts_with = "etcd"
+    )]
     coordinator: Vec<String>,
+    #[command(flatten)]
+    etcd: crate::discovery::EtcdOpts,
     /// Name clients use as `model` (default: the coordinator's).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -235,6 +252,15 @@ pub struct CoordinatorArgs {
     /// Address of the Coordinator gRPC service.
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    #[command(flatten)]
+    etcd: crate::discovery::EtcdOpts,
+    /// URL gateways reach this coordinator at, as registered in etcd (default: http:// and the
+    /// listen address; required when that is 0.0.0.0 or ::, e.g. `http://$(POD_IP):50051`).
+    #[arg(long, env = "R4B_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    /// Seconds the etcd registration outlives a coordinator that stopped renewing it (crash).
+    #[arg(long, default_value_t = 3)]
+    etcd_lease_ttl: i64,
     #[command(flatten)]
     secret: SecretOpt,
     #[command(flatten)]
@@ -333,6 +359,8 @@ fn gateway_config(g: &GatewayOpts, served_model_name: String, secret: Secret) ->
     cfg.api_keys = r4b_gateway::auth::ApiKeys::new(&g.api_key);
     cfg.auth_probes = g.auth_probes;
     cfg.allow_special_tokens_in_content = g.allow_special_tokens_in_content;
+    cfg.routing = g.routing;
+    cfg.prefix_overload_slack = g.prefix_overload_slack;
     let loopback = g
         .host
         .parse::<std::net::IpAddr>()
@@ -531,10 +559,11 @@ pub async fn gateway(a: GatewayArgs) -> Result<()> {
     let dir = a.model.dir().await?;
     let files = ModelFiles::load(&dir).context("loading tokenizer and chat template")?;
     let name = a.served_model_name.clone().unwrap_or_default();
-    let state = AppState::connect(
+    let source = crate::discovery::gateway_source(&a.etcd, &a.coordinator).await?;
+    let state = AppState::connect_with(
         gateway_config(&a.gateway, name, a.secret.secret()?),
         files,
-        a.coordinator.clone(),
+        source,
     )
     .await?;
     serve_http(state, &a.gateway, &a.shutdown, None).await
@@ -547,9 +576,30 @@ pub async fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
-    eprintln!("r4b: coordinator on {}", listener.local_addr()?);
+    let local = listener.local_addr()?;
+    eprintln!("r4b: coordinator on {local}");
+    let url = match (&a.advertise_url, local.ip().is_unspecified()) {
+        (Some(u), _) => u.clone(),
+        (None, false) => format!("http://{local}"),
+        (None, true) if !a.etcd.etcd.is_empty() => {
+            bail!("--listen {local} is not an address gateways can dial: set --advertise-url")
+        }
+        (None, true) => String::new(),
+    };
     let replica = start_coordinator(cfg, listener).await?;
-    match stop_reason(Some(&replica.engine)).await {
+    let announced = crate::discovery::announce(
+        &a.etcd,
+        &url,
+        &replica.info,
+        &replica.engine,
+        a.etcd_lease_ttl,
+    )?;
+    let stop = stop_reason(Some(&replica.engine)).await;
+    // Gateways stop sending here at once (the entry disappears); the drain finishes the rest.
+    if let Some(a) = announced {
+        a.withdraw().await;
+    }
+    match stop {
         Stop::Signal => {
             let timeout = Duration::from_secs(a.shutdown.shutdown_timeout);
             eprintln!("r4b: draining: no new requests, running ones get up to {timeout:?}");

@@ -52,6 +52,16 @@ pub enum Command {
     },
     /// Drop a request (client gone).
     Abort(SeqId),
+    /// The prefix cache's routing keys ([`Scheduler::prefix_keys`]), unless its version is
+    /// still `since` (then `None`).
+    PrefixKeys {
+        /// The version the caller has.
+        since: Option<u64>,
+        /// Most keys.
+        cap: usize,
+        /// `(version, keys)`.
+        reply: oneshot::Sender<Option<(u64, Vec<u64>)>>,
+    },
     /// Stop admitting, let running requests finish for up to `timeout`, fail the rest, shut the
     /// workers down; `done` fires when the engine has stopped.
     Drain {
@@ -144,6 +154,14 @@ impl EngineHandle {
                 return std::future::pending().await;
             }
         }
+    }
+
+    /// The prefix cache's routing keys if they changed since version `since` (see
+    /// [`Command::PrefixKeys`]); `None` when unchanged or the engine is gone.
+    pub async fn prefix_keys(&self, since: Option<u64>, cap: usize) -> Option<(u64, Vec<u64>)> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::PrefixKeys { since, cap, reply }).ok()?;
+        rx.await.ok().flatten()
     }
 
     /// Drains the engine (see [`Command::Drain`]) and waits until it stopped.
@@ -442,6 +460,11 @@ impl Engine {
                 }
             }
             Command::Drain { timeout, done } => self.start_drain(timeout, done),
+            Command::PrefixKeys { since, cap, reply } => {
+                let keys = (since != Some(self.scheduler.prefix_version()))
+                    .then(|| self.scheduler.prefix_keys(cap));
+                let _ = reply.send(keys);
+            }
         }
     }
 

@@ -56,6 +56,8 @@ pub(super) struct BlockManager {
     /// Cached blocks (hash, `ref_count == 0`) by release tick: the first is evicted first.
     evictable: BTreeSet<(u64, BlockId)>,
     tick: u64,
+    /// Bumped whenever the set of hashed blocks changes (a registration or an eviction).
+    version: u64,
 }
 
 impl BlockManager {
@@ -70,6 +72,7 @@ impl BlockManager {
             by_hash: HashMap::new(),
             evictable: BTreeSet::new(),
             tick: 0,
+            version: 0,
         }
     }
 
@@ -117,6 +120,7 @@ impl BlockManager {
                 let (_, id) = self.evictable.pop_first()?;
                 if let Some(h) = self.hash[id.index()].take() {
                     self.by_hash.remove(&h);
+                    self.version += 1;
                 }
                 id
             }
@@ -146,6 +150,7 @@ impl BlockManager {
         }
         self.hash[id.index()] = Some(hash);
         self.by_hash.insert(hash, id);
+        self.version += 1;
         true
     }
 
@@ -173,6 +178,27 @@ impl BlockManager {
         while let Some(lease) = leases.pop() {
             self.release(lease);
         }
+    }
+
+    /// Changes whenever a block gains or loses its hash.
+    pub(super) fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Hashes of at most `cap` hashed blocks: those held by a sequence first, then the cached ones
+    /// from the most recently released. What a replica publishes for prefix-aware routing.
+    pub(super) fn recent_hashes(&self, cap: usize) -> Vec<BlockHash> {
+        let held = self
+            .ref_count
+            .iter()
+            .zip(&self.hash)
+            .filter_map(|(rc, h)| (*rc > 0).then_some(*h).flatten());
+        let cached = self
+            .evictable
+            .iter()
+            .rev()
+            .filter_map(|(_, id)| self.hash[id.index()]);
+        held.chain(cached).take(cap).collect()
     }
 
     /// `(ref_count, has_hash)` of every block, by id.
@@ -259,6 +285,37 @@ mod tests {
         m.release(c);
         m.release(d);
         assert_eq!(m.num_free(), 2);
+        check_counts(&m);
+    }
+
+    #[test]
+    fn recent_hashes_put_held_blocks_first_then_the_newest_cached() {
+        let mut m = BlockManager::new(4);
+        let v0 = m.version();
+        let leases: Vec<_> = (0..4).map(|_| m.allocate().unwrap()).collect();
+        for (i, l) in leases.iter().enumerate() {
+            assert!(m.register(l, h(i as u8)));
+        }
+        assert_eq!(m.version(), v0 + 4);
+        let mut it = leases.into_iter();
+        let (a, b, c, d) = (
+            it.next().unwrap(),
+            it.next().unwrap(),
+            it.next().unwrap(),
+            it.next().unwrap(),
+        );
+        m.release(a); // oldest cached
+        m.release(b); // newest cached
+        assert_eq!(m.recent_hashes(10), [h(2), h(3), h(1), h(0)]);
+        assert_eq!(m.recent_hashes(3), [h(2), h(3), h(1)]);
+        // An eviction changes the version; a release does not.
+        let v = m.version();
+        m.release(c);
+        assert_eq!(m.version(), v);
+        let e = m.allocate().unwrap();
+        assert_eq!(m.version(), v + 1);
+        m.release(d);
+        m.release(e);
         check_counts(&m);
     }
 

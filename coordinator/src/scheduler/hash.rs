@@ -151,4 +151,21 @@ mod tests {
         // Index within the image: [IMG(img 1, idx 0), IMG(img 1, idx 1)] vs two one-token images.
         assert_ne!(h(&[span(0, 2, 1)]), h(&[span(0, 1, 1), span(1, 1, 1)]));
     }
+
+    /// A pinned answer; `gateway/src/prefix.rs` pins the same one (the gateway computes these
+    /// hashes to route a request where its prefix is cached).
+    #[test]
+    fn known_answer() {
+        let tokens = [1, 2, 3, IMG, IMG, IMG, 4, 5];
+        let images = [span(3, 3, 0xAB)];
+        let mut hs = Vec::new();
+        extend_hashes(&mut hs, &tokens, &images, 2, 4);
+        let key = |h: &BlockHash| {
+            let mut k = [0u8; 8];
+            k.copy_from_slice(&h.0[..8]);
+            u64::from_le_bytes(k)
+        };
+        let keys: Vec<u64> = hs.iter().map(key).collect();
+        assert_eq!(keys, [0xf486_d496_b92c_9564, 0xbeff_ecae_f1d2_d7e7]);
+    }
 }

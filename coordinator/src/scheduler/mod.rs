@@ -149,6 +149,27 @@ impl Scheduler {
         }
     }
 
+    /// Routing keys (first 8 bytes, little-endian) of at most `cap` cached or held block hashes,
+    /// held and most recently used first, with the version of the cache they were read at.
+    pub fn prefix_keys(&self, cap: usize) -> (u64, Vec<u64>) {
+        let keys = self
+            .blocks
+            .recent_hashes(cap)
+            .iter()
+            .map(|h| {
+                let mut k = [0u8; 8];
+                k.copy_from_slice(&h.0[..8]);
+                u64::from_le_bytes(k)
+            })
+            .collect();
+        (self.blocks.version(), keys)
+    }
+
+    /// Version of the prefix cache's contents (see [`Scheduler::prefix_keys`]).
+    pub fn prefix_version(&self) -> u64 {
+        self.blocks.version()
+    }
+
     /// Whether nothing waits, runs, or awaits release.
     pub fn is_idle(&self) -> bool {
         self.seqs.is_empty() && self.release.is_empty()

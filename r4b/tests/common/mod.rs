@@ -1,6 +1,7 @@
 //! Starts the real `r4b serve` binary on loopback for end-to-end tests.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod procs;
 pub mod python;
 
