@@ -69,6 +69,7 @@ impl CoordinatorService {
     async fn submit(
         &self,
         req: pb::GenerateRequest,
+        span: tracing::Span,
     ) -> Result<
         (
             SeqId,
@@ -82,6 +83,7 @@ impl CoordinatorService {
             req: Box::new(req),
             events,
             ack,
+            span,
         })?;
         let id = ack_rx
             .await
@@ -105,7 +107,7 @@ impl CoordinatorService {
             }),
             ..Default::default()
         };
-        let (_, mut stream) = self.submit(req).await?;
+        let (_, mut stream) = self.submit(req, tracing::Span::none()).await?;
         while let Some(msg) = stream.next().await {
             if msg?.finish_reason != pb::FinishReason::Unspecified as i32 {
                 return Ok(());
@@ -157,9 +159,18 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let parent = r4b_telemetry::extract(request.metadata());
         let req = request.into_inner();
+        let span = tracing::info_span!(
+            "generate",
+            otel.kind = "server",
+            request_id = %req.request_id,
+            prompt_tokens = req.prompt_ids.len(),
+            images = req.images.len(),
+        );
+        r4b_telemetry::set_parent(&span, parent);
         check_request(&req, &self.info)?;
-        let (id, inner) = self.submit(req).await?;
+        let (id, inner) = self.submit(req, span).await?;
         let stream = AbortOnDrop {
             inner,
             id,

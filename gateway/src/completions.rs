@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -30,10 +31,19 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/v1/completions", post(create))
 }
 
-async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Response, ApiError> {
-    let req = parse(&state, &body).await?;
-    let span = tracing::info_span!("completion", request_id = %req.id, prompt_tokens = req.prompt_ids.len(), n = req.params.n);
-    run(state, req).instrument(span).await
+async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let span = crate::telemetry::request_span("text_completion", &headers);
+    async move {
+        let req = parse(&state, &body).await?;
+        crate::telemetry::record_request(&req);
+        run(state, req).await
+    }
+    .instrument(span)
+    .await
 }
 
 async fn run(state: AppState, req: ValidatedRequest) -> Result<Response, ApiError> {

@@ -125,6 +125,8 @@ impl ReplicaPool {
                 req.clone()
             }
             .unwrap_or_default();
+            let mut request = tonic::Request::new(request);
+            r4b_telemetry::inject(&tracing::Span::current(), request.metadata_mut());
             match client.generate(request).await {
                 Ok(resp) => return Ok(resp.into_inner()),
                 Err(status) if status.code() == tonic::Code::Unavailable && attempt + 1 < n => {

@@ -32,5 +32,6 @@ pub mod parallel;
 pub mod sampling;
 pub mod service;
 pub mod shard;
+pub mod trace;
 
 pub use error::{Error, Result};

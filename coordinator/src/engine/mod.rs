@@ -17,6 +17,7 @@
 //!   until the timeout, then what is left fails with UNAVAILABLE and the workers are shut down.
 
 mod lifecycle;
+mod trace;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -49,6 +50,9 @@ pub enum Command {
         events: EventSender,
         /// Admission result.
         ack: oneshot::Sender<Result<SeqId, Status>>,
+        /// The request's span (parented to the caller's trace context); its children are the
+        /// queue, prefill-chunk and sampled decode-step spans (`trace.rs`).
+        span: tracing::Span,
     },
     /// Drop a request (client gone).
     Abort(SeqId),
@@ -167,6 +171,8 @@ struct Active {
     /// When the request arrived, and when its first step was sent (time-to-first-token log).
     arrived: Instant,
     first_step: Option<Instant>,
+    /// Its spans, when it is traced.
+    trace: Option<trace::ReqTrace>,
 }
 
 /// What the scheduler needs to know of the model.
@@ -432,8 +438,13 @@ impl Engine {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit { req, events, ack } => {
-                let _ = ack.send(self.submit(req, events));
+            Command::Submit {
+                req,
+                events,
+                ack,
+                span,
+            } => {
+                let _ = ack.send(self.submit(req, events, span));
             }
             Command::Abort(id) => {
                 tracing::debug!(%id, "abort");
@@ -449,6 +460,7 @@ impl Engine {
         &mut self,
         req: Box<pb::GenerateRequest>,
         events: EventSender,
+        span: tracing::Span,
     ) -> Result<SeqId, Status> {
         if self.drain.is_some() {
             return Err(Status::unavailable("the replica is shutting down"));
@@ -471,6 +483,7 @@ impl Engine {
                 retries: 0,
                 arrived: Instant::now(),
                 first_step: None,
+                trace: trace::ReqTrace::start(span),
             },
         );
         Ok(id)
@@ -491,16 +504,24 @@ impl Engine {
         }
     }
 
-    fn step_request(&mut self, plan: &StepPlan) -> pb::StepRequest {
+    /// The step of `plan`, and the spans of its traced chunks (ended when the step is done).
+    fn step_request(&mut self, plan: &StepPlan) -> (pb::StepRequest, Vec<tracing::Span>) {
         self.step_id += 1;
+        let (step_id, batch) = (self.step_id, plan.chunks.len());
+        let mut spans = Vec::new();
         let seqs = plan
             .chunks
             .iter()
             .map(|c| {
                 let a = self.active.get_mut(&c.seq_id);
                 let first = c.first_chunk;
+                let mut trace_context = String::new();
                 let a = a.map(|a| {
                     a.first_step.get_or_insert_with(Instant::now);
+                    if let Some(span) = a.trace.as_mut().and_then(|t| t.chunk(c, step_id, batch)) {
+                        trace_context = r4b_telemetry::encode(&span);
+                        spans.push(span);
+                    }
                     &*a
                 });
                 pb::SeqStep {
@@ -517,18 +538,20 @@ impl Engine {
                     sample: c.sample,
                     sampling: if first { a.map(|a| a.sampling) } else { None },
                     history: c.history.clone(),
+                    trace_context,
                 }
             })
             .collect();
-        pb::StepRequest {
-            step_id: self.step_id,
+        let req = pb::StepRequest {
+            step_id,
             seqs,
             release_seq_ids: plan.release.iter().map(|s| s.0).collect(),
-        }
+        };
+        (req, spans)
     }
 
     async fn run_step(&mut self, plan: StepPlan) -> Result<(), GroupError> {
-        let req = self.step_request(&plan);
+        let (req, spans) = self.step_request(&plan);
         let tokens: usize = req.seqs.iter().map(|s| s.tokens.len()).sum();
         let views: usize = req
             .seqs
@@ -558,6 +581,8 @@ impl Engine {
             }
         };
         self.deadline.observe(tokens, timing.wall);
+        trace::record_step(&spans, &timing);
+        drop(spans);
         // Sequences the workers refused fail alone.
         for r in &resp.rejected {
             self.refuse(SeqId(r.seq_id), &r.reason);
