@@ -23,6 +23,7 @@ pub mod scheduler;
 
 pub mod deadline;
 pub mod engine;
+pub mod metrics;
 pub mod service;
 pub mod workers;
 
@@ -123,6 +124,8 @@ pub async fn start_replica(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> 
         group: cfg.group.clone(),
         restart: cfg.restart.clone(),
         deadline: cfg.step_deadline.clone(),
+        metrics: metrics::Metrics::new(&cfg.served_model_name, max_model_len)
+            .map_err(|e| ReplicaError::Config(e.to_string()))?,
     };
     let engine = engine::spawn(group, engine_cfg).map_err(ReplicaError::Config)?;
     Ok(Replica {

@@ -21,6 +21,9 @@ use tonic::{Request, Response, Status};
 use crate::engine::{is_ready, Command, EngineHandle, READY_WINDOW};
 use crate::scheduler::SeqId;
 
+/// The request id of the readiness probe's one-token request (left out of the request metrics).
+pub const PROBE_ID: &str = "health-probe";
+
 /// The gRPC service.
 #[derive(Clone, Debug)]
 pub struct CoordinatorService {
@@ -94,7 +97,7 @@ impl CoordinatorService {
     /// Runs a one-token generation through the real step path.
     async fn probe(&self) -> Result<(), Status> {
         let req = pb::GenerateRequest {
-            request_id: "health-probe".into(),
+            request_id: PROBE_ID.into(),
             prompt_ids: vec![0],
             stopping: Some(pb::StoppingParams {
                 max_new_tokens: 1,

@@ -17,6 +17,7 @@ use crate::api::{
 use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::generate::{self, ChoiceOutput, FinishReason, RequestClock};
+use crate::metrics::Operation;
 use crate::output::{Delta, TokenLogprob};
 use crate::prompt::{self, PromptParts};
 use crate::sse::{self, to_json, ChunkFormat};
@@ -46,7 +47,7 @@ async fn create(
 
 /// Submits a validated request and answers with SSE or one JSON body.
 async fn run(state: AppState, req: ValidatedRequest) -> Result<Response, ApiError> {
-    let clock = RequestClock::start(state.metrics());
+    let clock = RequestClock::start(state.metrics(), Operation::Chat);
     let runs = generate::submit(&state, &req, &clock).await?;
     let (prompt_tokens, cached_tokens) = generate::prompt_usage(&runs, &req);
     let format = ChatFormat {
@@ -95,6 +96,7 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, Ap
         images,
         params,
         split_reasoning: true,
+        thinking_auto: rendered.thinking_auto,
     };
     Ok(prompt::finish_prompt(state, parts)?)
 }

@@ -19,6 +19,7 @@ use crate::api::{
 use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::generate::{self, FinishReason, RequestClock};
+use crate::metrics::Operation;
 use crate::output::{Delta, TokenLogprob};
 use crate::prompt::{self, PromptParts};
 use crate::sse::{self, to_json, ChunkFormat};
@@ -47,7 +48,7 @@ async fn create(
 }
 
 async fn run(state: AppState, req: ValidatedRequest) -> Result<Response, ApiError> {
-    let clock = RequestClock::start(state.metrics());
+    let clock = RequestClock::start(state.metrics(), Operation::TextCompletion);
     let runs = generate::submit(&state, &req, &clock).await?;
     let (prompt_tokens, cached_tokens) = generate::prompt_usage(&runs, &req);
     let mut format = CompletionFormat {
@@ -135,6 +136,7 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, Ap
     let ids = prompt::off_runtime(state, move |state| prompt_ids(state, prompt)).await?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let parts = PromptParts {
+        thinking_auto: false,
         id,
         ids,
         images: Vec::new(),

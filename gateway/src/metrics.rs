@@ -5,7 +5,18 @@
 //! `gen_ai_server_request_duration_seconds`) and are repeated under vLLM's names
 //! (`vllm:time_to_first_token_seconds`, `vllm:request_time_per_output_token_seconds`,
 //! `vllm:e2e_request_latency_seconds`; plus `vllm:inter_token_latency_seconds`) so existing
-//! dashboards work. Queue and KV gauges come from the coordinators' Load RPC at scrape time.
+//! dashboards work. The `gen_ai_*` series carry the convention's required attributes as labels
+//! (`gen_ai_operation_name`: `chat` or `text_completion`; `gen_ai_provider_name`: `r4b`).
+//!
+//! R-4B's thinking: `r4b_thinking_auto_decisions_total{decision}` (chat choices in `auto` mode
+//! that opened a think block, or not), `r4b_request_thinking_tokens` (tokens inside the think
+//! block of a choice that thought) and `r4b_thinking_budget_closes_total` (think blocks the
+//! thinking budget closed).
+//!
+//! Queue, KV, prefix-cache and step metrics belong to the coordinators (`r4b_coordinator::metrics`,
+//! on each coordinator's `/metrics`; `r4b serve` appends its coordinator's to this text). From the
+//! coordinators' Load RPC the gateway keeps only its own view: `r4b_replica_*{replica}` and
+//! `r4b_replica_up`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -26,6 +37,15 @@ const E2E_BUCKETS: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
     480.0, 960.0, 1920.0, 7680.0,
 ];
+
+/// More Prometheus text appended to `/metrics` (`r4b serve`: its in-process coordinator's).
+pub struct ExtraMetrics(pub Box<dyn Fn() -> String + Send + Sync>);
+
+impl std::fmt::Debug for ExtraMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtraMetrics")
+    }
+}
 
 /// A fixed-bucket histogram.
 #[derive(Debug)]
@@ -66,6 +86,10 @@ impl Histogram {
 
     fn write(&self, out: &mut String, name: &str, help: &str, labels: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.write_series(out, name, labels);
+    }
+
+    fn write_series(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
         for (bound, c) in self.bounds.iter().zip(&self.counts) {
             cumulative += c.load(Ordering::Relaxed);
@@ -82,9 +106,84 @@ impl Histogram {
     }
 }
 
+/// The OTel GenAI operations of the API (`gen_ai.operation.name`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    TextCompletion,
+}
+
+impl Operation {
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Chat => "chat",
+            Operation::TextCompletion => "text_completion",
+        }
+    }
+}
+
+/// The GenAI server histograms of one operation.
+#[derive(Debug)]
+pub struct GenAi {
+    /// `gen_ai.server.time_to_first_token`.
+    pub ttft: Histogram,
+    /// `gen_ai.server.time_per_output_token`.
+    pub tpot: Histogram,
+    /// `gen_ai.server.request.duration`.
+    pub duration: Histogram,
+}
+
+impl Default for GenAi {
+    fn default() -> Self {
+        GenAi {
+            ttft: Histogram::new(TTFT_BUCKETS),
+            tpot: Histogram::new(ITL_BUCKETS),
+            duration: Histogram::new(E2E_BUCKETS),
+        }
+    }
+}
+
+/// What one finished chat choice did with its think block.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Thinking {
+    /// The prompt left the choice to the model (`thinking_mode` auto).
+    pub auto: bool,
+    /// A think block was open during generation (opened by the model or by the prompt).
+    pub thought: bool,
+    /// Tokens inside the think block.
+    pub tokens: u32,
+    /// The thinking budget closed the block (a forced `</think>`).
+    pub budget_closed: bool,
+}
+
+const THINKING_TOKEN_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0,
+    50000.0,
+];
+
+/// One latency histogram: the vLLM-named one, the GenAI one of an operation, the OTel name, the
+/// vLLM name, the help text.
+type LatencySeries<'a> = (
+    &'a Histogram,
+    fn(&GenAi) -> &Histogram,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+
 /// The gateway's metrics.
 #[derive(Debug)]
 pub struct Metrics {
+    /// OTel GenAI histograms: chat, text_completion.
+    gen_ai: [GenAi; 2],
+    auto_think: AtomicU64,
+    auto_no_think: AtomicU64,
+    budget_closes: AtomicU64,
+    /// Thinking tokens of a choice that thought.
+    pub thinking_tokens: Histogram,
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     finished: Mutex<BTreeMap<&'static str, u64>>,
     prompt_tokens: AtomicU64,
@@ -104,6 +203,11 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
+            gen_ai: [GenAi::default(), GenAi::default()],
+            auto_think: AtomicU64::new(0),
+            auto_no_think: AtomicU64::new(0),
+            budget_closes: AtomicU64::new(0),
+            thinking_tokens: Histogram::new(THINKING_TOKEN_BUCKETS),
             requests: Mutex::default(),
             finished: Mutex::default(),
             prompt_tokens: AtomicU64::new(0),
@@ -134,6 +238,32 @@ fn escape(v: &str) -> String {
 }
 
 impl Metrics {
+    /// The GenAI histograms of `op`.
+    pub fn gen_ai(&self, op: Operation) -> &GenAi {
+        match op {
+            Operation::Chat => &self.gen_ai[0],
+            Operation::TextCompletion => &self.gen_ai[1],
+        }
+    }
+
+    /// Records one finished chat choice's thinking.
+    pub fn record_thinking(&self, t: Thinking) {
+        if t.auto {
+            let c = if t.thought {
+                &self.auto_think
+            } else {
+                &self.auto_no_think
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        if t.thought {
+            self.thinking_tokens.observe(f64::from(t.tokens));
+        }
+        if t.budget_closed {
+            self.budget_closes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Counts one HTTP response.
     pub fn record_request(&self, endpoint: &str, status: u16) {
         if let Ok(mut m) = self.requests.lock() {
@@ -184,32 +314,76 @@ impl Metrics {
             "Time between output tokens (per streamed message).",
             &m,
         );
-        let hist = [
+        let hist: [LatencySeries; 3] = [
             (
                 &self.ttft,
+                |g| &g.ttft,
                 "gen_ai_server_time_to_first_token_seconds",
                 "vllm:time_to_first_token_seconds",
                 "Time to first token.",
             ),
             (
                 &self.tpot,
+                |g| &g.tpot,
                 "gen_ai_server_time_per_output_token_seconds",
                 "vllm:request_time_per_output_token_seconds",
                 "Time per output token of a request: (duration - TTFT) / (tokens - 1).",
             ),
             (
                 &self.e2e,
+                |g| &g.duration,
                 "gen_ai_server_request_duration_seconds",
                 "vllm:e2e_request_latency_seconds",
                 "End-to-end request latency.",
             ),
         ];
-        for (h, otel, vllm, help) in hist {
-            h.write(&mut out, otel, help, &m);
+        for (h, of, otel, vllm, help) in hist {
+            let _ = writeln!(out, "# HELP {otel} {help}\n# TYPE {otel} histogram");
+            for op in [Operation::Chat, Operation::TextCompletion] {
+                let labels = format!(
+                    "{m},gen_ai_operation_name=\"{}\",gen_ai_provider_name=\"{}\"",
+                    op.as_str(),
+                    crate::telemetry::PROVIDER
+                );
+                of(self.gen_ai(op)).write_series(&mut out, otel, &labels);
+            }
             h.write(&mut out, vllm, help, &m);
         }
-        write_load_gauges(&mut out, &m, loads);
+        self.write_thinking(&mut out, &m);
+        write_load_gauges(&mut out, loads);
         out
+    }
+
+    fn write_thinking(&self, out: &mut String, m: &str) {
+        let _ = writeln!(
+            out,
+            "# HELP r4b_thinking_auto_decisions_total Chat choices in thinking_mode auto, by \
+             whether the model opened a think block.\n\
+             # TYPE r4b_thinking_auto_decisions_total counter"
+        );
+        for (decision, c) in [
+            ("think", &self.auto_think),
+            ("no_think", &self.auto_no_think),
+        ] {
+            let _ = writeln!(
+                out,
+                "r4b_thinking_auto_decisions_total{{{m},decision=\"{decision}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP r4b_thinking_budget_closes_total Think blocks closed by the thinking budget.\n\
+             # TYPE r4b_thinking_budget_closes_total counter\n\
+             r4b_thinking_budget_closes_total{{{m}}} {}",
+            self.budget_closes.load(Ordering::Relaxed)
+        );
+        self.thinking_tokens.write(
+            out,
+            "r4b_request_thinking_tokens",
+            "Tokens inside the think block of a chat choice that thought.",
+            m,
+        );
     }
 
     fn write_counters(&self, out: &mut String, m: &str) {
@@ -283,96 +457,12 @@ type LoadField = fn(&pb::LoadResponse) -> u32;
 
 fn write_load_gauges(
     out: &mut String,
-    m: &str,
     loads: &[(String, Result<pb::LoadResponse, tonic::Status>)],
 ) {
     let ok: Vec<(&String, &pb::LoadResponse)> = loads
         .iter()
         .filter_map(|(u, r)| r.as_ref().ok().map(|l| (u, l)))
         .collect();
-    let waiting: u64 = ok.iter().map(|(_, l)| u64::from(l.waiting)).sum();
-    let running: u64 = ok.iter().map(|(_, l)| u64::from(l.running)).sum();
-    let used: u64 = ok.iter().map(|(_, l)| u64::from(l.kv_blocks_used)).sum();
-    let total: u64 = ok.iter().map(|(_, l)| u64::from(l.kv_blocks_total)).sum();
-    let usage = if total > 0 {
-        used as f64 / total as f64
-    } else {
-        0.0
-    };
-    for (name, help, v) in [
-        (
-            "vllm:num_requests_waiting",
-            "Requests waiting in the coordinators' queues.",
-            waiting as f64,
-        ),
-        (
-            "vllm:num_requests_running",
-            "Requests being generated by the coordinators.",
-            running as f64,
-        ),
-        (
-            "vllm:kv_cache_usage_perc",
-            "KV-cache usage (1 = full).",
-            usage,
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{m}}} {v}"
-        );
-    }
-    let sum64 = |f: fn(&pb::LoadResponse) -> u64| ok.iter().map(|(_, l)| f(l)).sum::<u64>();
-    let count = |f: fn(&pb::LoadResponse) -> u64| sum64(f).to_string();
-    // Step time split: coordinator wall per step vs rank 0's forward (+ sampling) and its
-    // collectives; wall − forward is the control overhead (gRPC fan-out, scheduling, answers).
-    let secs = |f: fn(&pb::LoadResponse) -> u64| format!("{:.6}", sum64(f) as f64 / 1e9);
-    for (name, help, v) in [
-        (
-            "vllm:prefix_cache_queries_total",
-            "Prompt tokens looked up in the prefix cache.",
-            count(|l| l.prefix_query_tokens),
-        ),
-        (
-            "vllm:prefix_cache_hits_total",
-            "Prompt tokens served from the prefix cache.",
-            count(|l| l.prefix_hit_tokens),
-        ),
-        (
-            "vllm:num_preemptions_total",
-            "Sequences preempted by the coordinators.",
-            count(|l| l.preemptions),
-        ),
-        (
-            "r4b_engine_steps_total",
-            "Engine steps run by the coordinators.",
-            count(|l| l.steps),
-        ),
-        (
-            "r4b_engine_batch_tokens_total",
-            "Tokens in the engine steps (prefill chunks and decodes).",
-            count(|l| l.batch_tokens),
-        ),
-        (
-            "r4b_engine_step_wall_seconds_total",
-            "Coordinator wall time of the engine steps.",
-            secs(|l| l.step_wall_ns),
-        ),
-        (
-            "r4b_engine_step_forward_seconds_total",
-            "Rank 0 forward and sampling time of the engine steps.",
-            secs(|l| l.step_forward_ns),
-        ),
-        (
-            "r4b_engine_collective_seconds_total",
-            "Rank 0 time in collectives during the engine steps.",
-            secs(|l| l.collective_ns),
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{m}}} {v}"
-        );
-    }
     let per_replica: [(&str, &str, LoadField); 4] = [
         (
             "r4b_replica_requests_waiting",
@@ -438,6 +528,15 @@ mod tests {
         m.add_prompt_tokens(12);
         m.add_generation_tokens(5);
         m.record_finish("stop");
+        m.ttft.observe(0.25);
+        m.gen_ai(Operation::Chat).ttft.observe(0.25);
+        m.record_thinking(Thinking {
+            auto: true,
+            thought: true,
+            tokens: 7,
+            budget_closed: true,
+        });
+        m.record_thinking(Thinking::default());
         let guard = m.start_request();
         let loads = vec![
             (
@@ -470,15 +569,17 @@ mod tests {
             "vllm:generation_tokens_total{model_name=\"r4b\"} 5",
             "vllm:request_success_total{model_name=\"r4b\",finished_reason=\"stop\"} 1",
             "r4b_gateway_requests_running{model_name=\"r4b\"} 1",
-            "vllm:num_requests_waiting{model_name=\"r4b\"} 2",
-            "vllm:kv_cache_usage_perc{model_name=\"r4b\"} 0.25",
-            "vllm:prefix_cache_hits_total{model_name=\"r4b\"} 30",
-            "vllm:num_preemptions_total{model_name=\"r4b\"} 1",
-            "r4b_engine_steps_total{model_name=\"r4b\"} 4",
-            "r4b_engine_batch_tokens_total{model_name=\"r4b\"} 40",
-            "r4b_engine_step_wall_seconds_total{model_name=\"r4b\"} 0.010000",
-            "r4b_engine_step_forward_seconds_total{model_name=\"r4b\"} 0.007500",
+            "r4b_replica_requests_waiting{replica=\"http://a\"} 2",
+            "r4b_replica_kv_blocks_used{replica=\"http://a\"} 25",
+            "r4b_replica_up{replica=\"http://a\"} 1",
             "r4b_replica_up{replica=\"http://b\"} 0",
+            "gen_ai_server_time_to_first_token_seconds_count{model_name=\"r4b\",gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"r4b\"} 1",
+            "gen_ai_server_time_to_first_token_seconds_count{model_name=\"r4b\",gen_ai_operation_name=\"text_completion\",gen_ai_provider_name=\"r4b\"} 0",
+            "vllm:time_to_first_token_seconds_count{model_name=\"r4b\"} 1",
+            "r4b_thinking_auto_decisions_total{model_name=\"r4b\",decision=\"think\"} 1",
+            "r4b_thinking_auto_decisions_total{model_name=\"r4b\",decision=\"no_think\"} 0",
+            "r4b_thinking_budget_closes_total{model_name=\"r4b\"} 1",
+            "r4b_request_thinking_tokens_sum{model_name=\"r4b\"} 7",
             "# TYPE vllm:time_to_first_token_seconds histogram",
             "# TYPE gen_ai_server_time_to_first_token_seconds histogram",
             "# TYPE vllm:e2e_request_latency_seconds histogram",

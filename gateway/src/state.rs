@@ -31,6 +31,7 @@ struct Inner {
     images: ImagePipeline,
     replicas: ReplicaPool,
     metrics: Arc<Metrics>,
+    extra_metrics: std::sync::OnceLock<crate::metrics::ExtraMetrics>,
     max_model_len: usize,
     vocab_size: u32,
     image_token_id: Option<u32>,
@@ -177,6 +178,7 @@ impl AppState {
                 images,
                 replicas,
                 metrics: Arc::new(Metrics::default()),
+                extra_metrics: std::sync::OnceLock::new(),
                 max_model_len,
                 vocab_size: info.vocab_size,
                 image_token_id,
@@ -213,6 +215,19 @@ impl AppState {
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// Appends `text()` to every `/metrics` answer (set once; later calls are ignored).
+    pub fn set_extra_metrics(&self, text: impl Fn() -> String + Send + Sync + 'static) {
+        let _ = self
+            .inner
+            .extra_metrics
+            .set(crate::metrics::ExtraMetrics(Box::new(text)));
+    }
+
+    /// The text set by [`AppState::set_extra_metrics`], if any.
+    pub fn extra_metrics(&self) -> Option<String> {
+        self.inner.extra_metrics.get().map(|f| (f.0)())
     }
 
     /// Context length in tokens.

@@ -9,6 +9,7 @@
 //! weights, written on first run into the cache directory.
 
 mod inspect;
+mod metrics_http;
 mod model;
 mod options;
 mod serve;

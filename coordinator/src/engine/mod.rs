@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
 use crate::deadline::StepDeadline;
+use crate::metrics::{Metrics, RequestTimes};
 use crate::scheduler::{
     Finish, ImageSpan, Scheduler, SchedulerConfig, SeqId, SeqRequest, StepPlan, Stopping,
     SubmitError,
@@ -96,6 +97,8 @@ pub struct EngineConfig {
     pub restart: RestartPolicy,
     /// Step deadline policy.
     pub deadline: StepDeadline,
+    /// The replica's metrics (steps, ranks, finished requests).
+    pub metrics: Metrics,
 }
 
 /// Counters and state the engine publishes after every step and state change.
@@ -121,6 +124,7 @@ pub struct EngineHandle {
     tx: mpsc::UnboundedSender<Command>,
     stats: Arc<Mutex<EngineStats>>,
     failed: watch::Receiver<Option<String>>,
+    metrics: Metrics,
 }
 
 impl EngineHandle {
@@ -134,6 +138,11 @@ impl EngineHandle {
     /// The latest published stats.
     pub fn stats(&self) -> EngineStats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The replica's metrics as Prometheus text (see [`crate::metrics`]).
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render(&self.stats().load)
     }
 
     /// Resolves with the reason once the engine gave up (too many group failures). Pending
@@ -171,6 +180,9 @@ struct Active {
     /// When the request arrived, and when its first step was sent (time-to-first-token log).
     arrived: Instant,
     first_step: Option<Instant>,
+    /// When its first token was sent, and how many it was sent (request metrics).
+    first_token: Option<Instant>,
+    generated: u32,
     /// Its spans, when it is traced.
     trace: Option<trace::ReqTrace>,
 }
@@ -304,6 +316,7 @@ struct Engine {
     stats: Arc<Mutex<EngineStats>>,
     failed: watch::Sender<Option<String>>,
     totals: pb::LoadResponse,
+    metrics: Metrics,
 }
 
 /// What woke the engine up.
@@ -351,12 +364,14 @@ pub fn spawn(group: WorkerGroup, cfg: EngineConfig) -> Result<EngineHandle, Stri
         step_id: 0,
         stats: stats.clone(),
         failed,
+        metrics: cfg.metrics.clone(),
     };
     tokio::spawn(engine.run(rx));
     Ok(EngineHandle {
         tx,
         stats,
         failed: failed_rx,
+        metrics: cfg.metrics,
     })
 }
 
@@ -483,6 +498,8 @@ impl Engine {
                 retries: 0,
                 arrived: Instant::now(),
                 first_step: None,
+                first_token: None,
+                generated: 0,
                 trace: trace::ReqTrace::start(span),
             },
         );
@@ -582,6 +599,8 @@ impl Engine {
         };
         self.deadline.observe(tokens, timing.wall);
         trace::record_step(&spans, &timing);
+        self.metrics
+            .observe_step(timing.wall, tokens, &timing.ranks);
         drop(spans);
         // Sequences the workers refused fail alone.
         for r in &resp.rejected {
@@ -660,6 +679,20 @@ impl Engine {
                 } as i32;
             }
             let done = ev.finish.is_some();
+            a.generated += msg.tokens.len() as u32;
+            let now = Instant::now();
+            let first_token = *a.first_token.get_or_insert(now);
+            if done && a.req.request_id != crate::service::PROBE_ID {
+                let started = a.first_step.unwrap_or(a.arrived);
+                self.metrics.observe_request(&RequestTimes {
+                    prompt_tokens: a.req.prompt_ids.len() as u32,
+                    generation_tokens: a.generated,
+                    max_new_tokens: a.req.stopping.as_ref().map_or(0, |s| s.max_new_tokens),
+                    queue: started.saturating_duration_since(a.arrived),
+                    prefill: first_token.saturating_duration_since(started),
+                    decode: now.saturating_duration_since(first_token),
+                });
+            }
             let _ = a.events.send(Ok(msg));
             if done {
                 self.active.remove(&ev.seq_id);
