@@ -12,6 +12,10 @@
 //! collective time per step (`r4b_rank_*{rank}`). Every series has the constant label
 //! `model_name`; the only other label is `rank` (at most the tensor-parallel size): no request
 //! ids, no prompts.
+//!
+//! Over OTLP (when the OTLP metrics pipeline of `r4b-telemetry` is on; no-op instruments
+//! otherwise): `r4b.engine.requests.waiting|running`, `r4b.engine.kv_cache.usage` (gauges),
+//! `r4b.engine.step.duration` and `r4b.rank.forward|collective.duration{rank}` (histograms).
 
 use std::time::Duration;
 
@@ -98,6 +102,39 @@ pub struct Metrics {
     prefill_time: Histogram,
     decode_time: Histogram,
     inference_time: Histogram,
+    otel: Otel,
+}
+
+/// The instruments exported over OTLP.
+#[derive(Clone, Debug)]
+struct Otel {
+    meter: opentelemetry::metrics::Meter,
+    step: opentelemetry::metrics::Histogram<f64>,
+    forward: opentelemetry::metrics::Histogram<f64>,
+    collective: opentelemetry::metrics::Histogram<f64>,
+}
+
+impl Otel {
+    fn new() -> Self {
+        let meter = opentelemetry::global::meter("r4b-coordinator");
+        let h = |name: &'static str, help: &'static str| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(help)
+                .with_boundaries(STEP_BUCKETS.to_vec())
+                .build()
+        };
+        Otel {
+            step: h("r4b.engine.step.duration", "Wall time of an engine step."),
+            forward: h("r4b.rank.forward.duration", "One rank's time in a step."),
+            collective: h(
+                "r4b.rank.collective.duration",
+                "One rank's time inside collectives in a step.",
+            ),
+            meter,
+        }
+    }
 }
 
 /// The metrics could not be registered (a name clash: a bug).
@@ -249,6 +286,7 @@ impl Metrics {
                 "From a request's first step to its last token.",
                 latency(),
             )?,
+            otel: Otel::new(),
             registry,
         })
     }
@@ -258,7 +296,11 @@ impl Metrics {
     pub fn observe_step(&self, wall: Duration, tokens: usize, ranks: &[(Duration, Duration)]) {
         self.step_seconds.observe(wall.as_secs_f64());
         self.batch_tokens.observe(tokens as f64);
+        self.otel.step.record(wall.as_secs_f64(), &[]);
         for (rank, (fwd, coll)) in ranks.iter().enumerate() {
+            let attrs = [opentelemetry::KeyValue::new("rank", rank as i64)];
+            self.otel.forward.record(fwd.as_secs_f64(), &attrs);
+            self.otel.collective.record(coll.as_secs_f64(), &attrs);
             let label = rank.to_string();
             self.rank_forward
                 .with_label_values(&[label.as_str()])
@@ -267,6 +309,40 @@ impl Metrics {
                 .with_label_values(&[label.as_str()])
                 .observe(coll.as_secs_f64());
         }
+    }
+
+    /// Exports the load gauges over OTLP, read from `load` at each collection.
+    pub fn export_load(&self, load: impl Fn() -> pb::LoadResponse + Send + Sync + 'static) {
+        let load = std::sync::Arc::new(load);
+        let l = load.clone();
+        self.otel
+            .meter
+            .u64_observable_gauge("r4b.engine.requests.waiting")
+            .with_description("Requests waiting in the queue.")
+            .with_callback(move |o| o.observe(u64::from(l().waiting), &[]))
+            .build();
+        let l = load.clone();
+        self.otel
+            .meter
+            .u64_observable_gauge("r4b.engine.requests.running")
+            .with_description("Requests being generated.")
+            .with_callback(move |o| o.observe(u64::from(l().running), &[]))
+            .build();
+        self.otel
+            .meter
+            .f64_observable_gauge("r4b.engine.kv_cache.usage")
+            .with_unit("1")
+            .with_description("KV-cache usage (1 = full).")
+            .with_callback(move |o| {
+                let l = load();
+                if l.kv_blocks_total > 0 {
+                    o.observe(
+                        f64::from(l.kv_blocks_used) / f64::from(l.kv_blocks_total),
+                        &[],
+                    );
+                }
+            })
+            .build();
     }
 
     /// Records one finished request.

@@ -83,15 +83,13 @@ impl RequestClock {
     /// Records the end of the request: latency, generated tokens, finish reasons.
     pub fn finish(&self, generated: u32, reasons: &[FinishReason]) {
         let end = Instant::now();
-        let gen_ai = self.metrics.gen_ai(self.operation);
-        let e2e = end.duration_since(self.start).as_secs_f64();
-        self.metrics.e2e.observe(e2e);
-        gen_ai.duration.observe(e2e);
+        let op = self.operation;
+        self.metrics
+            .record_duration(op, end.duration_since(self.start).as_secs_f64());
         if let (Some(first), true) = (self.first_token_at.get(), generated >= 2) {
             let decode = end.duration_since(*first).as_secs_f64();
-            let tpot = decode / f64::from(generated - 1);
-            self.metrics.tpot.observe(tpot);
-            gen_ai.tpot.observe(tpot);
+            self.metrics
+                .record_tpot(op, decode / f64::from(generated - 1));
         }
         self.metrics.add_generation_tokens(u64::from(generated));
         for r in reasons {
@@ -194,8 +192,7 @@ impl ChoiceRun {
         } else if !self.clock.first_token_seen.swap(true, Ordering::Relaxed) {
             let _ = self.clock.first_token_at.set(now);
             let ttft = now.duration_since(self.clock.start).as_secs_f64();
-            metrics.ttft.observe(ttft);
-            metrics.gen_ai(self.clock.operation).ttft.observe(ttft);
+            metrics.record_ttft(self.clock.operation, ttft);
         }
         self.last_token_at = Some(now);
     }

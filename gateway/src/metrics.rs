@@ -164,6 +164,54 @@ const THINKING_TOKEN_BUCKETS: &[f64] = &[
     50000.0,
 ];
 
+/// The OTel GenAI server histograms exported over OTLP, with their required attributes. They
+/// come from the global meter provider, a no-op one unless the OTLP metrics pipeline is on
+/// (`r4b-telemetry`): then recording costs a virtual call.
+#[derive(Debug)]
+struct OtelGenAi {
+    ttft: opentelemetry::metrics::Histogram<f64>,
+    tpot: opentelemetry::metrics::Histogram<f64>,
+    duration: opentelemetry::metrics::Histogram<f64>,
+}
+
+impl OtelGenAi {
+    fn new() -> Self {
+        let meter = opentelemetry::global::meter("r4b-gateway");
+        let h = |name: &'static str, help: &'static str, bounds: &[f64]| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(help)
+                .with_boundaries(bounds.to_vec())
+                .build()
+        };
+        OtelGenAi {
+            ttft: h(
+                "gen_ai.server.time_to_first_token",
+                "Time to generate the first token.",
+                TTFT_BUCKETS,
+            ),
+            tpot: h(
+                "gen_ai.server.time_per_output_token",
+                "Time per output token after the first: (duration - TTFT) / (tokens - 1).",
+                ITL_BUCKETS,
+            ),
+            duration: h(
+                "gen_ai.server.request.duration",
+                "Generative AI server request duration.",
+                E2E_BUCKETS,
+            ),
+        }
+    }
+}
+
+fn gen_ai_attributes(op: Operation) -> [opentelemetry::KeyValue; 2] {
+    [
+        opentelemetry::KeyValue::new("gen_ai.operation.name", op.as_str()),
+        opentelemetry::KeyValue::new("gen_ai.provider.name", crate::telemetry::PROVIDER),
+    ]
+}
+
 /// One latency histogram: the vLLM-named one, the GenAI one of an operation, the OTel name, the
 /// vLLM name, the help text.
 type LatencySeries<'a> = (
@@ -179,6 +227,7 @@ type LatencySeries<'a> = (
 pub struct Metrics {
     /// OTel GenAI histograms: chat, text_completion.
     gen_ai: [GenAi; 2],
+    otel: OtelGenAi,
     auto_think: AtomicU64,
     auto_no_think: AtomicU64,
     budget_closes: AtomicU64,
@@ -204,6 +253,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             gen_ai: [GenAi::default(), GenAi::default()],
+            otel: OtelGenAi::new(),
             auto_think: AtomicU64::new(0),
             auto_no_think: AtomicU64::new(0),
             budget_closes: AtomicU64::new(0),
@@ -244,6 +294,28 @@ impl Metrics {
             Operation::Chat => &self.gen_ai[0],
             Operation::TextCompletion => &self.gen_ai[1],
         }
+    }
+
+    /// Records a request's time to first token (`seconds`): vLLM's and GenAI's histograms, and
+    /// over OTLP when it is on.
+    pub fn record_ttft(&self, op: Operation, seconds: f64) {
+        self.ttft.observe(seconds);
+        self.gen_ai(op).ttft.observe(seconds);
+        self.otel.ttft.record(seconds, &gen_ai_attributes(op));
+    }
+
+    /// Records a request's time per output token.
+    pub fn record_tpot(&self, op: Operation, seconds: f64) {
+        self.tpot.observe(seconds);
+        self.gen_ai(op).tpot.observe(seconds);
+        self.otel.tpot.record(seconds, &gen_ai_attributes(op));
+    }
+
+    /// Records a request's duration.
+    pub fn record_duration(&self, op: Operation, seconds: f64) {
+        self.e2e.observe(seconds);
+        self.gen_ai(op).duration.observe(seconds);
+        self.otel.duration.record(seconds, &gen_ai_attributes(op));
     }
 
     /// Records one finished chat choice's thinking.

@@ -74,8 +74,9 @@ struct WorkerArgs {
     exit_with_parent: bool,
 }
 
-/// Logs (fmt, filtered by `R4B_LOG`) and, when the `OTEL_*` variables ask for it, the OTLP trace
-/// layer (every span at INFO and above, whatever `R4B_LOG` says). Must run inside the runtime.
+/// Logs (fmt, filtered by `R4B_LOG`) and, when the `OTEL_*` variables ask for them, the OTLP trace
+/// layer (every span at INFO and above, whatever `R4B_LOG` says) and the OTLP meter provider.
+/// Must run inside the runtime.
 fn init_tracing(service: &str, role: &str) -> Result<Option<r4b_telemetry::Pipeline>> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -86,10 +87,10 @@ fn init_tracing(service: &str, role: &str) -> Result<Option<r4b_telemetry::Pipel
         .with_writer(std::io::stderr)
         .with_filter(filter);
     let pipeline = r4b_telemetry::Pipeline::from_env(service, role)?;
-    let otel = pipeline.as_ref().map(|p| {
-        p.layer()
-            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
-    });
+    let otel = pipeline
+        .as_ref()
+        .and_then(|p| p.layer())
+        .map(|l| l.with_filter(tracing_subscriber::filter::LevelFilter::INFO));
     let _ = tracing_subscriber::registry()
         .with(fmt)
         .with(otel)

@@ -2,11 +2,14 @@
 //!
 //! OpenTelemetry for every process of r4b-serve, in two parts:
 //!
-//! - [`Pipeline`]: the OTLP trace export (gRPC through tonic), configured by the standard `OTEL_*`
-//!   variables only. It exists only when an endpoint is set (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
-//!   or `OTEL_EXPORTER_OTLP_ENDPOINT`) and the SDK is not disabled (`OTEL_SDK_DISABLED=true`,
-//!   `OTEL_TRACES_EXPORTER=none`); otherwise there is no exporter, no propagator and no
-//!   `tracing` layer: tracing off costs nothing.
+//! - [`Pipeline`]: the OTLP export (gRPC through tonic) of traces and of metrics, configured by the
+//!   standard `OTEL_*` variables only. Traces exist only when an endpoint is set
+//!   (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`) and the SDK is not
+//!   disabled (`OTEL_SDK_DISABLED=true`, `OTEL_TRACES_EXPORTER=none`); otherwise there is no
+//!   exporter, no propagator and no `tracing` layer: tracing off costs nothing. Metrics likewise
+//!   (`OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`,
+//!   `OTEL_METRICS_EXPORTER=none`, `OTEL_METRIC_EXPORT_INTERVAL`): without them the global meter
+//!   provider stays the no-op one and the instruments the crates create from it record nothing.
 //! - Propagation: the W3C `traceparent`/`tracestate` of a span into gRPC metadata ([`inject`])
 //!   and out of it or HTTP headers ([`extract`], [`extract_http`]), and as a compact string for
 //!   the sequences of a worker step ([`encode`], [`decode`]): one step stream carries many
@@ -23,17 +26,18 @@ use std::collections::HashMap;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::Context;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::registry::LookupSpan;
 
-/// Why the trace pipeline could not be built.
+/// Why the OTLP pipeline could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     /// The OTLP exporter refused its configuration (a bad endpoint, say).
-    #[error("OTLP trace exporter: {0}")]
+    #[error("OTLP exporter: {0}")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
 }
 
@@ -42,19 +46,31 @@ pub enum TelemetryError {
 pub const TRACES_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 const ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 
-/// Whether the `OTEL_*` variables ask for trace export.
-pub fn traces_enabled() -> bool {
+fn signal_enabled(endpoint_env: &str, exporter_env: &str) -> bool {
     let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
     let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
-        || std::env::var("OTEL_TRACES_EXPORTER")
-            .is_ok_and(|v| v.split(',').all(|e| e.trim() == "none"));
-    !disabled && (set(TRACES_ENDPOINT_ENV) || set(ENDPOINT_ENV))
+        || std::env::var(exporter_env).is_ok_and(|v| v.split(',').all(|e| e.trim() == "none"));
+    !disabled && (set(endpoint_env) || set(ENDPOINT_ENV))
 }
 
-/// The running OTLP trace export of this process. Call [`Pipeline::shutdown`] (or drop it)
-/// before the tokio runtime stops, so the spans still batched are sent.
+/// Whether the `OTEL_*` variables ask for trace export.
+pub fn traces_enabled() -> bool {
+    signal_enabled(TRACES_ENDPOINT_ENV, "OTEL_TRACES_EXPORTER")
+}
+
+/// Whether the `OTEL_*` variables ask for metrics export.
+pub fn metrics_enabled() -> bool {
+    signal_enabled(
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        "OTEL_METRICS_EXPORTER",
+    )
+}
+
+/// The running OTLP export of this process. Call [`Pipeline::shutdown`] before the tokio
+/// runtime stops, so the spans still batched and the last metrics are sent.
 pub struct Pipeline {
-    provider: SdkTracerProvider,
+    provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
 }
 
 impl Pipeline {
@@ -63,12 +79,10 @@ impl Pipeline {
     /// connection there). `default_service` is `service.name` unless `OTEL_SERVICE_NAME` or
     /// `OTEL_RESOURCE_ATTRIBUTES` names one; `role` becomes the resource attribute `r4b.role`.
     pub fn from_env(default_service: &str, role: &str) -> Result<Option<Self>, TelemetryError> {
-        if !traces_enabled() {
+        let (traces, metrics) = (traces_enabled(), metrics_enabled());
+        if !traces && !metrics {
             return Ok(None);
         }
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build()?;
         let mut resource = Resource::builder()
             .with_attribute(opentelemetry::KeyValue::new("r4b.role", role.to_string()));
         let named = std::env::var_os("OTEL_SERVICE_NAME").is_some()
@@ -76,28 +90,61 @@ impl Pipeline {
         if !named {
             resource = resource.with_service_name(default_service.to_string());
         }
-        // The sampler (`OTEL_TRACES_SAMPLER`, `_ARG`) and the batch (`OTEL_BSP_*`) come from
-        // the environment through the SDK's defaults.
-        let provider = SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
-            .with_resource(resource.build())
-            .build();
-        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-        Ok(Some(Self { provider }))
+        let resource = resource.build();
+        let provider = if traces {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()?;
+            // The sampler (`OTEL_TRACES_SAMPLER`, `_ARG`) and the batch (`OTEL_BSP_*`) come from
+            // the environment through the SDK's defaults.
+            let provider = SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource.clone())
+                .build();
+            opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+            Some(provider)
+        } else {
+            None
+        };
+        let meters = if metrics {
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .build()?;
+            // The export interval is `OTEL_METRIC_EXPORT_INTERVAL` (60 s by default).
+            let meters = SdkMeterProvider::builder()
+                .with_periodic_exporter(exporter)
+                .with_resource(resource)
+                .build();
+            opentelemetry::global::set_meter_provider(meters.clone());
+            Some(meters)
+        } else {
+            None
+        };
+        Ok(Some(Self { provider, meters }))
     }
 
-    /// The `tracing` layer that turns spans into OpenTelemetry spans of this pipeline.
-    pub fn layer<S>(&self) -> impl tracing_subscriber::Layer<S>
+    /// The `tracing` layer that turns spans into OpenTelemetry spans of this pipeline (`None`
+    /// when only metrics are exported).
+    pub fn layer<S>(&self) -> Option<impl tracing_subscriber::Layer<S>>
     where
         S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     {
-        tracing_opentelemetry::layer().with_tracer(self.provider.tracer("r4b"))
+        self.provider
+            .as_ref()
+            .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("r4b")))
     }
 
-    /// Sends the spans still batched and stops the exporter.
+    /// Sends the spans still batched and the last metrics, and stops the exporters.
     pub fn shutdown(self) {
-        if let Err(e) = self.provider.shutdown() {
-            eprintln!("r4b: OTLP trace export shutdown: {e}");
+        if let Some(p) = self.provider {
+            if let Err(e) = p.shutdown() {
+                eprintln!("r4b: OTLP trace export shutdown: {e}");
+            }
+        }
+        if let Some(m) = self.meters {
+            if let Err(e) = m.shutdown() {
+                eprintln!("r4b: OTLP metrics export shutdown: {e}");
+            }
         }
     }
 }

@@ -367,6 +367,9 @@ pub fn spawn(group: WorkerGroup, cfg: EngineConfig) -> Result<EngineHandle, Stri
         metrics: cfg.metrics.clone(),
     };
     tokio::spawn(engine.run(rx));
+    let published = stats.clone();
+    cfg.metrics
+        .export_load(move || published.lock().map(|s| s.load).unwrap_or_default());
     Ok(EngineHandle {
         tx,
         stats,
