@@ -129,9 +129,15 @@ impl Pipeline {
     where
         S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     {
-        self.provider
-            .as_ref()
-            .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("r4b")))
+        self.provider.as_ref().map(|p| {
+            // Span attributes are the spans' own fields: no thread ids, source locations
+            // or busy/idle times on every span.
+            tracing_opentelemetry::layer()
+                .with_tracer(p.tracer("r4b"))
+                .with_threads(false)
+                .with_location(false)
+                .with_tracked_inactivity(false)
+        })
     }
 
     /// Sends the spans still batched and the last metrics, and stops the exporters.
