@@ -1,4 +1,6 @@
-//! Prometheus metrics (the text that `health` serves at `/metrics`).
+//! Prometheus metrics (the text that `health` serves at `/metrics`), kept in a `prometheus`
+//! crate registry; every series but the per-endpoint and per-replica ones has the label
+//! `model_name` (the served model name).
 //!
 //! Latency histograms carry OTel GenAI semantic-convention names
 //! (`gen_ai_server_time_to_first_token_seconds`, `gen_ai_server_time_per_output_token_seconds`,
@@ -18,11 +20,12 @@
 //! coordinators' Load RPC the gateway keeps only its own view: `r4b_replica_*{replica}` and
 //! `r4b_replica_up`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
 use r4b_proto::v1 as pb;
 
 const TTFT_BUCKETS: &[f64] = &[
@@ -47,65 +50,6 @@ impl std::fmt::Debug for ExtraMetrics {
     }
 }
 
-/// A fixed-bucket histogram.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<AtomicU64>,
-    sum_bits: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_bits: AtomicU64::new(0f64.to_bits()),
-            count: AtomicU64::new(0),
-        }
-    }
-
-    /// Records one value.
-    pub fn observe(&self, v: f64) {
-        if let Some(i) = self.bounds.iter().position(|&b| v <= b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        let _ = self
-            .sum_bits
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                Some((f64::from_bits(bits) + v).to_bits())
-            });
-    }
-
-    /// Number of observations.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    fn write(&self, out: &mut String, name: &str, help: &str, labels: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        self.write_series(out, name, labels);
-    }
-
-    fn write_series(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (bound, c) in self.bounds.iter().zip(&self.counts) {
-            cumulative += c.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
-        }
-        let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{{{labels}}} {}",
-            f64::from_bits(self.sum_bits.load(Ordering::Relaxed))
-        );
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
-    }
-}
-
 /// The OTel GenAI operations of the API (`gen_ai.operation.name`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operation {
@@ -121,27 +65,6 @@ impl Operation {
         match self {
             Operation::Chat => "chat",
             Operation::TextCompletion => "text_completion",
-        }
-    }
-}
-
-/// The GenAI server histograms of one operation.
-#[derive(Debug)]
-pub struct GenAi {
-    /// `gen_ai.server.time_to_first_token`.
-    pub ttft: Histogram,
-    /// `gen_ai.server.time_per_output_token`.
-    pub tpot: Histogram,
-    /// `gen_ai.server.request.duration`.
-    pub duration: Histogram,
-}
-
-impl Default for GenAi {
-    fn default() -> Self {
-        GenAi {
-            ttft: Histogram::new(TTFT_BUCKETS),
-            tpot: Histogram::new(ITL_BUCKETS),
-            duration: Histogram::new(E2E_BUCKETS),
         }
     }
 }
@@ -212,63 +135,33 @@ fn gen_ai_attributes(op: Operation) -> [opentelemetry::KeyValue; 2] {
     ]
 }
 
-/// One latency histogram: the vLLM-named one, the GenAI one of an operation, the OTel name, the
-/// vLLM name, the help text.
-type LatencySeries<'a> = (
-    &'a Histogram,
-    fn(&GenAi) -> &Histogram,
-    &'static str,
-    &'static str,
-    &'static str,
-);
-
 /// The gateway's metrics.
 #[derive(Debug)]
 pub struct Metrics {
-    /// OTel GenAI histograms: chat, text_completion.
-    gen_ai: [GenAi; 2],
-    otel: OtelGenAi,
-    auto_think: AtomicU64,
-    auto_no_think: AtomicU64,
-    budget_closes: AtomicU64,
-    /// Thinking tokens of a choice that thought.
-    pub thinking_tokens: Histogram,
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
-    finished: Mutex<BTreeMap<&'static str, u64>>,
-    prompt_tokens: AtomicU64,
-    generation_tokens: AtomicU64,
-    running: AtomicI64,
-    /// Time to first token.
-    pub ttft: Histogram,
-    /// Time between tokens (per streamed message, divided by its tokens; vLLM's inter-token latency).
+    registry: Registry,
+    model: String,
+    requests: IntCounterVec,
+    finished: IntCounterVec,
+    prompt_tokens: [IntCounter; 2],
+    generation_tokens: [IntCounter; 2],
+    running: IntGauge,
+    /// Time to first token (vLLM's name).
+    ttft: Histogram,
+    /// Time between tokens (per streamed message, divided by its tokens; vLLM's inter-token
+    /// latency).
     pub itl: Histogram,
     /// Time per output token of one request: (duration − TTFT) / (tokens − 1), once per request
     /// with at least two tokens (the OTel GenAI and vLLM definition).
-    pub tpot: Histogram,
+    tpot: Histogram,
     /// Request duration.
-    pub e2e: Histogram,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics {
-            gen_ai: [GenAi::default(), GenAi::default()],
-            otel: OtelGenAi::new(),
-            auto_think: AtomicU64::new(0),
-            auto_no_think: AtomicU64::new(0),
-            budget_closes: AtomicU64::new(0),
-            thinking_tokens: Histogram::new(THINKING_TOKEN_BUCKETS),
-            requests: Mutex::default(),
-            finished: Mutex::default(),
-            prompt_tokens: AtomicU64::new(0),
-            generation_tokens: AtomicU64::new(0),
-            running: AtomicI64::new(0),
-            ttft: Histogram::new(TTFT_BUCKETS),
-            itl: Histogram::new(ITL_BUCKETS),
-            tpot: Histogram::new(ITL_BUCKETS),
-            e2e: Histogram::new(E2E_BUCKETS),
-        }
-    }
+    e2e: Histogram,
+    gen_ai_ttft: HistogramVec,
+    gen_ai_tpot: HistogramVec,
+    gen_ai_duration: HistogramVec,
+    auto_decisions: IntCounterVec,
+    budget_closes: IntCounter,
+    thinking_tokens: Histogram,
+    otel: OtelGenAi,
 }
 
 /// Decrements the running-requests gauge when dropped.
@@ -277,302 +170,305 @@ pub struct RunningGuard(Arc<Metrics>);
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::Relaxed);
+        self.0.running.dec();
     }
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// The metrics could not be registered (a name clash: a bug).
+#[derive(Debug, thiserror::Error)]
+#[error("registering the gateway metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    m: T,
+) -> Result<T, prometheus::Error> {
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
 }
 
 impl Metrics {
-    /// The GenAI histograms of `op`.
-    pub fn gen_ai(&self, op: Operation) -> &GenAi {
-        match op {
-            Operation::Chat => &self.gen_ai[0],
-            Operation::TextCompletion => &self.gen_ai[1],
-        }
+    /// The metrics of a gateway serving `model` (the `model_name` label).
+    pub fn new(model: &str) -> Result<Self, MetricsError> {
+        let r = Registry::new();
+        let m = [model];
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let v = register(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), &["model_name"])?,
+            )?;
+            Ok(v.with_label_values(&m))
+        };
+        let hist = |name: &str, help: &str, b: &[f64]| -> Result<Histogram, prometheus::Error> {
+            let opts = HistogramOpts::new(name, help).buckets(b.to_vec());
+            let v = register(&r, HistogramVec::new(opts, &["model_name"])?)?;
+            Ok(v.with_label_values(&m))
+        };
+        let gen_ai =
+            |name: &str, help: &str, b: &[f64]| -> Result<HistogramVec, prometheus::Error> {
+                let opts = HistogramOpts::new(name, help).buckets(b.to_vec());
+                let labels = [
+                    "model_name",
+                    "gen_ai_operation_name",
+                    "gen_ai_provider_name",
+                ];
+                let v = register(&r, HistogramVec::new(opts, &labels)?)?;
+                // Both operations' series exist from the start.
+                for op in [Operation::Chat, Operation::TextCompletion] {
+                    v.with_label_values(&[model, op.as_str(), crate::telemetry::PROVIDER]);
+                }
+                Ok(v)
+            };
+        const TTFT: &str = "Time to first token.";
+        const TPOT: &str = "Time per output token of a request: (duration - TTFT) / (tokens - 1).";
+        const E2E: &str = "End-to-end request latency.";
+        let metrics = Metrics {
+            requests: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "r4b_gateway_http_requests_total",
+                        "HTTP responses by endpoint and status.",
+                    ),
+                    &["endpoint", "status"],
+                )?,
+            )?,
+            finished: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "vllm:request_success_total",
+                        "Finished generations by finish reason.",
+                    ),
+                    &["model_name", "finished_reason"],
+                )?,
+            )?,
+            prompt_tokens: [
+                counter(
+                    "r4b_gateway_prompt_tokens_total",
+                    "Prompt tokens processed.",
+                )?,
+                counter("vllm:prompt_tokens_total", "Prompt tokens processed.")?,
+            ],
+            generation_tokens: [
+                counter("r4b_gateway_generation_tokens_total", "Tokens generated.")?,
+                counter("vllm:generation_tokens_total", "Tokens generated.")?,
+            ],
+            running: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "r4b_gateway_requests_running",
+                        "Generations in flight at this gateway.",
+                    ),
+                    &["model_name"],
+                )?,
+            )?
+            .with_label_values(&m),
+            ttft: hist("vllm:time_to_first_token_seconds", TTFT, TTFT_BUCKETS)?,
+            itl: hist(
+                "vllm:inter_token_latency_seconds",
+                "Time between output tokens (per streamed message).",
+                ITL_BUCKETS,
+            )?,
+            tpot: hist(
+                "vllm:request_time_per_output_token_seconds",
+                TPOT,
+                ITL_BUCKETS,
+            )?,
+            e2e: hist("vllm:e2e_request_latency_seconds", E2E, E2E_BUCKETS)?,
+            gen_ai_ttft: gen_ai(
+                "gen_ai_server_time_to_first_token_seconds",
+                TTFT,
+                TTFT_BUCKETS,
+            )?,
+            gen_ai_tpot: gen_ai(
+                "gen_ai_server_time_per_output_token_seconds",
+                TPOT,
+                ITL_BUCKETS,
+            )?,
+            gen_ai_duration: gen_ai("gen_ai_server_request_duration_seconds", E2E, E2E_BUCKETS)?,
+            auto_decisions: {
+                let v = register(
+                    &r,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "r4b_thinking_auto_decisions_total",
+                            "Chat choices in thinking_mode auto, by whether the model opened a think block.",
+                        ),
+                        &["model_name", "decision"],
+                    )?,
+                )?;
+                for d in ["think", "no_think"] {
+                    v.with_label_values(&[model, d]);
+                }
+                v
+            },
+            budget_closes: counter(
+                "r4b_thinking_budget_closes_total",
+                "Think blocks closed by the thinking budget.",
+            )?,
+            thinking_tokens: hist(
+                "r4b_request_thinking_tokens",
+                "Tokens inside the think block of a chat choice that thought.",
+                THINKING_TOKEN_BUCKETS,
+            )?,
+            otel: OtelGenAi::new(),
+            model: model.to_string(),
+            registry: r,
+        };
+        Ok(metrics)
+    }
+
+    fn gen_ai_labels(&self, op: Operation) -> [&str; 3] {
+        [&self.model, op.as_str(), crate::telemetry::PROVIDER]
     }
 
     /// Records a request's time to first token (`seconds`): vLLM's and GenAI's histograms, and
     /// over OTLP when it is on.
     pub fn record_ttft(&self, op: Operation, seconds: f64) {
         self.ttft.observe(seconds);
-        self.gen_ai(op).ttft.observe(seconds);
+        self.gen_ai_ttft
+            .with_label_values(&self.gen_ai_labels(op))
+            .observe(seconds);
         self.otel.ttft.record(seconds, &gen_ai_attributes(op));
     }
 
     /// Records a request's time per output token.
     pub fn record_tpot(&self, op: Operation, seconds: f64) {
         self.tpot.observe(seconds);
-        self.gen_ai(op).tpot.observe(seconds);
+        self.gen_ai_tpot
+            .with_label_values(&self.gen_ai_labels(op))
+            .observe(seconds);
         self.otel.tpot.record(seconds, &gen_ai_attributes(op));
     }
 
     /// Records a request's duration.
     pub fn record_duration(&self, op: Operation, seconds: f64) {
         self.e2e.observe(seconds);
-        self.gen_ai(op).duration.observe(seconds);
+        self.gen_ai_duration
+            .with_label_values(&self.gen_ai_labels(op))
+            .observe(seconds);
         self.otel.duration.record(seconds, &gen_ai_attributes(op));
     }
 
     /// Records one finished chat choice's thinking.
     pub fn record_thinking(&self, t: Thinking) {
         if t.auto {
-            let c = if t.thought {
-                &self.auto_think
-            } else {
-                &self.auto_no_think
-            };
-            c.fetch_add(1, Ordering::Relaxed);
+            let d = if t.thought { "think" } else { "no_think" };
+            self.auto_decisions
+                .with_label_values(&[self.model.as_str(), d])
+                .inc();
         }
         if t.thought {
             self.thinking_tokens.observe(f64::from(t.tokens));
         }
         if t.budget_closed {
-            self.budget_closes.fetch_add(1, Ordering::Relaxed);
+            self.budget_closes.inc();
         }
     }
 
-    /// Counts one HTTP response.
+    /// Counts one HTTP response (`endpoint`: the matched route or `unmatched`).
     pub fn record_request(&self, endpoint: &str, status: u16) {
-        if let Ok(mut m) = self.requests.lock() {
-            *m.entry((endpoint.to_string(), status)).or_insert(0) += 1;
-        }
+        self.requests
+            .with_label_values(&[endpoint, status.to_string().as_str()])
+            .inc();
     }
 
     /// Counts one finished choice by finish reason.
     pub fn record_finish(&self, reason: &'static str) {
-        if let Ok(mut m) = self.finished.lock() {
-            *m.entry(reason).or_insert(0) += 1;
-        }
+        self.finished
+            .with_label_values(&[self.model.as_str(), reason])
+            .inc();
     }
 
     /// Generations in flight at this gateway.
     pub fn running(&self) -> i64 {
-        self.running.load(Ordering::Relaxed)
+        self.running.get()
     }
 
     /// Marks a generation as running until the guard drops.
     pub fn start_request(self: &Arc<Self>) -> RunningGuard {
-        self.running.fetch_add(1, Ordering::Relaxed);
+        self.running.inc();
         RunningGuard(self.clone())
     }
 
     /// Adds prompt tokens.
     pub fn add_prompt_tokens(&self, n: u64) {
-        self.prompt_tokens.fetch_add(n, Ordering::Relaxed);
+        self.prompt_tokens.iter().for_each(|c| c.inc_by(n));
     }
 
     /// Adds generated tokens.
     pub fn add_generation_tokens(&self, n: u64) {
-        self.generation_tokens.fetch_add(n, Ordering::Relaxed);
+        self.generation_tokens.iter().for_each(|c| c.inc_by(n));
     }
 
-    /// Prometheus text for model `model`, with replica gauges from `loads`.
-    pub fn render(
-        &self,
-        model: &str,
-        loads: &[(String, Result<pb::LoadResponse, tonic::Status>)],
-    ) -> String {
-        let mut out = String::new();
-        let m = format!("model_name=\"{}\"", escape(model));
-        self.write_counters(&mut out, &m);
-        self.itl.write(
-            &mut out,
-            "vllm:inter_token_latency_seconds",
-            "Time between output tokens (per streamed message).",
-            &m,
-        );
-        let hist: [LatencySeries; 3] = [
-            (
-                &self.ttft,
-                |g| &g.ttft,
-                "gen_ai_server_time_to_first_token_seconds",
-                "vllm:time_to_first_token_seconds",
-                "Time to first token.",
-            ),
-            (
-                &self.tpot,
-                |g| &g.tpot,
-                "gen_ai_server_time_per_output_token_seconds",
-                "vllm:request_time_per_output_token_seconds",
-                "Time per output token of a request: (duration - TTFT) / (tokens - 1).",
-            ),
-            (
-                &self.e2e,
-                |g| &g.duration,
-                "gen_ai_server_request_duration_seconds",
-                "vllm:e2e_request_latency_seconds",
-                "End-to-end request latency.",
-            ),
-        ];
-        for (h, of, otel, vllm, help) in hist {
-            let _ = writeln!(out, "# HELP {otel} {help}\n# TYPE {otel} histogram");
-            for op in [Operation::Chat, Operation::TextCompletion] {
-                let labels = format!(
-                    "{m},gen_ai_operation_name=\"{}\",gen_ai_provider_name=\"{}\"",
-                    op.as_str(),
-                    crate::telemetry::PROVIDER
-                );
-                of(self.gen_ai(op)).write_series(&mut out, otel, &labels);
-            }
-            h.write(&mut out, vllm, help, &m);
+    /// The Prometheus text, with each replica's load (`loads`, from its Load RPC) as this gateway
+    /// sees it.
+    pub fn render(&self, loads: &[(String, Result<pb::LoadResponse, tonic::Status>)]) -> String {
+        let mut families = self.registry.gather();
+        match replica_families(loads) {
+            Ok(f) => families.extend(f),
+            Err(e) => tracing::error!("the per-replica metrics: {e}"),
         }
-        self.write_thinking(&mut out, &m);
-        write_load_gauges(&mut out, loads);
-        out
-    }
-
-    fn write_thinking(&self, out: &mut String, m: &str) {
-        let _ = writeln!(
-            out,
-            "# HELP r4b_thinking_auto_decisions_total Chat choices in thinking_mode auto, by \
-             whether the model opened a think block.\n\
-             # TYPE r4b_thinking_auto_decisions_total counter"
-        );
-        for (decision, c) in [
-            ("think", &self.auto_think),
-            ("no_think", &self.auto_no_think),
-        ] {
-            let _ = writeln!(
-                out,
-                "r4b_thinking_auto_decisions_total{{{m},decision=\"{decision}\"}} {}",
-                c.load(Ordering::Relaxed)
-            );
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::error!("encoding the gateway metrics: {e}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP r4b_thinking_budget_closes_total Think blocks closed by the thinking budget.\n\
-             # TYPE r4b_thinking_budget_closes_total counter\n\
-             r4b_thinking_budget_closes_total{{{m}}} {}",
-            self.budget_closes.load(Ordering::Relaxed)
-        );
-        self.thinking_tokens.write(
-            out,
-            "r4b_request_thinking_tokens",
-            "Tokens inside the think block of a chat choice that thought.",
-            m,
-        );
-    }
-
-    fn write_counters(&self, out: &mut String, m: &str) {
-        let _ = writeln!(
-            out,
-            "# HELP r4b_gateway_http_requests_total HTTP responses by endpoint and status."
-        );
-        let _ = writeln!(out, "# TYPE r4b_gateway_http_requests_total counter");
-        if let Ok(reqs) = self.requests.lock() {
-            for ((endpoint, status), n) in reqs.iter() {
-                let _ = writeln!(
-                    out,
-                    "r4b_gateway_http_requests_total{{endpoint=\"{}\",status=\"{status}\"}} {n}",
-                    escape(endpoint)
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP vllm:request_success_total Finished generations by finish reason."
-        );
-        let _ = writeln!(out, "# TYPE vllm:request_success_total counter");
-        if let Ok(fin) = self.finished.lock() {
-            for (reason, n) in fin.iter() {
-                let _ = writeln!(
-                    out,
-                    "vllm:request_success_total{{{m},finished_reason=\"{reason}\"}} {n}"
-                );
-            }
-        }
-        let prompt = self.prompt_tokens.load(Ordering::Relaxed);
-        let generated = self.generation_tokens.load(Ordering::Relaxed);
-        for (name, help, v) in [
-            (
-                "r4b_gateway_prompt_tokens_total",
-                "Prompt tokens processed.",
-                prompt,
-            ),
-            (
-                "vllm:prompt_tokens_total",
-                "Prompt tokens processed.",
-                prompt,
-            ),
-            (
-                "r4b_gateway_generation_tokens_total",
-                "Tokens generated.",
-                generated,
-            ),
-            (
-                "vllm:generation_tokens_total",
-                "Tokens generated.",
-                generated,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{m}}} {v}"
-            );
-        }
-        let running = self.running.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP r4b_gateway_requests_running Generations in flight at this gateway.\n\
-             # TYPE r4b_gateway_requests_running gauge\nr4b_gateway_requests_running{{{m}}} {running}"
-        );
+        String::from_utf8(out).unwrap_or_default()
     }
 }
 
 /// One per-replica gauge of a Load answer.
 type LoadField = fn(&pb::LoadResponse) -> u32;
 
-fn write_load_gauges(
-    out: &mut String,
+/// The per-replica gauges of one scrape (a registry of their own: replicas come and go).
+fn replica_families(
     loads: &[(String, Result<pb::LoadResponse, tonic::Status>)],
-) {
-    let ok: Vec<(&String, &pb::LoadResponse)> = loads
-        .iter()
-        .filter_map(|(u, r)| r.as_ref().ok().map(|l| (u, l)))
-        .collect();
-    let per_replica: [(&str, &str, LoadField); 4] = [
+) -> Result<Vec<prometheus::proto::MetricFamily>, prometheus::Error> {
+    let r = Registry::new();
+    let gauge = |name: &str, help: &str| {
+        register(&r, IntGaugeVec::new(Opts::new(name, help), &["replica"])?)
+    };
+    let fields: [(IntGaugeVec, LoadField); 4] = [
         (
-            "r4b_replica_requests_waiting",
-            "Requests waiting at one replica.",
+            gauge(
+                "r4b_replica_requests_waiting",
+                "Requests waiting at one replica.",
+            )?,
             |l| l.waiting,
         ),
         (
-            "r4b_replica_requests_running",
-            "Requests running at one replica.",
+            gauge(
+                "r4b_replica_requests_running",
+                "Requests running at one replica.",
+            )?,
             |l| l.running,
         ),
         (
-            "r4b_replica_kv_blocks_used",
-            "KV blocks in use at one replica.",
+            gauge(
+                "r4b_replica_kv_blocks_used",
+                "KV blocks in use at one replica.",
+            )?,
             |l| l.kv_blocks_used,
         ),
-        ("r4b_replica_kv_blocks", "KV blocks at one replica.", |l| {
-            l.kv_blocks_total
-        }),
+        (
+            gauge("r4b_replica_kv_blocks", "KV blocks at one replica.")?,
+            |l| l.kv_blocks_total,
+        ),
     ];
-    for (name, help, field) in per_replica {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for (url, load) in &ok {
-            let _ = writeln!(out, "{name}{{replica=\"{}\"}} {}", escape(url), field(load));
+    let up = gauge("r4b_replica_up", "Whether the replica answered Load.")?;
+    for (url, load) in loads {
+        up.with_label_values(&[url.as_str()])
+            .set(i64::from(load.is_ok()));
+        if let Ok(l) = load {
+            for (g, field) in &fields {
+                g.with_label_values(&[url.as_str()])
+                    .set(i64::from(field(l)));
+            }
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP r4b_replica_up Whether the replica answered Load.\n# TYPE r4b_replica_up gauge"
-    );
-    for (url, r) in loads {
-        let _ = writeln!(
-            out,
-            "r4b_replica_up{{replica=\"{}\"}} {}",
-            escape(url),
-            u8::from(r.is_ok())
-        );
-    }
+    Ok(r.gather())
 }
 
 #[cfg(test)]
@@ -580,28 +476,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_text_is_cumulative() {
-        let h = Histogram::new(&[0.1, 1.0]);
-        h.observe(0.0625);
-        h.observe(0.5);
-        h.observe(3.0);
-        let mut out = String::new();
-        h.write(&mut out, "x_seconds", "X.", "a=\"b\"");
-        let expected = "# HELP x_seconds X.\n# TYPE x_seconds histogram\n\
-            x_seconds_bucket{a=\"b\",le=\"0.1\"} 1\nx_seconds_bucket{a=\"b\",le=\"1\"} 2\n\
-            x_seconds_bucket{a=\"b\",le=\"+Inf\"} 3\nx_seconds_sum{a=\"b\"} 3.5625\nx_seconds_count{a=\"b\"} 3\n";
-        assert_eq!(out, expected);
-    }
-
-    #[test]
-    fn render_has_vllm_aliases_and_load_gauges() {
-        let m = Arc::new(Metrics::default());
+    fn render_has_vllm_aliases_gen_ai_labels_thinking_and_replica_gauges() {
+        let m = Arc::new(Metrics::new("r4b").unwrap());
         m.record_request("/v1/chat/completions", 200);
         m.add_prompt_tokens(12);
         m.add_generation_tokens(5);
         m.record_finish("stop");
-        m.ttft.observe(0.25);
-        m.gen_ai(Operation::Chat).ttft.observe(0.25);
+        m.record_ttft(Operation::Chat, 0.25);
         m.record_thinking(Thinking {
             auto: true,
             thought: true,
@@ -618,14 +499,6 @@ mod tests {
                     running: 3,
                     kv_blocks_used: 25,
                     kv_blocks_total: 100,
-                    queue_capacity: 8,
-                    prefix_hit_tokens: 30,
-                    prefix_query_tokens: 40,
-                    preemptions: 1,
-                    steps: 4,
-                    step_wall_ns: 10_000_000,
-                    step_forward_ns: 7_500_000,
-                    batch_tokens: 40,
                     ..Default::default()
                 }),
             ),
@@ -634,26 +507,27 @@ mod tests {
                 Err(tonic::Status::unavailable("down")),
             ),
         ];
-        let text = m.render("r4b", &loads);
+        let text = m.render(&loads);
         for line in [
             "r4b_gateway_http_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"} 1",
             "vllm:prompt_tokens_total{model_name=\"r4b\"} 12",
             "vllm:generation_tokens_total{model_name=\"r4b\"} 5",
-            "vllm:request_success_total{model_name=\"r4b\",finished_reason=\"stop\"} 1",
+            "r4b_gateway_generation_tokens_total{model_name=\"r4b\"} 5",
+            "vllm:request_success_total{finished_reason=\"stop\",model_name=\"r4b\"} 1",
             "r4b_gateway_requests_running{model_name=\"r4b\"} 1",
             "r4b_replica_requests_waiting{replica=\"http://a\"} 2",
             "r4b_replica_kv_blocks_used{replica=\"http://a\"} 25",
             "r4b_replica_up{replica=\"http://a\"} 1",
             "r4b_replica_up{replica=\"http://b\"} 0",
-            "gen_ai_server_time_to_first_token_seconds_count{model_name=\"r4b\",gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"r4b\"} 1",
-            "gen_ai_server_time_to_first_token_seconds_count{model_name=\"r4b\",gen_ai_operation_name=\"text_completion\",gen_ai_provider_name=\"r4b\"} 0",
+            "gen_ai_server_time_to_first_token_seconds_count{gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"r4b\",model_name=\"r4b\"} 1",
+            "gen_ai_server_time_to_first_token_seconds_count{gen_ai_operation_name=\"text_completion\",gen_ai_provider_name=\"r4b\",model_name=\"r4b\"} 0",
             "vllm:time_to_first_token_seconds_count{model_name=\"r4b\"} 1",
-            "r4b_thinking_auto_decisions_total{model_name=\"r4b\",decision=\"think\"} 1",
-            "r4b_thinking_auto_decisions_total{model_name=\"r4b\",decision=\"no_think\"} 0",
+            "vllm:time_to_first_token_seconds_bucket{model_name=\"r4b\",le=\"0.1\"} 0",
+            "vllm:time_to_first_token_seconds_bucket{model_name=\"r4b\",le=\"0.25\"} 1",
+            "r4b_thinking_auto_decisions_total{decision=\"think\",model_name=\"r4b\"} 1",
+            "r4b_thinking_auto_decisions_total{decision=\"no_think\",model_name=\"r4b\"} 0",
             "r4b_thinking_budget_closes_total{model_name=\"r4b\"} 1",
             "r4b_request_thinking_tokens_sum{model_name=\"r4b\"} 7",
-            "# TYPE vllm:time_to_first_token_seconds histogram",
-            "# TYPE gen_ai_server_time_to_first_token_seconds histogram",
             "# TYPE vllm:e2e_request_latency_seconds histogram",
             "# TYPE vllm:inter_token_latency_seconds histogram",
             "# TYPE vllm:request_time_per_output_token_seconds histogram",
@@ -666,7 +540,7 @@ mod tests {
         }
         drop(guard);
         assert!(m
-            .render("r4b", &[])
+            .render(&[])
             .contains("r4b_gateway_requests_running{model_name=\"r4b\"} 0"));
     }
 }

@@ -170,6 +170,7 @@ impl AppState {
             })?;
         // Gives memory back after large requests (see `trim`).
         tokio::spawn(crate::trim::run(std::time::Duration::from_secs(1)));
+        let metrics = Arc::new(Metrics::new(&config.served_model_name)?);
         Ok(AppState {
             inner: Arc::new(Inner {
                 shutdown: Shutdown::default(),
@@ -177,7 +178,7 @@ impl AppState {
                 files,
                 images,
                 replicas,
-                metrics: Arc::new(Metrics::default()),
+                metrics,
                 extra_metrics: std::sync::OnceLock::new(),
                 max_model_len,
                 vocab_size: info.vocab_size,

@@ -472,9 +472,9 @@ async fn models_health_and_metrics() {
         "vllm:generation_tokens_total{model_name=\"r4b\"} 3",
         "vllm:e2e_request_latency_seconds_count{model_name=\"r4b\"} 1",
         "vllm:time_to_first_token_seconds_count{model_name=\"r4b\"} 1",
-        "gen_ai_server_time_to_first_token_seconds_count{model_name=\"r4b\",gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"r4b\"} 1",
+        "gen_ai_server_time_to_first_token_seconds_count{gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"r4b\",model_name=\"r4b\"} 1",
         "vllm:inter_token_latency_seconds_count{model_name=\"r4b\"} 2",
-        "vllm:request_success_total{model_name=\"r4b\",finished_reason=\"stop\"} 1",
+        "vllm:request_success_total{finished_reason=\"stop\",model_name=\"r4b\"} 1",
         "r4b_gateway_requests_running{model_name=\"r4b\"} 0",
     ] {
         assert!(

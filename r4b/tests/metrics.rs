@@ -163,10 +163,10 @@ fn metrics_pass_promtool_and_count_the_api_usage() {
     // Thinking: the three auto chats decided one way or the other; the long one is not auto.
     let decided = value(
         &text,
-        "r4b_thinking_auto_decisions_total{model_name=\"r4b\",decision=\"think\"}",
+        "r4b_thinking_auto_decisions_total{decision=\"think\",model_name=\"r4b\"}",
     ) + value(
         &text,
-        "r4b_thinking_auto_decisions_total{model_name=\"r4b\",decision=\"no_think\"}",
+        "r4b_thinking_auto_decisions_total{decision=\"no_think\",model_name=\"r4b\"}",
     );
     assert_eq!(decided, 3.0);
     let closes = value(&text, &format!("r4b_thinking_budget_closes_total{M}"));
@@ -183,7 +183,7 @@ fn metrics_pass_promtool_and_count_the_api_usage() {
     // The GenAI histograms carry the required attributes, per operation.
     let genai = |op: &str| {
         format!(
-            "gen_ai_server_request_duration_seconds_count{{model_name=\"r4b\",gen_ai_operation_name=\"{op}\",gen_ai_provider_name=\"r4b\"}}"
+            "gen_ai_server_request_duration_seconds_count{{gen_ai_operation_name=\"{op}\",gen_ai_provider_name=\"r4b\",model_name=\"r4b\"}}"
         )
     };
     assert_eq!(value(&text, &genai("chat")), 4.0);
@@ -198,7 +198,7 @@ fn metrics_pass_promtool_and_count_the_api_usage() {
 fn tpot_is_the_per_request_definition(s: &Server) {
     let series = [
         format!("vllm:request_time_per_output_token_seconds_{{}}{M}"),
-        "gen_ai_server_time_per_output_token_seconds_{}{model_name=\"r4b\",gen_ai_operation_name=\"text_completion\",gen_ai_provider_name=\"r4b\"}".to_string(),
+        "gen_ai_server_time_per_output_token_seconds_{}{gen_ai_operation_name=\"text_completion\",gen_ai_provider_name=\"r4b\",model_name=\"r4b\"}".to_string(),
     ];
     let read = |text: &str| -> Vec<(f64, f64)> {
         series
