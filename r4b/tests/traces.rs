@@ -3,7 +3,8 @@
 //! opentelemetry-proto's generated tonic server) listens on loopback, the server exports to it
 //! (`--otlp-traces-endpoint`), and the test checks that the gateway's, the coordinator's and both
 //! ranks' spans share the trace id the client sent in `traceparent`, and that every span's parent
-//! is the one the design names (README "Traces").
+//! is the one the design names (README "Observability"). A second test sets a batch delay of ten
+//! minutes and checks that SIGTERM's drain still delivers every process's spans (flush on exit).
 
 mod common;
 
@@ -87,8 +88,8 @@ impl TraceService for Receiver {
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 
-#[test]
-fn one_image_request_at_tp2_is_one_trace_through_every_rank() {
+/// A real OTLP trace receiver on a loopback port: (its runtime, what it received, its URL).
+fn start_receiver() -> (tokio::runtime::Runtime, Receiver, String) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let receiver = Receiver::default();
     let listener = rt
@@ -102,8 +103,65 @@ fn one_image_request_at_tp2_is_one_trace_through_every_rank() {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
     });
+    (rt, receiver, format!("http://{addr}"))
+}
 
-    let endpoint = format!("http://{addr}");
+/// With a batch delay longer than the test, the spans still arrive: SIGTERM drains the server,
+/// the coordinator shuts its workers down, and every process flushes its last batch on exit.
+#[test]
+fn spans_are_flushed_when_the_server_drains() {
+    let (_rt, receiver, endpoint) = start_receiver();
+    let mut s = Server::start_env(
+        &["--tensor-parallel-size", "2"],
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+        ],
+    );
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", s.base))
+        .header("traceparent", format!("00-{TRACE_ID}-{CLIENT_SPAN}-01"))
+        .json(&greedy_body("Hello", 3))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let ours = |r: &Receiver| {
+        r.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.trace_id == TRACE_ID)
+            .map(|s| (s.name.clone(), s.attrs.get("rank").cloned()))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        ours(&receiver).is_empty(),
+        "batched for 10 minutes, yet exported"
+    );
+    common::procs::signal(s.pid(), "TERM");
+    let status = s.wait_exit(Duration::from_secs(60)).expect("drained");
+    assert!(status.success(), "{status}");
+    let spans = ours(&receiver);
+    for (name, rank) in [
+        ("chat", None),
+        ("generate", None),
+        ("prefill chunk", None),
+        ("rank step", Some("0")),
+        ("rank step", Some("1")),
+    ] {
+        assert!(
+            spans
+                .iter()
+                .any(|(n, r)| n == name && (rank.is_none() || r.as_deref() == rank)),
+            "{name} {rank:?} not flushed: {spans:?}"
+        );
+    }
+}
+
+#[test]
+fn one_image_request_at_tp2_is_one_trace_through_every_rank() {
+    let (_rt, receiver, endpoint) = start_receiver();
     let s = Server::start_env(
         &[
             "--tensor-parallel-size",
