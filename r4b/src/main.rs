@@ -34,6 +34,11 @@ struct Cli {
 }
 
 impl Cmd {
+    /// Whether the role records metrics (gateway, coordinator); ranks and `inspect` do not.
+    fn has_metrics(&self) -> bool {
+        matches!(self, Cmd::Serve(_) | Cmd::Gateway(_) | Cmd::Coordinator(_))
+    }
+
     /// `service.name` when `OTEL_SERVICE_NAME` does not set one, and the `r4b.role` attribute.
     fn role(&self) -> (&'static str, &'static str) {
         match self {
@@ -77,7 +82,11 @@ struct WorkerArgs {
 /// Logs (fmt, filtered by `R4B_LOG`) and, when the `OTEL_*` variables ask for them, the OTLP trace
 /// layer (every span at INFO and above, whatever `R4B_LOG` says) and the OTLP meter provider.
 /// Must run inside the runtime.
-fn init_tracing(service: &str, role: &str) -> Result<Option<r4b_telemetry::Pipeline>> {
+fn init_tracing(
+    service: &str,
+    role: &str,
+    has_metrics: bool,
+) -> Result<Option<r4b_telemetry::Pipeline>> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
@@ -86,7 +95,7 @@ fn init_tracing(service: &str, role: &str) -> Result<Option<r4b_telemetry::Pipel
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_filter(filter);
-    let pipeline = r4b_telemetry::Pipeline::from_env(service, role)?;
+    let pipeline = r4b_telemetry::Pipeline::from_env(service, role, has_metrics)?;
     let otel = pipeline
         .as_ref()
         .and_then(|p| p.layer())
@@ -154,7 +163,8 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let (service, role) = cli.command.role();
-    let pipeline = rt.block_on(async { init_tracing(service, role) })?;
+    let has_metrics = cli.command.has_metrics();
+    let pipeline = rt.block_on(async { init_tracing(service, role, has_metrics) })?;
     let result = rt.block_on(async move {
         match cli.command {
             Cmd::Serve(a) => serve::serve(a).await,

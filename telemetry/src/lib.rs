@@ -78,8 +78,13 @@ impl Pipeline {
     /// it; `Ok(None)` otherwise. Must run inside a tokio runtime (the tonic client spawns its
     /// connection there). `default_service` is `service.name` unless `OTEL_SERVICE_NAME` or
     /// `OTEL_RESOURCE_ATTRIBUTES` names one; `role` becomes the resource attribute `r4b.role`.
-    pub fn from_env(default_service: &str, role: &str) -> Result<Option<Self>, TelemetryError> {
-        let (traces, metrics) = (traces_enabled(), metrics_enabled());
+    /// `has_metrics`: the process records metrics (a worker rank does not: no meter provider).
+    pub fn from_env(
+        default_service: &str,
+        role: &str,
+        has_metrics: bool,
+    ) -> Result<Option<Self>, TelemetryError> {
+        let (traces, metrics) = (traces_enabled(), has_metrics && metrics_enabled());
         if !traces && !metrics {
             return Ok(None);
         }
