@@ -90,6 +90,13 @@ fn metrics_pass_promtool_and_count_the_api_usage() {
     add(&body, 4);
     // thinking_mode long with a budget of 3: the think block is open from the prompt; unless the
     // model closes it itself, the budget closes it with forced tokens, which get no logprobs.
+    let thinking = |t: &str| {
+        (
+            value(t, &format!("r4b_request_thinking_tokens_count{M}")),
+            value(t, &format!("r4b_request_thinking_tokens_sum{M}")),
+        )
+    };
+    let (count0, sum0) = thinking(&s.get_text("/metrics"));
     let (status, long) = s.post(
         "/v1/chat/completions",
         &json!({"model": "r4b", "messages": [{"role": "user", "content": "Think."}],
@@ -176,11 +183,14 @@ fn metrics_pass_promtool_and_count_the_api_usage() {
         if forced > 0 { 1.0 } else { 0.0 },
         "{forced} forced tokens"
     );
-    if forced > 0 {
-        // The long choice thought exactly its budget before the close.
-        let thinking = value(&text, &format!("r4b_request_thinking_tokens_sum{M}")) - 0.0;
-        assert!(thinking >= 3.0, "thinking tokens {thinking}");
-    }
+    // The long choice thought (one observation), at most its budget of 3 tokens.
+    let (count1, sum1) = thinking(&text);
+    assert_eq!(count1 - count0, 1.0, "one thinking choice");
+    assert!(
+        (0.0..=3.0).contains(&(sum1 - sum0)),
+        "{} thinking tokens",
+        sum1 - sum0
+    );
     // The GenAI histograms carry the required attributes, per operation.
     let genai = |op: &str| {
         format!(
