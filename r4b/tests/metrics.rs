@@ -1,7 +1,8 @@
 //! `/metrics` of every process that serves one, after a known workload:
 //!
 //! - Prometheus's own `promtool check metrics` parses each (`r4b serve`'s, which carries its
-//!   coordinator's after the gateway's, and a standalone `r4b coordinator --metrics-port`) and
+//!   coordinator's after the gateway's; a standalone `r4b coordinator --metrics-port`; a
+//!   standalone `r4b gateway` in front of it) and
 //!   finds no problem other than the `vllm:` names' colons (kept on purpose: vLLM exports the same
 //!   names, and its dashboards, production-stack's router and KEDA rules query them);
 //! - the gateway's token counters and the coordinator's per-request histograms equal the usage
@@ -272,45 +273,99 @@ fn tpot_is_the_per_request_definition(s: &Server) {
 
 const SECRET: &str = "metrics-test-secret-0123456789abcdef";
 
-/// `r4b coordinator --metrics-port` serves the replica's metrics on their own port.
-#[test]
-fn a_standalone_coordinator_serves_its_metrics() {
-    let cache = tempfile::tempdir().unwrap();
-    let (port, metrics_port) = (free_port(), free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_r4b"))
-        .args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
-        .args([
-            "--metrics-port",
-            &metrics_port.to_string(),
-            "--kv-cache-space",
-            "0.25",
-        ])
-        .env("R4B_CACHE", cache.path())
-        .env("RAYON_NUM_THREADS", "1")
-        .env(r4b_proto::auth::SECRET_ENV, SECRET)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+/// Kills a child process on drop.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// GETs `url` until it answers 200 (or `child` exits, or two minutes pass).
+fn wait_for(url: &str, child: &mut Killed) -> String {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let text = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("r4b coordinator exited: {status}");
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("the process behind {url} exited: {status}");
         }
-        if let Ok(r) = client().get(&url).send() {
+        if let Ok(r) = client().get(url).send() {
             if r.status() == 200 {
-                break r.text().unwrap();
+                return r.text().unwrap();
             }
         }
-        assert!(Instant::now() < deadline, "no metrics on {url}");
+        assert!(Instant::now() < deadline, "no answer from {url}");
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The roles on their own: `r4b coordinator --metrics-port` serves the replica's metrics on their
+/// own port, `r4b gateway` in front of it only the gateway's; both pass promtool.
+#[test]
+fn a_standalone_coordinator_and_gateway_serve_their_own_metrics() {
+    let cache = tempfile::tempdir().unwrap();
+    let (port, metrics_port, http_port) = (free_port(), free_port(), free_port());
+    let spawn = |args: &[&str]| {
+        Killed(
+            Command::new(env!("CARGO_BIN_EXE_r4b"))
+                .args(args)
+                .env("R4B_CACHE", cache.path())
+                .env("RAYON_NUM_THREADS", "1")
+                .env(r4b_proto::auth::SECRET_ENV, SECRET)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        )
     };
-    let _ = child.kill();
-    let _ = child.wait();
-    assert_eq!(value(&text, &format!("vllm:num_requests_waiting{M}")), 0.0);
-    assert!(value(&text, &format!("r4b_engine_kv_blocks{M}")) > 0.0);
-    // No gateway metrics here: they belong to the gateway.
-    assert!(!text.contains("vllm:time_to_first_token_seconds"));
-    promtool("r4b coordinator --metrics-port", &text);
+    let mut coordinator = spawn(&[
+        "coordinator",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--metrics-port",
+        &metrics_port.to_string(),
+        "--kv-cache-space",
+        "0.25",
+    ]);
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    wait_for(&metrics_url, &mut coordinator);
+    let mut gateway = spawn(&[
+        "gateway",
+        "--coordinator",
+        &format!("http://127.0.0.1:{port}"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &http_port.to_string(),
+    ]);
+    let base = format!("http://127.0.0.1:{http_port}");
+    wait_for(&format!("{base}/ready"), &mut gateway);
+    let r = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&greedy_body("Hi", 3))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let replica = wait_for(&metrics_url, &mut coordinator);
+    assert_eq!(
+        value(&replica, &format!("vllm:num_requests_waiting{M}")),
+        0.0
+    );
+    assert!(value(&replica, &format!("r4b_engine_kv_blocks{M}")) > 0.0);
+    assert_eq!(
+        value(&replica, &format!("vllm:request_generation_tokens_sum{M}")),
+        3.0
+    );
+    // No gateway metrics there: they belong to the gateway.
+    assert!(!replica.contains("vllm:time_to_first_token_seconds"));
+    promtool("r4b coordinator --metrics-port", &replica);
+
+    let gw = wait_for(&format!("{base}/metrics"), &mut gateway);
+    assert_eq!(value(&gw, &format!("vllm:generation_tokens_total{M}")), 3.0);
+    // The engine's gauges are the coordinator's to export; the gateway has its view per replica.
+    assert!(!gw.contains("vllm:num_requests_waiting"));
+    assert!(gw.contains("r4b_replica_up{replica="));
+    promtool("r4b gateway /metrics", &gw);
 }
