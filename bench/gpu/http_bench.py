@@ -70,13 +70,16 @@ async def one_stream(session, url, model, prompt, out_tokens, sampling=None):
 
 
 async def engine_counters(session, url):
-    """The coordinator's step counters from /metrics (summed over replicas)."""
-    want = {"r4b_engine_steps_total": "steps", "r4b_engine_batch_tokens_total": "tokens",
-            "r4b_engine_step_wall_seconds_total": "wall", "r4b_engine_step_forward_seconds_total": "forward"}
+    """The coordinator's step counters from `r4b serve`'s /metrics (its coordinator's metrics
+    follow the gateway's there): steps, tokens, wall and rank 0's forward time."""
+    want = {"r4b_engine_step_duration_seconds_count": "steps", "r4b_engine_batch_tokens_sum": "tokens",
+            "r4b_engine_step_duration_seconds_sum": "wall", "r4b_rank_forward_seconds_sum": "forward"}
     out = {v: 0.0 for v in want.values()}
     async with session.get(f"{url}/metrics") as r:
         for line in (await r.text()).splitlines():
             name = line.split("{")[0].split(" ")[0]
+            if name == "r4b_rank_forward_seconds_sum" and 'rank="0"' not in line:
+                continue
             if name in want:
                 out[want[name]] += float(line.rsplit(" ", 1)[1])
     return out

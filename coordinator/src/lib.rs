@@ -23,6 +23,7 @@ pub mod scheduler;
 
 pub mod deadline;
 pub mod engine;
+pub mod metrics;
 pub mod service;
 pub mod workers;
 
@@ -67,6 +68,9 @@ pub enum ReplicaError {
     /// The limits do not fit the model or the KV cache.
     #[error("{0}")]
     Config(String),
+    /// The metrics registry refused a metric (a name clash: a bug).
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 /// A started replica: its gRPC service (serve it with tonic) and the model facts.
@@ -123,6 +127,7 @@ pub async fn start_replica(cfg: ReplicaConfig) -> Result<Replica, ReplicaError> 
         group: cfg.group.clone(),
         restart: cfg.restart.clone(),
         deadline: cfg.step_deadline.clone(),
+        metrics: metrics::Metrics::new(&cfg.served_model_name, max_model_len)?,
     };
     let engine = engine::spawn(group, engine_cfg).map_err(ReplicaError::Config)?;
     Ok(Replica {

@@ -21,6 +21,9 @@ use tonic::{Request, Response, Status};
 use crate::engine::{is_ready, Command, EngineHandle, READY_WINDOW};
 use crate::scheduler::SeqId;
 
+/// The request id of the readiness probe's one-token request (left out of the request metrics).
+pub const PROBE_ID: &str = "health-probe";
+
 /// The gRPC service.
 #[derive(Clone, Debug)]
 pub struct CoordinatorService {
@@ -69,6 +72,7 @@ impl CoordinatorService {
     async fn submit(
         &self,
         req: pb::GenerateRequest,
+        span: tracing::Span,
     ) -> Result<
         (
             SeqId,
@@ -82,6 +86,7 @@ impl CoordinatorService {
             req: Box::new(req),
             events,
             ack,
+            span,
         })?;
         let id = ack_rx
             .await
@@ -92,7 +97,7 @@ impl CoordinatorService {
     /// Runs a one-token generation through the real step path.
     async fn probe(&self) -> Result<(), Status> {
         let req = pb::GenerateRequest {
-            request_id: "health-probe".into(),
+            request_id: PROBE_ID.into(),
             prompt_ids: vec![0],
             stopping: Some(pb::StoppingParams {
                 max_new_tokens: 1,
@@ -105,7 +110,7 @@ impl CoordinatorService {
             }),
             ..Default::default()
         };
-        let (_, mut stream) = self.submit(req).await?;
+        let (_, mut stream) = self.submit(req, tracing::Span::none()).await?;
         while let Some(msg) = stream.next().await {
             if msg?.finish_reason != pb::FinishReason::Unspecified as i32 {
                 return Ok(());
@@ -157,9 +162,18 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let parent = r4b_telemetry::extract(request.metadata());
         let req = request.into_inner();
+        let span = tracing::info_span!(
+            "generate",
+            otel.kind = "server",
+            request_id = %req.request_id,
+            prompt_tokens = req.prompt_ids.len(),
+            images = req.images.len(),
+        );
+        r4b_telemetry::set_parent(&span, parent);
         check_request(&req, &self.info)?;
-        let (id, inner) = self.submit(req).await?;
+        let (id, inner) = self.submit(req, span).await?;
         let stream = AbortOnDrop {
             inner,
             id,

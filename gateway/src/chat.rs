@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -16,6 +17,7 @@ use crate::api::{
 use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::generate::{self, ChoiceOutput, FinishReason, RequestClock};
+use crate::metrics::Operation;
 use crate::output::{Delta, TokenLogprob};
 use crate::prompt::{self, PromptParts};
 use crate::sse::{self, to_json, ChunkFormat};
@@ -28,15 +30,24 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/v1/chat/completions", post(create))
 }
 
-async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Response, ApiError> {
-    let req = parse(&state, &body).await?;
-    let span = tracing::info_span!("chat", request_id = %req.id, prompt_tokens = req.prompt_ids.len(), n = req.params.n);
-    run(state, req).instrument(span).await
+async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let span = crate::telemetry::request_span("chat", &headers);
+    async move {
+        let req = parse(&state, &body).await?;
+        crate::telemetry::record_request(&req);
+        run(state, req).await
+    }
+    .instrument(span)
+    .await
 }
 
 /// Submits a validated request and answers with SSE or one JSON body.
 async fn run(state: AppState, req: ValidatedRequest) -> Result<Response, ApiError> {
-    let clock = RequestClock::start(state.metrics());
+    let clock = RequestClock::start(state.metrics(), Operation::Chat);
     let runs = generate::submit(&state, &req, &clock).await?;
     let (prompt_tokens, cached_tokens) = generate::prompt_usage(&runs, &req);
     let format = ChatFormat {
@@ -85,6 +96,7 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, Ap
         images,
         params,
         split_reasoning: true,
+        thinking_auto: rendered.thinking_auto,
     };
     Ok(prompt::finish_prompt(state, parts)?)
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -18,6 +19,7 @@ use crate::api::{
 use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::generate::{self, FinishReason, RequestClock};
+use crate::metrics::Operation;
 use crate::output::{Delta, TokenLogprob};
 use crate::prompt::{self, PromptParts};
 use crate::sse::{self, to_json, ChunkFormat};
@@ -30,14 +32,23 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/v1/completions", post(create))
 }
 
-async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Response, ApiError> {
-    let req = parse(&state, &body).await?;
-    let span = tracing::info_span!("completion", request_id = %req.id, prompt_tokens = req.prompt_ids.len(), n = req.params.n);
-    run(state, req).instrument(span).await
+async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    let span = crate::telemetry::request_span("text_completion", &headers);
+    async move {
+        let req = parse(&state, &body).await?;
+        crate::telemetry::record_request(&req);
+        run(state, req).await
+    }
+    .instrument(span)
+    .await
 }
 
 async fn run(state: AppState, req: ValidatedRequest) -> Result<Response, ApiError> {
-    let clock = RequestClock::start(state.metrics());
+    let clock = RequestClock::start(state.metrics(), Operation::TextCompletion);
     let runs = generate::submit(&state, &req, &clock).await?;
     let (prompt_tokens, cached_tokens) = generate::prompt_usage(&runs, &req);
     let mut format = CompletionFormat {
@@ -125,6 +136,7 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, Ap
     let ids = prompt::off_runtime(state, move |state| prompt_ids(state, prompt)).await?;
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let parts = PromptParts {
+        thinking_auto: false,
         id,
         ids,
         images: Vec::new(),

@@ -13,7 +13,7 @@ use r4b_proto::v1 as pb;
 use tonic::codec::Streaming;
 
 use crate::error::ApiError;
-use crate::metrics::{Metrics, RunningGuard};
+use crate::metrics::{Metrics, Operation, RunningGuard};
 use crate::output::{Delta, OutputPipeline, TokenLogprob};
 use crate::state::AppState;
 use crate::validate::ValidatedRequest;
@@ -63,13 +63,15 @@ pub struct RequestClock {
     /// When the first token of any choice arrived (for the per-request TPOT).
     first_token_at: std::sync::OnceLock<Instant>,
     metrics: Arc<Metrics>,
+    operation: Operation,
     _running: RunningGuard,
 }
 
 impl RequestClock {
     /// Starts timing a request (and counts it as running until dropped).
-    pub fn start(metrics: &Arc<Metrics>) -> Arc<Self> {
+    pub fn start(metrics: &Arc<Metrics>, operation: Operation) -> Arc<Self> {
         Arc::new(RequestClock {
+            operation,
             start: Instant::now(),
             first_token_seen: AtomicBool::new(false),
             first_token_at: std::sync::OnceLock::new(),
@@ -81,12 +83,13 @@ impl RequestClock {
     /// Records the end of the request: latency, generated tokens, finish reasons.
     pub fn finish(&self, generated: u32, reasons: &[FinishReason]) {
         let end = Instant::now();
+        let op = self.operation;
         self.metrics
-            .e2e
-            .observe(end.duration_since(self.start).as_secs_f64());
+            .record_duration(op, end.duration_since(self.start).as_secs_f64());
         if let (Some(first), true) = (self.first_token_at.get(), generated >= 2) {
             let decode = end.duration_since(*first).as_secs_f64();
-            self.metrics.tpot.observe(decode / f64::from(generated - 1));
+            self.metrics
+                .record_tpot(op, decode / f64::from(generated - 1));
         }
         self.metrics.add_generation_tokens(u64::from(generated));
         for r in reasons {
@@ -164,6 +167,9 @@ impl ChoiceRun {
             match reason {
                 Some(reason) => {
                     delta.append(self.pipeline.finish()?);
+                    if let Some(t) = self.pipeline.thinking() {
+                        self.clock.metrics.record_thinking(t);
+                    }
                     Ok(ChoiceEvent::Finished {
                         delta,
                         reason,
@@ -188,9 +194,8 @@ impl ChoiceRun {
                 .observe(now.duration_since(last).as_secs_f64() / resp.tokens.len() as f64);
         } else if !self.clock.first_token_seen.swap(true, Ordering::Relaxed) {
             let _ = self.clock.first_token_at.set(now);
-            metrics
-                .ttft
-                .observe(now.duration_since(self.clock.start).as_secs_f64());
+            let ttft = now.duration_since(self.clock.start).as_secs_f64();
+            metrics.record_ttft(self.clock.operation, ttft);
         }
         self.last_token_at = Some(now);
     }

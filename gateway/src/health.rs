@@ -31,9 +31,10 @@ pub fn router() -> Router<AppState> {
 
 async fn scrape(State(state): State<AppState>) -> impl IntoResponse {
     let loads = state.replicas().load().await;
-    let text = state
-        .metrics()
-        .render(&state.config().served_model_name, &loads);
+    let mut text = state.metrics().render(&loads);
+    if let Some(extra) = state.extra_metrics() {
+        text.push_str(&extra);
+    }
     (
         [(
             header::CONTENT_TYPE,

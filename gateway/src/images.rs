@@ -15,6 +15,7 @@ use r4b_model::anyres::{views_u8, ImageGeometry, Resample};
 use r4b_proto::v1 as pb;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::config::GatewayConfig;
 use crate::fetch::{FetchError, ImageFetcher};
@@ -160,6 +161,12 @@ impl ImagePipeline {
 
     /// Loads one image.
     pub async fn load(&self, image: &ImageRef) -> Result<pb::Image, ImageError> {
+        self.load_image(image)
+            .instrument(tracing::info_span!("image", param = %image.param))
+            .await
+    }
+
+    async fn load_image(&self, image: &ImageRef) -> Result<pb::Image, ImageError> {
         let at = |kind| ImageError {
             param: image.param.clone(),
             kind,
@@ -169,7 +176,11 @@ impl ImagePipeline {
             .clone()
             .ok_or(ImageErrorKind::Unsupported)
             .map_err(at)?;
-        let bytes = self.bytes_of(&image.url).await.map_err(at)?;
+        let bytes = self
+            .bytes_of(&image.url)
+            .instrument(tracing::info_span!("image fetch"))
+            .await
+            .map_err(at)?;
         let (max_pixels, resample) = (self.max_pixels, self.resample);
         // The header alone says how much memory decoding takes; wait for that much room.
         let (width, height) = probe_dimensions(&bytes, max_pixels).map_err(at)?;
@@ -188,12 +199,15 @@ impl ImagePipeline {
                     "the image decoder is shut down".into(),
                 ))
             })?;
+        let parent = tracing::Span::current();
         let task = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let t = std::time::Instant::now();
-            let rgb = decode_rgb(&bytes, max_pixels)?;
+            let rgb = tracing::info_span!(parent: &parent, "image decode", width, height)
+                .in_scope(|| decode_rgb(&bytes, max_pixels))?;
             let decoded = t.elapsed();
-            let out = to_proto(&rgb, &geometry, resample);
+            let out = tracing::info_span!(parent: &parent, "image views")
+                .in_scope(|| to_proto(&rgb, &geometry, resample));
             tracing::debug!(
                 "image {}x{}: decoded in {:.1} ms, views in {:.1} ms",
                 rgb.width(),

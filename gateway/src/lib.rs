@@ -51,6 +51,7 @@ pub mod sse;
 pub mod startup;
 pub mod state;
 pub mod stop;
+pub mod telemetry;
 pub mod template;
 pub mod tokenize;
 pub mod tokens;

@@ -1,17 +1,31 @@
-//! Prometheus metrics (the text that `health` serves at `/metrics`).
+//! Prometheus metrics (the text that `health` serves at `/metrics`), kept in a `prometheus`
+//! crate registry; every series but the per-endpoint and per-replica ones has the label
+//! `model_name` (the served model name).
 //!
 //! Latency histograms carry OTel GenAI semantic-convention names
 //! (`gen_ai_server_time_to_first_token_seconds`, `gen_ai_server_time_per_output_token_seconds`,
 //! `gen_ai_server_request_duration_seconds`) and are repeated under vLLM's names
 //! (`vllm:time_to_first_token_seconds`, `vllm:request_time_per_output_token_seconds`,
 //! `vllm:e2e_request_latency_seconds`; plus `vllm:inter_token_latency_seconds`) so existing
-//! dashboards work. Queue and KV gauges come from the coordinators' Load RPC at scrape time.
+//! dashboards work. The `gen_ai_*` series carry the convention's required attributes as labels
+//! (`gen_ai_operation_name`: `chat` or `text_completion`; `gen_ai_provider_name`: `r4b`).
+//!
+//! R-4B's thinking: `r4b_thinking_auto_decisions_total{decision}` (chat choices in `auto` mode
+//! that opened a think block, or not), `r4b_request_thinking_tokens` (tokens inside the think
+//! block of a choice that thought) and `r4b_thinking_budget_closes_total` (think blocks the
+//! thinking budget closed).
+//!
+//! Queue, KV, prefix-cache and step metrics belong to the coordinators (`r4b_coordinator::metrics`,
+//! on each coordinator's `/metrics`; `r4b serve` appends its coordinator's to this text). From the
+//! coordinators' Load RPC the gateway keeps only its own view: `r4b_replica_*{replica}` and
+//! `r4b_replica_up`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
 use r4b_proto::v1 as pb;
 
 const TTFT_BUCKETS: &[f64] = &[
@@ -27,94 +41,127 @@ const E2E_BUCKETS: &[f64] = &[
     480.0, 960.0, 1920.0, 7680.0,
 ];
 
-/// A fixed-bucket histogram.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<AtomicU64>,
-    sum_bits: AtomicU64,
-    count: AtomicU64,
+/// More Prometheus text appended to `/metrics` (`r4b serve`: its in-process coordinator's).
+pub struct ExtraMetrics(pub Box<dyn Fn() -> String + Send + Sync>);
+
+impl std::fmt::Debug for ExtraMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtraMetrics")
+    }
 }
 
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_bits: AtomicU64::new(0f64.to_bits()),
-            count: AtomicU64::new(0),
+/// The OTel GenAI operations of the API (`gen_ai.operation.name`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    TextCompletion,
+}
+
+impl Operation {
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Chat => "chat",
+            Operation::TextCompletion => "text_completion",
         }
     }
+}
 
-    /// Records one value.
-    pub fn observe(&self, v: f64) {
-        if let Some(i) = self.bounds.iter().position(|&b| v <= b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
+/// What one finished chat choice did with its think block.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Thinking {
+    /// The prompt left the choice to the model (`thinking_mode` auto).
+    pub auto: bool,
+    /// A think block was open during generation (opened by the model or by the prompt).
+    pub thought: bool,
+    /// Tokens inside the think block.
+    pub tokens: u32,
+    /// The thinking budget closed the block (a forced `</think>`).
+    pub budget_closed: bool,
+}
+
+const THINKING_TOKEN_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0,
+    50000.0,
+];
+
+/// The OTel GenAI server histograms exported over OTLP, with their required attributes. They
+/// come from the global meter provider, a no-op one unless the OTLP metrics pipeline is on
+/// (`r4b-telemetry`): then recording costs a virtual call.
+#[derive(Debug)]
+struct OtelGenAi {
+    ttft: opentelemetry::metrics::Histogram<f64>,
+    tpot: opentelemetry::metrics::Histogram<f64>,
+    duration: opentelemetry::metrics::Histogram<f64>,
+}
+
+impl OtelGenAi {
+    fn new() -> Self {
+        let meter = opentelemetry::global::meter("r4b-gateway");
+        let h = |name: &'static str, help: &'static str, bounds: &[f64]| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(help)
+                .with_boundaries(bounds.to_vec())
+                .build()
+        };
+        OtelGenAi {
+            ttft: h(
+                "gen_ai.server.time_to_first_token",
+                "Time to generate the first token.",
+                TTFT_BUCKETS,
+            ),
+            tpot: h(
+                "gen_ai.server.time_per_output_token",
+                "Time per output token after the first: (duration - TTFT) / (tokens - 1).",
+                ITL_BUCKETS,
+            ),
+            duration: h(
+                "gen_ai.server.request.duration",
+                "Generative AI server request duration.",
+                E2E_BUCKETS,
+            ),
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        let _ = self
-            .sum_bits
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                Some((f64::from_bits(bits) + v).to_bits())
-            });
     }
+}
 
-    /// Number of observations.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    fn write(&self, out: &mut String, name: &str, help: &str, labels: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (bound, c) in self.bounds.iter().zip(&self.counts) {
-            cumulative += c.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
-        }
-        let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{{{labels}}} {}",
-            f64::from_bits(self.sum_bits.load(Ordering::Relaxed))
-        );
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
-    }
+fn gen_ai_attributes(op: Operation) -> [opentelemetry::KeyValue; 2] {
+    [
+        opentelemetry::KeyValue::new("gen_ai.operation.name", op.as_str()),
+        opentelemetry::KeyValue::new("gen_ai.provider.name", crate::telemetry::PROVIDER),
+    ]
 }
 
 /// The gateway's metrics.
 #[derive(Debug)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
-    finished: Mutex<BTreeMap<&'static str, u64>>,
-    prompt_tokens: AtomicU64,
-    generation_tokens: AtomicU64,
-    running: AtomicI64,
-    /// Time to first token.
-    pub ttft: Histogram,
-    /// Time between tokens (per streamed message, divided by its tokens; vLLM's inter-token latency).
+    registry: Registry,
+    model: String,
+    requests: IntCounterVec,
+    finished: IntCounterVec,
+    prompt_tokens: [IntCounter; 2],
+    generation_tokens: [IntCounter; 2],
+    running: IntGauge,
+    /// Time to first token (vLLM's name).
+    ttft: Histogram,
+    /// Time between tokens (per streamed message, divided by its tokens; vLLM's inter-token
+    /// latency).
     pub itl: Histogram,
     /// Time per output token of one request: (duration − TTFT) / (tokens − 1), once per request
     /// with at least two tokens (the OTel GenAI and vLLM definition).
-    pub tpot: Histogram,
+    tpot: Histogram,
     /// Request duration.
-    pub e2e: Histogram,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics {
-            requests: Mutex::default(),
-            finished: Mutex::default(),
-            prompt_tokens: AtomicU64::new(0),
-            generation_tokens: AtomicU64::new(0),
-            running: AtomicI64::new(0),
-            ttft: Histogram::new(TTFT_BUCKETS),
-            itl: Histogram::new(ITL_BUCKETS),
-            tpot: Histogram::new(ITL_BUCKETS),
-            e2e: Histogram::new(E2E_BUCKETS),
-        }
-    }
+    e2e: Histogram,
+    gen_ai_ttft: HistogramVec,
+    gen_ai_tpot: HistogramVec,
+    gen_ai_duration: HistogramVec,
+    auto_decisions: IntCounterVec,
+    budget_closes: IntCounter,
+    thinking_tokens: Histogram,
+    otel: OtelGenAi,
 }
 
 /// Decrements the running-requests gauge when dropped.
@@ -123,294 +170,305 @@ pub struct RunningGuard(Arc<Metrics>);
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::Relaxed);
+        self.0.running.dec();
     }
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// The metrics could not be registered (a name clash: a bug).
+#[derive(Debug, thiserror::Error)]
+#[error("registering the gateway metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    m: T,
+) -> Result<T, prometheus::Error> {
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
 }
 
 impl Metrics {
-    /// Counts one HTTP response.
-    pub fn record_request(&self, endpoint: &str, status: u16) {
-        if let Ok(mut m) = self.requests.lock() {
-            *m.entry((endpoint.to_string(), status)).or_insert(0) += 1;
+    /// The metrics of a gateway serving `model` (the `model_name` label).
+    pub fn new(model: &str) -> Result<Self, MetricsError> {
+        let r = Registry::new();
+        let m = [model];
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let v = register(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), &["model_name"])?,
+            )?;
+            Ok(v.with_label_values(&m))
+        };
+        let hist = |name: &str, help: &str, b: &[f64]| -> Result<Histogram, prometheus::Error> {
+            let opts = HistogramOpts::new(name, help).buckets(b.to_vec());
+            let v = register(&r, HistogramVec::new(opts, &["model_name"])?)?;
+            Ok(v.with_label_values(&m))
+        };
+        let gen_ai =
+            |name: &str, help: &str, b: &[f64]| -> Result<HistogramVec, prometheus::Error> {
+                let opts = HistogramOpts::new(name, help).buckets(b.to_vec());
+                let labels = [
+                    "model_name",
+                    "gen_ai_operation_name",
+                    "gen_ai_provider_name",
+                ];
+                let v = register(&r, HistogramVec::new(opts, &labels)?)?;
+                // Both operations' series exist from the start.
+                for op in [Operation::Chat, Operation::TextCompletion] {
+                    v.with_label_values(&[model, op.as_str(), crate::telemetry::PROVIDER]);
+                }
+                Ok(v)
+            };
+        const TTFT: &str = "Time to first token.";
+        const TPOT: &str = "Time per output token of a request: (duration - TTFT) / (tokens - 1).";
+        const E2E: &str = "End-to-end request latency.";
+        let metrics = Metrics {
+            requests: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "r4b_gateway_http_requests_total",
+                        "HTTP responses by endpoint and status.",
+                    ),
+                    &["endpoint", "status"],
+                )?,
+            )?,
+            finished: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "vllm:request_success_total",
+                        "Finished generations by finish reason.",
+                    ),
+                    &["model_name", "finished_reason"],
+                )?,
+            )?,
+            prompt_tokens: [
+                counter(
+                    "r4b_gateway_prompt_tokens_total",
+                    "Prompt tokens processed.",
+                )?,
+                counter("vllm:prompt_tokens_total", "Prompt tokens processed.")?,
+            ],
+            generation_tokens: [
+                counter("r4b_gateway_generation_tokens_total", "Tokens generated.")?,
+                counter("vllm:generation_tokens_total", "Tokens generated.")?,
+            ],
+            running: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "r4b_gateway_requests_running",
+                        "Generations in flight at this gateway.",
+                    ),
+                    &["model_name"],
+                )?,
+            )?
+            .with_label_values(&m),
+            ttft: hist("vllm:time_to_first_token_seconds", TTFT, TTFT_BUCKETS)?,
+            itl: hist(
+                "vllm:inter_token_latency_seconds",
+                "Time between output tokens (per streamed message).",
+                ITL_BUCKETS,
+            )?,
+            tpot: hist(
+                "vllm:request_time_per_output_token_seconds",
+                TPOT,
+                ITL_BUCKETS,
+            )?,
+            e2e: hist("vllm:e2e_request_latency_seconds", E2E, E2E_BUCKETS)?,
+            gen_ai_ttft: gen_ai(
+                "gen_ai_server_time_to_first_token_seconds",
+                TTFT,
+                TTFT_BUCKETS,
+            )?,
+            gen_ai_tpot: gen_ai(
+                "gen_ai_server_time_per_output_token_seconds",
+                TPOT,
+                ITL_BUCKETS,
+            )?,
+            gen_ai_duration: gen_ai("gen_ai_server_request_duration_seconds", E2E, E2E_BUCKETS)?,
+            auto_decisions: {
+                let v = register(
+                    &r,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "r4b_thinking_auto_decisions_total",
+                            "Chat choices in thinking_mode auto, by whether the model opened a think block.",
+                        ),
+                        &["model_name", "decision"],
+                    )?,
+                )?;
+                for d in ["think", "no_think"] {
+                    v.with_label_values(&[model, d]);
+                }
+                v
+            },
+            budget_closes: counter(
+                "r4b_thinking_budget_closes_total",
+                "Think blocks closed by the thinking budget.",
+            )?,
+            thinking_tokens: hist(
+                "r4b_request_thinking_tokens",
+                "Tokens inside the think block of a chat choice that thought.",
+                THINKING_TOKEN_BUCKETS,
+            )?,
+            otel: OtelGenAi::new(),
+            model: model.to_string(),
+            registry: r,
+        };
+        Ok(metrics)
+    }
+
+    fn gen_ai_labels(&self, op: Operation) -> [&str; 3] {
+        [&self.model, op.as_str(), crate::telemetry::PROVIDER]
+    }
+
+    /// Records a request's time to first token (`seconds`): vLLM's and GenAI's histograms, and
+    /// over OTLP when it is on.
+    pub fn record_ttft(&self, op: Operation, seconds: f64) {
+        self.ttft.observe(seconds);
+        self.gen_ai_ttft
+            .with_label_values(&self.gen_ai_labels(op))
+            .observe(seconds);
+        self.otel.ttft.record(seconds, &gen_ai_attributes(op));
+    }
+
+    /// Records a request's time per output token.
+    pub fn record_tpot(&self, op: Operation, seconds: f64) {
+        self.tpot.observe(seconds);
+        self.gen_ai_tpot
+            .with_label_values(&self.gen_ai_labels(op))
+            .observe(seconds);
+        self.otel.tpot.record(seconds, &gen_ai_attributes(op));
+    }
+
+    /// Records a request's duration.
+    pub fn record_duration(&self, op: Operation, seconds: f64) {
+        self.e2e.observe(seconds);
+        self.gen_ai_duration
+            .with_label_values(&self.gen_ai_labels(op))
+            .observe(seconds);
+        self.otel.duration.record(seconds, &gen_ai_attributes(op));
+    }
+
+    /// Records one finished chat choice's thinking.
+    pub fn record_thinking(&self, t: Thinking) {
+        if t.auto {
+            let d = if t.thought { "think" } else { "no_think" };
+            self.auto_decisions
+                .with_label_values(&[self.model.as_str(), d])
+                .inc();
         }
+        if t.thought {
+            self.thinking_tokens.observe(f64::from(t.tokens));
+        }
+        if t.budget_closed {
+            self.budget_closes.inc();
+        }
+    }
+
+    /// Counts one HTTP response (`endpoint`: the matched route or `unmatched`).
+    pub fn record_request(&self, endpoint: &str, status: u16) {
+        self.requests
+            .with_label_values(&[endpoint, status.to_string().as_str()])
+            .inc();
     }
 
     /// Counts one finished choice by finish reason.
     pub fn record_finish(&self, reason: &'static str) {
-        if let Ok(mut m) = self.finished.lock() {
-            *m.entry(reason).or_insert(0) += 1;
-        }
+        self.finished
+            .with_label_values(&[self.model.as_str(), reason])
+            .inc();
     }
 
     /// Generations in flight at this gateway.
     pub fn running(&self) -> i64 {
-        self.running.load(Ordering::Relaxed)
+        self.running.get()
     }
 
     /// Marks a generation as running until the guard drops.
     pub fn start_request(self: &Arc<Self>) -> RunningGuard {
-        self.running.fetch_add(1, Ordering::Relaxed);
+        self.running.inc();
         RunningGuard(self.clone())
     }
 
     /// Adds prompt tokens.
     pub fn add_prompt_tokens(&self, n: u64) {
-        self.prompt_tokens.fetch_add(n, Ordering::Relaxed);
+        self.prompt_tokens.iter().for_each(|c| c.inc_by(n));
     }
 
     /// Adds generated tokens.
     pub fn add_generation_tokens(&self, n: u64) {
-        self.generation_tokens.fetch_add(n, Ordering::Relaxed);
+        self.generation_tokens.iter().for_each(|c| c.inc_by(n));
     }
 
-    /// Prometheus text for model `model`, with replica gauges from `loads`.
-    pub fn render(
-        &self,
-        model: &str,
-        loads: &[(String, Result<pb::LoadResponse, tonic::Status>)],
-    ) -> String {
-        let mut out = String::new();
-        let m = format!("model_name=\"{}\"", escape(model));
-        self.write_counters(&mut out, &m);
-        self.itl.write(
-            &mut out,
-            "vllm:inter_token_latency_seconds",
-            "Time between output tokens (per streamed message).",
-            &m,
-        );
-        let hist = [
-            (
-                &self.ttft,
-                "gen_ai_server_time_to_first_token_seconds",
-                "vllm:time_to_first_token_seconds",
-                "Time to first token.",
-            ),
-            (
-                &self.tpot,
-                "gen_ai_server_time_per_output_token_seconds",
-                "vllm:request_time_per_output_token_seconds",
-                "Time per output token of a request: (duration - TTFT) / (tokens - 1).",
-            ),
-            (
-                &self.e2e,
-                "gen_ai_server_request_duration_seconds",
-                "vllm:e2e_request_latency_seconds",
-                "End-to-end request latency.",
-            ),
-        ];
-        for (h, otel, vllm, help) in hist {
-            h.write(&mut out, otel, help, &m);
-            h.write(&mut out, vllm, help, &m);
+    /// The Prometheus text, with each replica's load (`loads`, from its Load RPC) as this gateway
+    /// sees it.
+    pub fn render(&self, loads: &[(String, Result<pb::LoadResponse, tonic::Status>)]) -> String {
+        let mut families = self.registry.gather();
+        match replica_families(loads) {
+            Ok(f) => families.extend(f),
+            Err(e) => tracing::error!("the per-replica metrics: {e}"),
         }
-        write_load_gauges(&mut out, &m, loads);
-        out
-    }
-
-    fn write_counters(&self, out: &mut String, m: &str) {
-        let _ = writeln!(
-            out,
-            "# HELP r4b_gateway_http_requests_total HTTP responses by endpoint and status."
-        );
-        let _ = writeln!(out, "# TYPE r4b_gateway_http_requests_total counter");
-        if let Ok(reqs) = self.requests.lock() {
-            for ((endpoint, status), n) in reqs.iter() {
-                let _ = writeln!(
-                    out,
-                    "r4b_gateway_http_requests_total{{endpoint=\"{}\",status=\"{status}\"}} {n}",
-                    escape(endpoint)
-                );
-            }
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::error!("encoding the gateway metrics: {e}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP vllm:request_success_total Finished generations by finish reason."
-        );
-        let _ = writeln!(out, "# TYPE vllm:request_success_total counter");
-        if let Ok(fin) = self.finished.lock() {
-            for (reason, n) in fin.iter() {
-                let _ = writeln!(
-                    out,
-                    "vllm:request_success_total{{{m},finished_reason=\"{reason}\"}} {n}"
-                );
-            }
-        }
-        let prompt = self.prompt_tokens.load(Ordering::Relaxed);
-        let generated = self.generation_tokens.load(Ordering::Relaxed);
-        for (name, help, v) in [
-            (
-                "r4b_gateway_prompt_tokens_total",
-                "Prompt tokens processed.",
-                prompt,
-            ),
-            (
-                "vllm:prompt_tokens_total",
-                "Prompt tokens processed.",
-                prompt,
-            ),
-            (
-                "r4b_gateway_generation_tokens_total",
-                "Tokens generated.",
-                generated,
-            ),
-            (
-                "vllm:generation_tokens_total",
-                "Tokens generated.",
-                generated,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{m}}} {v}"
-            );
-        }
-        let running = self.running.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP r4b_gateway_requests_running Generations in flight at this gateway.\n\
-             # TYPE r4b_gateway_requests_running gauge\nr4b_gateway_requests_running{{{m}}} {running}"
-        );
+        String::from_utf8(out).unwrap_or_default()
     }
 }
 
 /// One per-replica gauge of a Load answer.
 type LoadField = fn(&pb::LoadResponse) -> u32;
 
-fn write_load_gauges(
-    out: &mut String,
-    m: &str,
+/// The per-replica gauges of one scrape (a registry of their own: replicas come and go).
+fn replica_families(
     loads: &[(String, Result<pb::LoadResponse, tonic::Status>)],
-) {
-    let ok: Vec<(&String, &pb::LoadResponse)> = loads
-        .iter()
-        .filter_map(|(u, r)| r.as_ref().ok().map(|l| (u, l)))
-        .collect();
-    let waiting: u64 = ok.iter().map(|(_, l)| u64::from(l.waiting)).sum();
-    let running: u64 = ok.iter().map(|(_, l)| u64::from(l.running)).sum();
-    let used: u64 = ok.iter().map(|(_, l)| u64::from(l.kv_blocks_used)).sum();
-    let total: u64 = ok.iter().map(|(_, l)| u64::from(l.kv_blocks_total)).sum();
-    let usage = if total > 0 {
-        used as f64 / total as f64
-    } else {
-        0.0
+) -> Result<Vec<prometheus::proto::MetricFamily>, prometheus::Error> {
+    let r = Registry::new();
+    let gauge = |name: &str, help: &str| {
+        register(&r, IntGaugeVec::new(Opts::new(name, help), &["replica"])?)
     };
-    for (name, help, v) in [
+    let fields: [(IntGaugeVec, LoadField); 4] = [
         (
-            "vllm:num_requests_waiting",
-            "Requests waiting in the coordinators' queues.",
-            waiting as f64,
-        ),
-        (
-            "vllm:num_requests_running",
-            "Requests being generated by the coordinators.",
-            running as f64,
-        ),
-        (
-            "vllm:kv_cache_usage_perc",
-            "KV-cache usage (1 = full).",
-            usage,
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{m}}} {v}"
-        );
-    }
-    let sum64 = |f: fn(&pb::LoadResponse) -> u64| ok.iter().map(|(_, l)| f(l)).sum::<u64>();
-    let count = |f: fn(&pb::LoadResponse) -> u64| sum64(f).to_string();
-    // Step time split: coordinator wall per step vs rank 0's forward (+ sampling) and its
-    // collectives; wall − forward is the control overhead (gRPC fan-out, scheduling, answers).
-    let secs = |f: fn(&pb::LoadResponse) -> u64| format!("{:.6}", sum64(f) as f64 / 1e9);
-    for (name, help, v) in [
-        (
-            "vllm:prefix_cache_queries_total",
-            "Prompt tokens looked up in the prefix cache.",
-            count(|l| l.prefix_query_tokens),
-        ),
-        (
-            "vllm:prefix_cache_hits_total",
-            "Prompt tokens served from the prefix cache.",
-            count(|l| l.prefix_hit_tokens),
-        ),
-        (
-            "vllm:num_preemptions_total",
-            "Sequences preempted by the coordinators.",
-            count(|l| l.preemptions),
-        ),
-        (
-            "r4b_engine_steps_total",
-            "Engine steps run by the coordinators.",
-            count(|l| l.steps),
-        ),
-        (
-            "r4b_engine_batch_tokens_total",
-            "Tokens in the engine steps (prefill chunks and decodes).",
-            count(|l| l.batch_tokens),
-        ),
-        (
-            "r4b_engine_step_wall_seconds_total",
-            "Coordinator wall time of the engine steps.",
-            secs(|l| l.step_wall_ns),
-        ),
-        (
-            "r4b_engine_step_forward_seconds_total",
-            "Rank 0 forward and sampling time of the engine steps.",
-            secs(|l| l.step_forward_ns),
-        ),
-        (
-            "r4b_engine_collective_seconds_total",
-            "Rank 0 time in collectives during the engine steps.",
-            secs(|l| l.collective_ns),
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{m}}} {v}"
-        );
-    }
-    let per_replica: [(&str, &str, LoadField); 4] = [
-        (
-            "r4b_replica_requests_waiting",
-            "Requests waiting at one replica.",
+            gauge(
+                "r4b_replica_requests_waiting",
+                "Requests waiting at one replica.",
+            )?,
             |l| l.waiting,
         ),
         (
-            "r4b_replica_requests_running",
-            "Requests running at one replica.",
+            gauge(
+                "r4b_replica_requests_running",
+                "Requests running at one replica.",
+            )?,
             |l| l.running,
         ),
         (
-            "r4b_replica_kv_blocks_used",
-            "KV blocks in use at one replica.",
+            gauge(
+                "r4b_replica_kv_blocks_used",
+                "KV blocks in use at one replica.",
+            )?,
             |l| l.kv_blocks_used,
         ),
-        ("r4b_replica_kv_blocks", "KV blocks at one replica.", |l| {
-            l.kv_blocks_total
-        }),
+        (
+            gauge("r4b_replica_kv_blocks", "KV blocks at one replica.")?,
+            |l| l.kv_blocks_total,
+        ),
     ];
-    for (name, help, field) in per_replica {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for (url, load) in &ok {
-            let _ = writeln!(out, "{name}{{replica=\"{}\"}} {}", escape(url), field(load));
+    let up = gauge("r4b_replica_up", "Whether the replica answered Load.")?;
+    for (url, load) in loads {
+        up.with_label_values(&[url.as_str()])
+            .set(i64::from(load.is_ok()));
+        if let Ok(l) = load {
+            for (g, field) in &fields {
+                g.with_label_values(&[url.as_str()])
+                    .set(i64::from(field(l)));
+            }
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP r4b_replica_up Whether the replica answered Load.\n# TYPE r4b_replica_up gauge"
-    );
-    for (url, r) in loads {
-        let _ = writeln!(
-            out,
-            "r4b_replica_up{{replica=\"{}\"}} {}",
-            escape(url),
-            u8::from(r.is_ok())
-        );
-    }
+    Ok(r.gather())
 }
 
 #[cfg(test)]
@@ -418,26 +476,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_text_is_cumulative() {
-        let h = Histogram::new(&[0.1, 1.0]);
-        h.observe(0.0625);
-        h.observe(0.5);
-        h.observe(3.0);
-        let mut out = String::new();
-        h.write(&mut out, "x_seconds", "X.", "a=\"b\"");
-        let expected = "# HELP x_seconds X.\n# TYPE x_seconds histogram\n\
-            x_seconds_bucket{a=\"b\",le=\"0.1\"} 1\nx_seconds_bucket{a=\"b\",le=\"1\"} 2\n\
-            x_seconds_bucket{a=\"b\",le=\"+Inf\"} 3\nx_seconds_sum{a=\"b\"} 3.5625\nx_seconds_count{a=\"b\"} 3\n";
-        assert_eq!(out, expected);
-    }
-
-    #[test]
-    fn render_has_vllm_aliases_and_load_gauges() {
-        let m = Arc::new(Metrics::default());
+    fn render_has_vllm_aliases_gen_ai_labels_thinking_and_replica_gauges() {
+        let m = Arc::new(Metrics::new("r4b").unwrap());
         m.record_request("/v1/chat/completions", 200);
         m.add_prompt_tokens(12);
         m.add_generation_tokens(5);
         m.record_finish("stop");
+        m.record_ttft(Operation::Chat, 0.25);
+        m.record_thinking(Thinking {
+            auto: true,
+            thought: true,
+            tokens: 7,
+            budget_closed: true,
+        });
+        m.record_thinking(Thinking::default());
         let guard = m.start_request();
         let loads = vec![
             (
@@ -447,14 +499,6 @@ mod tests {
                     running: 3,
                     kv_blocks_used: 25,
                     kv_blocks_total: 100,
-                    queue_capacity: 8,
-                    prefix_hit_tokens: 30,
-                    prefix_query_tokens: 40,
-                    preemptions: 1,
-                    steps: 4,
-                    step_wall_ns: 10_000_000,
-                    step_forward_ns: 7_500_000,
-                    batch_tokens: 40,
                     ..Default::default()
                 }),
             ),
@@ -463,24 +507,27 @@ mod tests {
                 Err(tonic::Status::unavailable("down")),
             ),
         ];
-        let text = m.render("r4b", &loads);
+        let text = m.render(&loads);
         for line in [
             "r4b_gateway_http_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"} 1",
             "vllm:prompt_tokens_total{model_name=\"r4b\"} 12",
             "vllm:generation_tokens_total{model_name=\"r4b\"} 5",
-            "vllm:request_success_total{model_name=\"r4b\",finished_reason=\"stop\"} 1",
+            "r4b_gateway_generation_tokens_total{model_name=\"r4b\"} 5",
+            "vllm:request_success_total{finished_reason=\"stop\",model_name=\"r4b\"} 1",
             "r4b_gateway_requests_running{model_name=\"r4b\"} 1",
-            "vllm:num_requests_waiting{model_name=\"r4b\"} 2",
-            "vllm:kv_cache_usage_perc{model_name=\"r4b\"} 0.25",
-            "vllm:prefix_cache_hits_total{model_name=\"r4b\"} 30",
-            "vllm:num_preemptions_total{model_name=\"r4b\"} 1",
-            "r4b_engine_steps_total{model_name=\"r4b\"} 4",
-            "r4b_engine_batch_tokens_total{model_name=\"r4b\"} 40",
-            "r4b_engine_step_wall_seconds_total{model_name=\"r4b\"} 0.010000",
-            "r4b_engine_step_forward_seconds_total{model_name=\"r4b\"} 0.007500",
+            "r4b_replica_requests_waiting{replica=\"http://a\"} 2",
+            "r4b_replica_kv_blocks_used{replica=\"http://a\"} 25",
+            "r4b_replica_up{replica=\"http://a\"} 1",
             "r4b_replica_up{replica=\"http://b\"} 0",
-            "# TYPE vllm:time_to_first_token_seconds histogram",
-            "# TYPE gen_ai_server_time_to_first_token_seconds histogram",
+            "gen_ai_server_time_to_first_token_seconds_count{gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"r4b\",model_name=\"r4b\"} 1",
+            "gen_ai_server_time_to_first_token_seconds_count{gen_ai_operation_name=\"text_completion\",gen_ai_provider_name=\"r4b\",model_name=\"r4b\"} 0",
+            "vllm:time_to_first_token_seconds_count{model_name=\"r4b\"} 1",
+            "vllm:time_to_first_token_seconds_bucket{model_name=\"r4b\",le=\"0.1\"} 0",
+            "vllm:time_to_first_token_seconds_bucket{model_name=\"r4b\",le=\"0.25\"} 1",
+            "r4b_thinking_auto_decisions_total{decision=\"think\",model_name=\"r4b\"} 1",
+            "r4b_thinking_auto_decisions_total{decision=\"no_think\",model_name=\"r4b\"} 0",
+            "r4b_thinking_budget_closes_total{model_name=\"r4b\"} 1",
+            "r4b_request_thinking_tokens_sum{model_name=\"r4b\"} 7",
             "# TYPE vllm:e2e_request_latency_seconds histogram",
             "# TYPE vllm:inter_token_latency_seconds histogram",
             "# TYPE vllm:request_time_per_output_token_seconds histogram",
@@ -493,7 +540,7 @@ mod tests {
         }
         drop(guard);
         assert!(m
-            .render("r4b", &[])
+            .render(&[])
             .contains("r4b_gateway_requests_running{model_name=\"r4b\"} 0"));
     }
 }

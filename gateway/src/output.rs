@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use r4b_proto::v1 as pb;
 
+use crate::metrics::Thinking;
 use crate::model_files::StopIds;
 use crate::reasoning::{Channel, ReasoningSplitter, Routed, SectionTrim};
 use crate::stop::StopMatcher;
@@ -68,6 +69,7 @@ pub struct OutputPipeline {
     logprobs: bool,
     eos: Vec<u32>,
     generated: u32,
+    thinking: Thinking,
 }
 
 impl OutputPipeline {
@@ -82,12 +84,17 @@ impl OutputPipeline {
             _ => None,
         };
         let mut reasoning_trim = SectionTrim::default();
-        if splitter
+        let open_in_prompt = splitter
             .as_ref()
-            .is_some_and(|s| s.channel() == Channel::Reasoning)
-        {
+            .is_some_and(|s| s.channel() == Channel::Reasoning);
+        if open_in_prompt {
             reasoning_trim.start();
         }
+        let thinking = Thinking {
+            auto: req.thinking_auto && splitter.is_some(),
+            thought: open_in_prompt,
+            ..Thinking::default()
+        };
         let mut eos = if req.params.ignore_eos {
             Vec::new()
         } else {
@@ -106,7 +113,13 @@ impl OutputPipeline {
             logprobs: req.params.sampling.logprobs,
             eos,
             generated: 0,
+            thinking,
         }
+    }
+
+    /// What the choice did with its think block so far (`None` without a reasoning split).
+    pub fn thinking(&self) -> Option<Thinking> {
+        self.splitter.as_ref().map(|_| self.thinking)
     }
 
     /// Tokens generated so far (up to the stop-string match, if any).
@@ -143,6 +156,11 @@ impl OutputPipeline {
             };
             match routed {
                 Routed::Marker { left, entered } => {
+                    if entered == Channel::Reasoning {
+                        self.thinking.thought = true;
+                    } else if left == Channel::Reasoning && token.forced {
+                        self.thinking.budget_closed = true;
+                    }
                     let tail = self.detok(left).flush()?;
                     self.emit(left, tail, &mut delta);
                     match entered {
@@ -153,6 +171,9 @@ impl OutputPipeline {
                 }
                 Routed::Text(_) if token.forced => {}
                 Routed::Text(channel) => {
+                    if channel == Channel::Reasoning {
+                        self.thinking.tokens += 1;
+                    }
                     let text = self.detok(channel).push(token.id)?;
                     self.emit(channel, text, &mut delta);
                 }
@@ -222,6 +243,7 @@ mod tests {
             max_new_tokens: 100,
             think_open_in_prompt: open_in_prompt,
             split_reasoning: split,
+            thinking_auto: !open_in_prompt,
         }
     }
 
@@ -394,6 +416,44 @@ mod tests {
         let mut want = text("abcdeYes.");
         want.push(IM_END_ID);
         assert_eq!(ids, want, "no logprobs for forced tokens");
+    }
+
+    #[test]
+    fn thinking_stats_of_a_budget_close_and_of_an_auto_choice() {
+        // The prompt opened the block (long): 5 reasoning tokens, then the budget closed it.
+        let mut p = pipeline(serde_json::json!({}), true, true);
+        let mut toks = tokens(&text("abcde"));
+        toks.extend(forced_close());
+        toks.extend(tokens(&text("Yes.")));
+        p.push(&toks).expect("push");
+        let t = p.thinking().expect("split");
+        assert_eq!(
+            (t.auto, t.thought, t.tokens, t.budget_closed),
+            (false, true, 5, true)
+        );
+        // Auto: the model opens and closes the block itself.
+        let mut p = pipeline(serde_json::json!({}), false, true);
+        let mut toks = tokens(&[THINK_OPEN_ID]);
+        toks.extend(tokens(&text("hm")));
+        toks.extend(tokens(&[THINK_CLOSE_ID]));
+        toks.extend(tokens(&text("ok")));
+        p.push(&toks).expect("push");
+        let t = p.thinking().expect("split");
+        assert_eq!(
+            (t.auto, t.thought, t.tokens, t.budget_closed),
+            (true, true, 2, false)
+        );
+        // Auto, no think block.
+        let mut p = pipeline(serde_json::json!({}), false, true);
+        p.push(&tokens(&text("ok"))).expect("push");
+        assert_eq!(
+            p.thinking().map(|t| (t.auto, t.thought)),
+            Some((true, false))
+        );
+        // No reasoning split (completions): no thinking stats.
+        assert!(pipeline(serde_json::json!({}), false, false)
+            .thinking()
+            .is_none());
     }
 
     #[test]

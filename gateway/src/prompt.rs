@@ -247,6 +247,8 @@ pub struct RenderedChat {
     pub ids: Vec<u32>,
     /// Every image part, in message and part order.
     pub images: Vec<ImageRef>,
+    /// `thinking_mode` is auto (or unset): the model decides whether to think.
+    pub thinking_auto: bool,
 }
 
 /// The chat prompt path shared by `/v1/chat/completions` and `/tokenize`: converts `messages`,
@@ -277,6 +279,10 @@ pub fn render_chat(
         check_text_length(state, bytes)?;
     }
     let kwargs = template_kwargs(kwargs)?;
+    let thinking_auto = kwargs
+        .get("thinking_mode")
+        .and_then(Value::as_str)
+        .is_none_or(|m| m == "auto");
     let mut conv = conv;
     let tokenizer = state.files().tokenizer();
     if !state.config().allow_special_tokens_in_content {
@@ -297,6 +303,7 @@ pub fn render_chat(
     check_placeholders(state, &ids, conv.images.len())?;
     Ok(RenderedChat {
         text: unescape(&escaped).into_owned(),
+        thinking_auto,
         ids,
         images: conv.images,
     })
@@ -332,6 +339,8 @@ pub struct PromptParts {
     pub params: GenerationParams,
     /// Split reasoning from content in the output.
     pub split_reasoning: bool,
+    /// Chat in `thinking_mode` auto (for the thinking metrics).
+    pub thinking_auto: bool,
 }
 
 /// Expands `<image>` tokens, checks the context length and assembles the [`ValidatedRequest`].
@@ -365,6 +374,7 @@ pub fn finish_prompt(
         max_new_tokens,
         think_open_in_prompt: open,
         split_reasoning: parts.split_reasoning,
+        thinking_auto: parts.thinking_auto,
     })
 }
 

@@ -379,7 +379,9 @@ impl ReplicaPool {
             let inflight = InFlight::new(replica.clone());
             let mut client = replica.client.clone();
             let attempt = async {
-                let mut stream = client.generate(req.clone()).await?.into_inner();
+                let mut request = tonic::Request::new(req.clone());
+                r4b_telemetry::inject(&tracing::Span::current(), request.metadata_mut());
+                let mut stream = client.generate(request).await?.into_inner();
                 let first = stream.message().await?.ok_or_else(|| {
                     tonic::Status::unavailable(
                         "the coordinator closed a stream before its first message",

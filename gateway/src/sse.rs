@@ -45,6 +45,8 @@ struct Driver<F> {
     generated: u32,
     reasons: Vec<FinishReason>,
     done: bool,
+    /// The request's span, held open until the stream ends (the handler returned long before).
+    span: tracing::Span,
 }
 
 impl<F: ChunkFormat> Driver<F> {
@@ -85,6 +87,7 @@ impl<F: ChunkFormat> Driver<F> {
         self.queue.push_back("[DONE]".to_string());
         self.done = true;
         self.events = Box::pin(futures::stream::empty()); // drop the gRPC streams now
+        self.span = tracing::Span::none(); // ends the request span
     }
 }
 
@@ -106,6 +109,7 @@ pub fn respond<F: ChunkFormat>(
         generated: 0,
         reasons: Vec::new(),
         done: false,
+        span: tracing::Span::current(),
     };
     let stream = futures::stream::unfold(driver, |mut d| async move {
         loop {

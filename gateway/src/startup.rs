@@ -27,6 +27,9 @@ pub enum GatewayError {
     /// No coordinator URL was given.
     #[error("no coordinator URLs given")]
     NoReplicas,
+    /// The metrics registry refused a metric (a name clash: a bug).
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// A coordinator could not be reached or answered with an error.
     #[error("coordinator {url}: {reason}")]
     Coordinator {

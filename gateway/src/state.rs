@@ -35,6 +35,7 @@ struct Inner {
     _discovery: Arc<dyn Discovery>,
     block_size: usize,
     metrics: Arc<Metrics>,
+    extra_metrics: std::sync::OnceLock<crate::metrics::ExtraMetrics>,
     max_model_len: usize,
     vocab_size: u32,
     image_token_id: Option<u32>,
@@ -187,6 +188,7 @@ impl AppState {
             })?;
         // Gives memory back after large requests (see `trim`).
         tokio::spawn(crate::trim::run(std::time::Duration::from_secs(1)));
+        let metrics = Arc::new(Metrics::new(&config.served_model_name)?);
         Ok(AppState {
             inner: Arc::new(Inner {
                 shutdown: Shutdown::default(),
@@ -196,7 +198,8 @@ impl AppState {
                 replicas,
                 _discovery: discovery,
                 block_size: info.block_size as usize,
-                metrics: Arc::new(Metrics::default()),
+                metrics,
+                extra_metrics: std::sync::OnceLock::new(),
                 max_model_len,
                 vocab_size: info.vocab_size,
                 image_token_id,
@@ -238,6 +241,19 @@ impl AppState {
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// Appends `text()` to every `/metrics` answer (set once; later calls are ignored).
+    pub fn set_extra_metrics(&self, text: impl Fn() -> String + Send + Sync + 'static) {
+        let _ = self
+            .inner
+            .extra_metrics
+            .set(crate::metrics::ExtraMetrics(Box::new(text)));
+    }
+
+    /// The text set by [`AppState::set_extra_metrics`], if any.
+    pub fn extra_metrics(&self) -> Option<String> {
+        self.inner.extra_metrics.get().map(|f| (f.0)())
     }
 
     /// Context length in tokens.

@@ -415,6 +415,8 @@ pub struct ValidatedRequest {
     pub think_open_in_prompt: bool,
     /// Split `<think>…</think>` into reasoning (chat) or keep the raw text (completions).
     pub split_reasoning: bool,
+    /// Chat in `thinking_mode` auto: the model decides whether to think.
+    pub thinking_auto: bool,
 }
 
 impl ValidatedRequest {
@@ -660,6 +662,7 @@ mod tests {
             max_new_tokens: 10,
             think_open_in_prompt: true,
             split_reasoning: true,
+            thinking_auto: false,
         };
         let ids = StopIds {
             eos: vec![258, 256],

@@ -472,11 +472,9 @@ async fn models_health_and_metrics() {
         "vllm:generation_tokens_total{model_name=\"r4b\"} 3",
         "vllm:e2e_request_latency_seconds_count{model_name=\"r4b\"} 1",
         "vllm:time_to_first_token_seconds_count{model_name=\"r4b\"} 1",
-        "gen_ai_server_time_to_first_token_seconds_count{model_name=\"r4b\"} 1",
+        "gen_ai_server_time_to_first_token_seconds_count{gen_ai_operation_name=\"chat\",gen_ai_provider_name=\"r4b\",model_name=\"r4b\"} 1",
         "vllm:inter_token_latency_seconds_count{model_name=\"r4b\"} 2",
-        "vllm:request_success_total{model_name=\"r4b\",finished_reason=\"stop\"} 1",
-        "vllm:num_requests_waiting{model_name=\"r4b\"} 1",
-        "vllm:kv_cache_usage_perc{model_name=\"r4b\"} 0.25",
+        "vllm:request_success_total{finished_reason=\"stop\",model_name=\"r4b\"} 1",
         "r4b_gateway_requests_running{model_name=\"r4b\"} 0",
     ] {
         assert!(
@@ -485,6 +483,20 @@ async fn models_health_and_metrics() {
             m.text
         );
     }
+    // The replica's Load as the gateway sees it, per replica; the engine's own gauges
+    // (vllm:num_requests_waiting, KV usage) are the coordinators' to export.
+    for prefix in [
+        "r4b_replica_requests_waiting{replica=",
+        "r4b_replica_kv_blocks_used{replica=",
+        "r4b_replica_up{replica=",
+    ] {
+        assert!(
+            m.text.lines().any(|l| l.starts_with(prefix)),
+            "missing {prefix} in\n{}",
+            m.text
+        );
+    }
+    assert!(!m.text.contains("vllm:num_requests_waiting"), "{}", m.text);
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@
 
 mod discovery;
 mod inspect;
+mod metrics_http;
 mod model;
 mod options;
 mod serve;
@@ -26,6 +27,29 @@ use clap::{Args, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// Export traces over OTLP/gRPC to this endpoint (vLLM's flag; the same as
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, which spawned workers inherit). With neither this nor
+    /// an `OTEL_EXPORTER_OTLP_*ENDPOINT` variable set, nothing is traced.
+    #[arg(long, global = true, value_name = "URL")]
+    otlp_traces_endpoint: Option<String>,
+}
+
+impl Cmd {
+    /// Whether the role records metrics (gateway, coordinator); ranks and `inspect` do not.
+    fn has_metrics(&self) -> bool {
+        matches!(self, Cmd::Serve(_) | Cmd::Gateway(_) | Cmd::Coordinator(_))
+    }
+
+    /// `service.name` when `OTEL_SERVICE_NAME` does not set one, and the `r4b.role` attribute.
+    fn role(&self) -> (&'static str, &'static str) {
+        match self {
+            Cmd::Serve(_) => ("r4b-serve", "serve"),
+            Cmd::Gateway(_) => ("r4b-gateway", "gateway"),
+            Cmd::Coordinator(_) => ("r4b-coordinator", "coordinator"),
+            Cmd::Worker(_) => ("r4b-worker", "worker"),
+            Cmd::Inspect(_) => ("r4b-inspect", "inspect"),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -56,13 +80,32 @@ struct WorkerArgs {
     exit_with_parent: bool,
 }
 
-fn init_tracing() {
+/// Logs (fmt, filtered by `R4B_LOG`) and, when the `OTEL_*` variables ask for them, the OTLP trace
+/// layer (every span at INFO and above, whatever `R4B_LOG` says) and the OTLP meter provider.
+/// Must run inside the runtime.
+fn init_tracing(
+    service: &str,
+    role: &str,
+    has_metrics: bool,
+) -> Result<Option<r4b_telemetry::Pipeline>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_env("R4B_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_filter(filter);
+    let pipeline = r4b_telemetry::Pipeline::from_env(service, role, has_metrics)?;
+    let otel = pipeline
+        .as_ref()
+        .and_then(|p| p.layer())
+        .map(|l| l.with_filter(tracing_subscriber::filter::LevelFilter::INFO));
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
         .try_init();
+    Ok(pipeline)
 }
 
 async fn run_worker(args: WorkerArgs) -> Result<()> {
@@ -113,11 +156,17 @@ async fn run_worker(args: WorkerArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_tracing();
+    if let Some(endpoint) = &cli.otlp_traces_endpoint {
+        // Before any thread exists; worker processes inherit it.
+        std::env::set_var(r4b_telemetry::TRACES_ENDPOINT_ENV, endpoint);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let (service, role) = cli.command.role();
+    let has_metrics = cli.command.has_metrics();
+    let pipeline = rt.block_on(async { init_tracing(service, role, has_metrics) })?;
+    let result = rt.block_on(async move {
         match cli.command {
             Cmd::Serve(a) => serve::serve(a).await,
             Cmd::Gateway(a) => serve::gateway(a).await,
@@ -125,7 +174,12 @@ fn main() -> Result<()> {
             Cmd::Worker(a) => run_worker(a).await,
             Cmd::Inspect(a) => inspect::inspect(a).await,
         }
-    })
+    });
+    if let Some(p) = pipeline {
+        // The runtime still runs: the exporter's last batch goes out.
+        p.shutdown();
+    }
+    result
 }
 
 /// The default cache directory: `$R4B_CACHE`, else `$XDG_CACHE_HOME/r4b`, else `~/.cache/r4b`.

@@ -252,6 +252,10 @@ pub struct CoordinatorArgs {
     /// Address of the Coordinator gRPC service.
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Serve the replica's Prometheus metrics at `GET /metrics` on this port (same host as
+    /// --listen). None: not served.
+    #[arg(long, value_name = "PORT")]
+    metrics_port: Option<u16>,
     #[command(flatten)]
     etcd: crate::discovery::EtcdOpts,
     /// URL gateways reach this coordinator at, as registered in etcd (default: http:// and the
@@ -551,6 +555,9 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
         vec![coord_url],
     )
     .await?;
+    // One process, one scrape: the coordinator's metrics follow the gateway's on `/metrics`.
+    let engine = replica.engine.clone();
+    state.set_extra_metrics(move || engine.metrics_text());
     serve_http(state, &a.gateway, &a.shutdown, Some(replica.engine.clone())).await
 }
 
@@ -587,6 +594,10 @@ pub async fn coordinator(a: CoordinatorArgs) -> Result<()> {
         (None, true) => String::new(),
     };
     let replica = start_coordinator(cfg, listener).await?;
+    if let Some(port) = a.metrics_port {
+        crate::metrics_http::spawn(SocketAddr::new(a.listen.ip(), port), replica.engine.clone())
+            .await?;
+    }
     let announced = crate::discovery::announce(
         &a.etcd,
         &url,

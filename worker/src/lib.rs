@@ -33,5 +33,6 @@ pub mod placement;
 pub mod sampling;
 pub mod service;
 pub mod shard;
+pub mod trace;
 
 pub use error::{Error, Result};

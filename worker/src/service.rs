@@ -380,6 +380,17 @@ impl StepExecutor {
     /// Runs one step. Rank 0's response carries the sampled tokens. Sequences whose data fail
     /// the admission checks are refused alone (`rejected`); an error is a failure of the rank.
     pub fn step(&mut self, req: &pb::StepRequest) -> Result<pb::StepResponse> {
+        let spans = crate::trace::StepSpans::open(req, self.model.shard().rank);
+        let resp = self.run_step(req, &spans);
+        spans.finish(&resp);
+        resp
+    }
+
+    fn run_step(
+        &mut self,
+        req: &pb::StepRequest,
+        spans: &crate::trace::StepSpans,
+    ) -> Result<pb::StepResponse> {
         let t0 = Instant::now();
         self.comm.ns.store(0, Ordering::Relaxed);
         for id in &req.release_seq_ids {
@@ -388,7 +399,7 @@ impl StepExecutor {
         let mut rejected = Vec::new();
         let mut run = Vec::with_capacity(req.seqs.len());
         for s in &req.seqs {
-            match self.admit(s)? {
+            match spans.in_scope(s.seq_id, || self.admit(s))? {
                 Ok(()) => run.push(s),
                 Err(reason) => {
                     tracing::warn!(seq = s.seq_id, %reason, "sequence refused");
@@ -516,7 +527,8 @@ impl StepExecutor {
                 return Ok(Err(reason));
             }
             let t = Instant::now();
-            let rows = self.encode_images(&s.images)?;
+            let rows = tracing::info_span!("vision encode", images = s.images.len())
+                .in_scope(|| self.encode_images(&s.images))?;
             tracing::debug!(
                 seq = s.seq_id,
                 "encoded {} image(s) in {:.1} ms",

@@ -17,6 +17,7 @@
 //!   until the timeout, then what is left fails with UNAVAILABLE and the workers are shut down.
 
 mod lifecycle;
+mod trace;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -29,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
 use crate::deadline::StepDeadline;
+use crate::metrics::{Metrics, RequestTimes};
 use crate::scheduler::{
     Finish, ImageSpan, Scheduler, SchedulerConfig, SeqId, SeqRequest, StepPlan, Stopping,
     SubmitError,
@@ -49,6 +51,9 @@ pub enum Command {
         events: EventSender,
         /// Admission result.
         ack: oneshot::Sender<Result<SeqId, Status>>,
+        /// The request's span (parented to the caller's trace context); its children are the
+        /// queue, prefill-chunk and sampled decode-step spans (`trace.rs`).
+        span: tracing::Span,
     },
     /// Drop a request (client gone).
     Abort(SeqId),
@@ -102,6 +107,8 @@ pub struct EngineConfig {
     pub restart: RestartPolicy,
     /// Step deadline policy.
     pub deadline: StepDeadline,
+    /// The replica's metrics (steps, ranks, finished requests).
+    pub metrics: Metrics,
 }
 
 /// Counters and state the engine publishes after every step and state change.
@@ -127,6 +134,7 @@ pub struct EngineHandle {
     tx: mpsc::UnboundedSender<Command>,
     stats: Arc<Mutex<EngineStats>>,
     failed: watch::Receiver<Option<String>>,
+    metrics: Metrics,
 }
 
 impl EngineHandle {
@@ -140,6 +148,11 @@ impl EngineHandle {
     /// The latest published stats.
     pub fn stats(&self) -> EngineStats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The replica's metrics as Prometheus text (see [`crate::metrics`]).
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render(&self.stats().load)
     }
 
     /// Resolves with the reason once the engine gave up (too many group failures). Pending
@@ -185,6 +198,11 @@ struct Active {
     /// When the request arrived, and when its first step was sent (time-to-first-token log).
     arrived: Instant,
     first_step: Option<Instant>,
+    /// When its first token was sent, and how many it was sent (request metrics).
+    first_token: Option<Instant>,
+    generated: u32,
+    /// Its spans, when it is traced.
+    trace: Option<trace::ReqTrace>,
 }
 
 /// What the scheduler needs to know of the model.
@@ -316,6 +334,7 @@ struct Engine {
     stats: Arc<Mutex<EngineStats>>,
     failed: watch::Sender<Option<String>>,
     totals: pb::LoadResponse,
+    metrics: Metrics,
 }
 
 /// What woke the engine up.
@@ -363,12 +382,17 @@ pub fn spawn(group: WorkerGroup, cfg: EngineConfig) -> Result<EngineHandle, Stri
         step_id: 0,
         stats: stats.clone(),
         failed,
+        metrics: cfg.metrics.clone(),
     };
     tokio::spawn(engine.run(rx));
+    let published = stats.clone();
+    cfg.metrics
+        .export_load(move || published.lock().map(|s| s.load).unwrap_or_default());
     Ok(EngineHandle {
         tx,
         stats,
         failed: failed_rx,
+        metrics: cfg.metrics,
     })
 }
 
@@ -450,8 +474,13 @@ impl Engine {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit { req, events, ack } => {
-                let _ = ack.send(self.submit(req, events));
+            Command::Submit {
+                req,
+                events,
+                ack,
+                span,
+            } => {
+                let _ = ack.send(self.submit(req, events, span));
             }
             Command::Abort(id) => {
                 tracing::debug!(%id, "abort");
@@ -472,6 +501,7 @@ impl Engine {
         &mut self,
         req: Box<pb::GenerateRequest>,
         events: EventSender,
+        span: tracing::Span,
     ) -> Result<SeqId, Status> {
         if self.drain.is_some() {
             return Err(Status::unavailable("the replica is shutting down"));
@@ -494,6 +524,9 @@ impl Engine {
                 retries: 0,
                 arrived: Instant::now(),
                 first_step: None,
+                first_token: None,
+                generated: 0,
+                trace: trace::ReqTrace::start(span),
             },
         );
         Ok(id)
@@ -514,16 +547,24 @@ impl Engine {
         }
     }
 
-    fn step_request(&mut self, plan: &StepPlan) -> pb::StepRequest {
+    /// The step of `plan`, and the spans of its traced chunks (ended when the step is done).
+    fn step_request(&mut self, plan: &StepPlan) -> (pb::StepRequest, Vec<tracing::Span>) {
         self.step_id += 1;
+        let (step_id, batch) = (self.step_id, plan.chunks.len());
+        let mut spans = Vec::new();
         let seqs = plan
             .chunks
             .iter()
             .map(|c| {
                 let a = self.active.get_mut(&c.seq_id);
                 let first = c.first_chunk;
+                let mut trace_context = String::new();
                 let a = a.map(|a| {
                     a.first_step.get_or_insert_with(Instant::now);
+                    if let Some(span) = a.trace.as_mut().and_then(|t| t.chunk(c, step_id, batch)) {
+                        trace_context = r4b_telemetry::encode(&span);
+                        spans.push(span);
+                    }
                     &*a
                 });
                 pb::SeqStep {
@@ -540,18 +581,20 @@ impl Engine {
                     sample: c.sample,
                     sampling: if first { a.map(|a| a.sampling) } else { None },
                     history: c.history.clone(),
+                    trace_context,
                 }
             })
             .collect();
-        pb::StepRequest {
-            step_id: self.step_id,
+        let req = pb::StepRequest {
+            step_id,
             seqs,
             release_seq_ids: plan.release.iter().map(|s| s.0).collect(),
-        }
+        };
+        (req, spans)
     }
 
     async fn run_step(&mut self, plan: StepPlan) -> Result<(), GroupError> {
-        let req = self.step_request(&plan);
+        let (req, spans) = self.step_request(&plan);
         let tokens: usize = req.seqs.iter().map(|s| s.tokens.len()).sum();
         let views: usize = req
             .seqs
@@ -581,6 +624,10 @@ impl Engine {
             }
         };
         self.deadline.observe(tokens, timing.wall);
+        trace::record_step(&spans, &timing);
+        self.metrics
+            .observe_step(timing.wall, tokens, &timing.ranks);
+        drop(spans);
         // Sequences the workers refused fail alone.
         for r in &resp.rejected {
             self.refuse(SeqId(r.seq_id), &r.reason);
@@ -658,6 +705,20 @@ impl Engine {
                 } as i32;
             }
             let done = ev.finish.is_some();
+            a.generated += msg.tokens.len() as u32;
+            let now = Instant::now();
+            let first_token = *a.first_token.get_or_insert(now);
+            if done && a.req.request_id != crate::service::PROBE_ID {
+                let started = a.first_step.unwrap_or(a.arrived);
+                self.metrics.observe_request(&RequestTimes {
+                    prompt_tokens: a.req.prompt_ids.len() as u32,
+                    generation_tokens: a.generated,
+                    max_new_tokens: a.req.stopping.as_ref().map_or(0, |s| s.max_new_tokens),
+                    queue: started.saturating_duration_since(a.arrived),
+                    prefill: first_token.saturating_duration_since(started),
+                    decode: now.saturating_duration_since(first_token),
+                });
+            }
             let _ = a.events.send(Ok(msg));
             if done {
                 self.active.remove(&ev.seq_id);

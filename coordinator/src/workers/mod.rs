@@ -152,6 +152,8 @@ pub struct StepTiming {
     pub forward: Duration,
     /// Rank 0's time inside collectives.
     pub collective: Duration,
+    /// Every rank's `(forward, collective)` time, by rank.
+    pub ranks: Vec<(Duration, Duration)>,
 }
 
 struct Rank {
@@ -459,6 +461,7 @@ async fn step_all(
     }
     tracing::trace!(step_id, "sent to all ranks");
     let mut rank0: Option<pb::StepResponse> = None;
+    let mut per_rank = Vec::with_capacity(ranks.len());
     for (rank, r) in ranks.iter_mut().enumerate() {
         let resp = match r.rx.message().await {
             Ok(Some(resp)) => resp,
@@ -481,6 +484,10 @@ async fn step_all(
                 reason: format!("answered step {} for step {step_id}", resp.step_id),
             });
         }
+        per_rank.push((
+            Duration::from_nanos(resp.forward_ns),
+            Duration::from_nanos(resp.collective_ns),
+        ));
         match &rank0 {
             None => rank0 = Some(resp),
             Some(r0) => {
@@ -504,6 +511,7 @@ async fn step_all(
         wall: t0.elapsed(),
         forward: Duration::from_nanos(rank0.forward_ns),
         collective: Duration::from_nanos(rank0.collective_ns),
+        ranks: per_rank,
     };
     Ok((rank0, timing))
 }

@@ -56,6 +56,11 @@ impl Server {
 
     /// Starts `r4b serve` with the embedded default and `args`; waits until `/ready` is 200.
     pub fn start(args: &[&str]) -> Server {
+        Self::start_env(args, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables (inherited by the workers).
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let cache = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_r4b"))
@@ -75,6 +80,7 @@ impl Server {
                 "R4B_LOG",
                 std::env::var("R4B_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
