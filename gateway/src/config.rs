@@ -25,6 +25,9 @@ pub struct GatewayConfig {
     pub max_image_pixels: u64,
     /// Allow image URLs that resolve to loopback, private, link-local or unspecified addresses.
     pub allow_private_image_urls: bool,
+    /// Hosts (`host` or `host:port`) whose image URLs skip the address guards: the operator's
+    /// own media servers on a private network. Redirects from them are still checked.
+    pub allowed_media_hosts: Vec<String>,
     /// Time limit for fetching one http(s) image, default 10 s.
     pub image_fetch_timeout: Duration,
     /// Thinking budget used when a request sets none (`None` = no budget).
@@ -75,6 +78,7 @@ impl GatewayConfig {
             max_image_bytes: 20 << 20,
             max_image_pixels: 33_177_600,
             allow_private_image_urls: false,
+            allowed_media_hosts: Vec::new(),
             image_fetch_timeout: Duration::from_secs(10),
             default_max_thinking_tokens: None,
             ready_window: Duration::ZERO,

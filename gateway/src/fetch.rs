@@ -6,6 +6,11 @@
 //! addresses is internal), and every redirect hop is checked the same way. Proxies from the
 //! environment are ignored so they cannot bypass the resolver. The body is read in chunks and
 //! abandoned once it exceeds the size limit; the whole fetch has a time limit.
+//!
+//! An operator may name hosts of their own that the guards let through ([`AllowedHosts`],
+//! `--allowed-media-hosts`, like vLLM's `--allowed-media-domains` for the other direction): a URL
+//! whose host (and port, when the entry names one) is listed skips the address checks; every
+//! other hop, redirects from a listed host included, is checked as usual.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -127,6 +132,53 @@ fn literal_ip(url: &Url) -> Option<IpAddr> {
         .ok()
 }
 
+/// Hosts whose URLs skip the address guards: entries `host` (any port) or `host:port`, IPv6
+/// literals with or without brackets (`[fd00::1]:8080`), compared without case.
+#[derive(Clone, Debug, Default)]
+pub struct AllowedHosts(Arc<Vec<(String, Option<u16>)>>);
+
+impl AllowedHosts {
+    /// Parses the entries; an entry that is not `host` or `host:port` is refused by name.
+    pub fn new<S: AsRef<str>>(entries: &[S]) -> Result<Self, String> {
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.as_ref().trim();
+            let url = Url::parse(&format!("http://{e}/"))
+                .map_err(|_| format!("`{e}` is not a host or host:port"))?;
+            let host = url
+                .host_str()
+                .filter(|_| url.path() == "/" && url.username().is_empty())
+                .ok_or_else(|| format!("`{e}` is not a host or host:port"))?;
+            out.push((bare(host), url.port()));
+        }
+        Ok(AllowedHosts(Arc::new(out)))
+    }
+
+    /// Whether `url`'s host and port are listed.
+    fn allows_url(&self, url: &Url) -> bool {
+        let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+            return false;
+        };
+        let host = bare(host);
+        self.0
+            .iter()
+            .any(|(h, p)| *h == host && p.is_none_or(|p| p == port))
+    }
+
+    /// Whether a host name is listed (for the resolver, which sees no port).
+    fn allows_name(&self, name: &str) -> bool {
+        let name = bare(name);
+        self.0.iter().any(|(h, _)| *h == name)
+    }
+}
+
+/// A host without IPv6 brackets, lower case.
+fn bare(host: &str) -> String {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase()
+}
+
 /// A refused address, carried through reqwest's error chain.
 #[derive(Debug, thiserror::Error)]
 #[error("refused non-public address {0}")]
@@ -136,11 +188,12 @@ struct Refused(IpAddr);
 #[derive(Debug)]
 pub struct GuardedResolver {
     allow_internal: bool,
+    allowed: AllowedHosts,
 }
 
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
-        let allow = self.allow_internal;
+        let allow = self.allow_internal || self.allowed.allows_name(name.as_str());
         let host = name.as_str().to_string();
         Box::pin(async move {
             let addrs: Vec<SocketAddr> =
@@ -158,7 +211,7 @@ impl Resolve for GuardedResolver {
 }
 
 /// Checks one redirect hop: http(s) only, at most [`MAX_REDIRECTS`], no literal internal IP.
-fn redirect_policy(allow_internal: bool) -> redirect::Policy {
+fn redirect_policy(allow_internal: bool, allowed: AllowedHosts) -> redirect::Policy {
     redirect::Policy::custom(move |attempt| {
         if attempt.previous().len() >= MAX_REDIRECTS {
             return attempt.error("too many redirects");
@@ -167,7 +220,11 @@ fn redirect_policy(allow_internal: bool) -> redirect::Policy {
             return attempt.error("redirect to a non-http(s) URL");
         }
         match literal_ip(attempt.url()) {
-            Some(ip) if !allow_internal && is_internal_ip(ip) => attempt.error(Refused(ip)),
+            Some(ip)
+                if !allow_internal && is_internal_ip(ip) && !allowed.allows_url(attempt.url()) =>
+            {
+                attempt.error(Refused(ip))
+            }
             _ => attempt.follow(),
         }
     })
@@ -178,6 +235,7 @@ fn redirect_policy(allow_internal: bool) -> redirect::Policy {
 pub struct ImageFetcher {
     client: Client,
     allow_internal: bool,
+    allowed: AllowedHosts,
     max_bytes: usize,
     timeout: Duration,
 }
@@ -189,10 +247,23 @@ impl ImageFetcher {
         max_bytes: usize,
         timeout: Duration,
     ) -> Result<Self, FetchError> {
+        Self::with_allowed_hosts(allow_internal, AllowedHosts::default(), max_bytes, timeout)
+    }
+
+    /// A fetcher whose guards let `allowed` hosts through.
+    pub fn with_allowed_hosts(
+        allow_internal: bool,
+        allowed: AllowedHosts,
+        max_bytes: usize,
+        timeout: Duration,
+    ) -> Result<Self, FetchError> {
         let client = Client::builder()
             .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver { allow_internal }))
-            .redirect(redirect_policy(allow_internal))
+            .dns_resolver(Arc::new(GuardedResolver {
+                allow_internal,
+                allowed: allowed.clone(),
+            }))
+            .redirect(redirect_policy(allow_internal, allowed.clone()))
             .timeout(timeout)
             .connect_timeout(timeout)
             .user_agent(concat!("r4b-gateway/", env!("CARGO_PKG_VERSION")))
@@ -201,6 +272,7 @@ impl ImageFetcher {
         Ok(ImageFetcher {
             client,
             allow_internal,
+            allowed,
             max_bytes,
             timeout,
         })
@@ -213,7 +285,7 @@ impl ImageFetcher {
             return Err(FetchError::BadUrl);
         }
         if let Some(ip) = literal_ip(&url) {
-            if !self.allow_internal && is_internal_ip(ip) {
+            if !self.allow_internal && is_internal_ip(ip) && !self.allowed.allows_url(&url) {
                 return Err(FetchError::Forbidden { addr: ip });
             }
         }
@@ -403,14 +475,44 @@ mod tests {
     async fn resolver_refuses_localhost_name() {
         let r = GuardedResolver {
             allow_internal: false,
+            allowed: AllowedHosts::default(),
         };
         let name: Name = "localhost".parse().expect("name");
         let err = r.resolve(name).await.err().expect("refused");
         assert!(err.downcast_ref::<Refused>().is_some(), "{err}");
         let r = GuardedResolver {
             allow_internal: true,
+            allowed: AllowedHosts::default(),
         };
         let name: Name = "localhost".parse().expect("name");
         assert!(r.resolve(name).await.is_ok());
+        // A listed name resolves; another internal one still does not.
+        let r = GuardedResolver {
+            allow_internal: false,
+            allowed: AllowedHosts::new(&["LocalHost:8080"]).expect("entries"),
+        };
+        assert!(r.resolve("localhost".parse().expect("name")).await.is_ok());
+    }
+
+    #[test]
+    fn allowed_hosts_match_host_and_port() {
+        let a = AllowedHosts::new(&["media.internal", "10.0.0.5:9000", "[fd00::1]:80"])
+            .expect("entries");
+        let u = |s: &str| Url::parse(s).expect("url");
+        assert!(a.allows_url(&u("http://media.internal:1234/x.png")));
+        assert!(a.allows_url(&u("http://10.0.0.5:9000/x.png")));
+        assert!(!a.allows_url(&u("http://10.0.0.5:9001/x.png")));
+        assert!(!a.allows_url(&u("http://10.0.0.5/x.png")));
+        assert!(a.allows_url(&u("http://[fd00::1]/x.png")));
+        assert!(!a.allows_url(&u("http://[fd00::2]/x.png")));
+        assert!(AllowedHosts::new(&["http://x/"]).is_err());
+        assert!(AllowedHosts::new(&["a/b"]).is_err());
+        let f = ImageFetcher::with_allowed_hosts(false, a, 1024, Duration::from_secs(1))
+            .expect("client");
+        assert!(f.precheck("http://10.0.0.5:9000/x.png").is_ok());
+        assert!(matches!(
+            f.precheck("http://10.0.0.6:9000/x.png"),
+            Err(FetchError::Forbidden { .. })
+        ));
     }
 }

@@ -121,8 +121,11 @@ impl ImagePipeline {
         resample: Resample,
         config: &GatewayConfig,
     ) -> Result<Self, FetchError> {
-        let fetcher = ImageFetcher::new(
+        let allowed = crate::fetch::AllowedHosts::new(&config.allowed_media_hosts)
+            .map_err(|e| FetchError::Transport(format!("--allowed-media-hosts: {e}")))?;
+        let fetcher = ImageFetcher::with_allowed_hosts(
             config.allow_private_image_urls,
+            allowed,
             config.max_image_bytes,
             config.image_fetch_timeout,
         )?;

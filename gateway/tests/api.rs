@@ -558,3 +558,96 @@ async fn internal_image_urls_are_refused_without_a_connection() {
     }
     assert!(gw.seen().is_empty());
 }
+
+/// Redirects are checked hop by hop: an allowed first hop (an operator's media host on
+/// loopback) that redirects to this host in an internal spelling gets a 400, and listeners on
+/// the redirect target's port, IPv4 and IPv6, see no connection; a redirect to the allowed host
+/// itself is followed.
+#[tokio::test]
+async fn redirects_to_internal_addresses_are_refused_without_a_connection() {
+    let target_v4 = std::net::TcpListener::bind("127.0.0.1:0").expect("bind v4");
+    let port = target_v4.local_addr().expect("addr").port();
+    let target_v6 = std::net::TcpListener::bind(("::1", port)).ok();
+    target_v4.set_nonblocking(true).expect("nonblocking");
+    if let Some(l) = &target_v6 {
+        l.set_nonblocking(true).expect("nonblocking");
+    }
+    let png = {
+        let mut out = Cursor::new(Vec::new());
+        image::RgbImage::new(28, 28)
+            .write_to(&mut out, image::ImageFormat::Png)
+            .expect("png");
+        out.into_inner()
+    };
+    // The redirector: /to?u=URL answers 302 to URL; /cat.png serves an image.
+    let redirector = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let first = redirector.local_addr().expect("addr");
+    let app = axum::Router::new()
+        .route(
+            "/to",
+            axum::routing::get(
+                |q: axum::extract::Query<std::collections::HashMap<String, String>>| async move {
+                    let to = q.get("u").cloned().unwrap_or_default();
+                    (
+                        axum::http::StatusCode::FOUND,
+                        [(axum::http::header::LOCATION, to)],
+                    )
+                },
+            ),
+        )
+        .route(
+            "/cat.png",
+            axum::routing::get(move || async move { png.clone() }),
+        );
+    tokio::spawn(async move { axum::serve(redirector, app).await });
+
+    let mut opts = Options::default();
+    opts.config.allowed_media_hosts = vec![first.to_string()];
+    let gw = gateway_with(|req| reply_text(req, "a cat"), opts).await;
+    let via = |to: &str| {
+        let mut u = reqwest::Url::parse(&format!("http://{first}/to")).expect("url");
+        u.query_pairs_mut().append_pair("u", to);
+        u.to_string()
+    };
+    // The control: the allowed host redirecting to itself is fetched.
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            image_body(&via(&format!("http://{first}/cat.png"))),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    for host in [
+        "[::7f00:1]",
+        "[2002:7f00:1::]",
+        "[64:ff9b::7f00:1]",
+        "127.0.0.1",
+        "localhost",
+        "[::1]",
+    ] {
+        let url = via(&format!("http://{host}:{port}/cat.png"));
+        let r = gw.post("/v1/chat/completions", image_body(&url)).await;
+        assert_eq!(r.status.as_u16(), 400, "{host}: {}", r.text);
+        assert_eq!(r.json()["error"]["code"], "invalid_image", "{host}");
+    }
+    let dialled = |l: &std::net::TcpListener| match l.accept() {
+        Ok((_, peer)) => Some(peer),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        Err(e) => panic!("accept: {e}"),
+    };
+    assert_eq!(
+        dialled(&target_v4),
+        None,
+        "a redirect target was dialled (IPv4)"
+    );
+    if let Some(l) = &target_v6 {
+        assert_eq!(dialled(l), None, "a redirect target was dialled (IPv6)");
+    }
+    assert_eq!(
+        gw.seen().len(),
+        1,
+        "only the control request reached the coordinator"
+    );
+}

@@ -153,6 +153,10 @@ pub struct GatewayOpts {
     /// Allow image URLs on loopback / private / link-local addresses.
     #[arg(long)]
     allow_private_image_urls: bool,
+    /// Hosts (`host` or `host:port`, comma-separated) whose image URLs skip the private-address
+    /// guards: your own media servers. Redirects from them are still checked.
+    #[arg(long, value_delimiter = ',')]
+    allowed_media_hosts: Vec<String>,
     /// Thinking budget for requests that set none.
     #[arg(long)]
     default_max_thinking_tokens: Option<u32>,
@@ -356,6 +360,7 @@ fn gateway_config(g: &GatewayOpts, served_model_name: String, secret: Secret) ->
     let mut cfg = GatewayConfig::new(served_model_name);
     cfg.cluster_secret = Some(secret);
     cfg.allow_private_image_urls = g.allow_private_image_urls;
+    cfg.allowed_media_hosts = g.allowed_media_hosts.clone();
     cfg.default_max_thinking_tokens = g.default_max_thinking_tokens;
     cfg.body_limit_bytes = g.max_body_mb << 20;
     cfg.max_n = g.max_n;
