@@ -25,6 +25,9 @@ pub struct GatewayConfig {
     pub max_image_pixels: u64,
     /// Allow image URLs that resolve to loopback, private, link-local or unspecified addresses.
     pub allow_private_image_urls: bool,
+    /// TLS to the coordinators (`https://` URLs): their CA, and this gateway's client
+    /// certificate for mutual TLS. `None`: plain connections.
+    pub coordinator_tls: Option<tonic::transport::ClientTlsConfig>,
     /// Hosts (`host` or `host:port`) whose image URLs skip the address guards: the operator's
     /// own media servers on a private network. Redirects from them are still checked.
     pub allowed_media_hosts: Vec<String>,
@@ -79,6 +82,7 @@ impl GatewayConfig {
             max_image_pixels: 33_177_600,
             allow_private_image_urls: false,
             allowed_media_hosts: Vec::new(),
+            coordinator_tls: None,
             image_fetch_timeout: Duration::from_secs(10),
             default_max_thinking_tokens: None,
             ready_window: Duration::ZERO,

@@ -31,7 +31,7 @@ use r4b_proto::v1 as pb;
 use r4b_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::sync::watch;
 use tonic::codec::Streaming;
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 
 use crate::startup::GatewayError;
 
@@ -173,6 +173,7 @@ pub struct ReplicaPool {
     secret: Option<Secret>,
     routing: Routing,
     overload_slack: u32,
+    tls: Option<ClientTlsConfig>,
 }
 
 fn coordinator_error(url: &str, reason: impl ToString) -> GatewayError {
@@ -214,7 +215,14 @@ impl ReplicaPool {
             secret: secret.cloned(),
             routing,
             overload_slack,
+            tls: None,
         }
+    }
+
+    /// Connects to the coordinators over TLS (`https://` URLs).
+    pub fn with_tls(mut self, tls: Option<ClientTlsConfig>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Applies the current set of `rx` and follows its changes in a background task.
@@ -234,8 +242,13 @@ impl ReplicaPool {
     }
 
     fn client(&self, url: &str) -> Result<CoordinatorClient<AuthChannel>, GatewayError> {
-        let endpoint =
+        let mut endpoint =
             Endpoint::from_shared(url.to_string()).map_err(|e| coordinator_error(url, e))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| coordinator_error(url, e))?;
+        }
         let channel = endpoint
             .connect_timeout(self.rpc_timeout.min(Duration::from_secs(1)))
             .tcp_nodelay(true)

@@ -149,12 +149,15 @@ impl AppState {
         files: ModelFiles,
         discovery: Arc<dyn Discovery>,
     ) -> Result<Self, GatewayError> {
-        let replicas = Arc::new(ReplicaPool::new(
-            config.rpc_timeout,
-            config.cluster_secret.as_ref(),
-            config.routing,
-            config.prefix_overload_slack,
-        ));
+        let replicas = Arc::new(
+            ReplicaPool::new(
+                config.rpc_timeout,
+                config.cluster_secret.as_ref(),
+                config.routing,
+                config.prefix_overload_slack,
+            )
+            .with_tls(config.coordinator_tls.clone()),
+        );
         replicas.follow(discovery.subscribe());
         let info = replicas.model_info(config.connect_timeout).await?;
         let max_model_len = match (config.max_model_len, info.max_model_len as usize) {

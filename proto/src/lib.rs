@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+pub mod tls;
 
 /// Version 1 of the cluster protocol.
 #[allow(missing_docs, clippy::all)]

@@ -219,6 +219,32 @@ impl SecretOpt {
     }
 }
 
+/// TLS on the gateway → coordinator link (PEM files; r4b_proto::tls).
+#[derive(Args, Debug, Default)]
+pub struct TlsOpts {
+    /// Certificate chain this process presents (a coordinator: its server certificate; a
+    /// gateway: its client certificate for mutual TLS).
+    #[arg(long, env = "R4B_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert.
+    #[arg(long, env = "R4B_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates: a coordinator then requires gateways to present a certificate they
+    /// signed (mutual TLS); a gateway checks the coordinators' certificates against them.
+    #[arg(long, env = "R4B_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsOpts {
+    fn files(&self) -> r4b_proto::tls::TlsFiles {
+        r4b_proto::tls::TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+        }
+    }
+}
+
 /// `r4b gateway`.
 #[derive(Args, Debug)]
 pub struct GatewayArgs {
@@ -242,6 +268,9 @@ pub struct GatewayArgs {
     served_model_name: Option<String>,
     #[command(flatten)]
     secret: SecretOpt,
+    /// TLS to the coordinators (their URLs then start with https://).
+    #[command(flatten)]
+    tls: TlsOpts,
     #[command(flatten)]
     shutdown: ShutdownOpts,
 }
@@ -271,6 +300,9 @@ pub struct CoordinatorArgs {
     etcd_lease_ttl: i64,
     #[command(flatten)]
     secret: SecretOpt,
+    /// TLS on the gRPC port (with --tls-ca: mutual TLS, gateways must present a certificate).
+    #[command(flatten)]
+    tls: TlsOpts,
     #[command(flatten)]
     shutdown: ShutdownOpts,
 }
@@ -389,6 +421,7 @@ fn gateway_config(g: &GatewayOpts, served_model_name: String, secret: Secret) ->
 async fn start_coordinator(
     cfg: ReplicaConfig,
     listener: tokio::net::TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> Result<r4b_coordinator::Replica> {
     let require = InterceptorLayer::new(RequireSecret::new(cfg.group.secret.clone()));
     let tp = cfg.group.launch.clone();
@@ -399,7 +432,17 @@ async fn start_coordinator(
     tokio::spawn(async move {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        if let Err(e) = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = match builder.tls_config(tls) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("coordinator gRPC server TLS: {e}");
+                    return;
+                }
+            };
+        }
+        if let Err(e) = builder
             .initial_stream_window_size(r4b_proto::STREAM_WINDOW)
             .initial_connection_window_size(r4b_proto::CONNECTION_WINDOW)
             .layer(require)
@@ -544,7 +587,7 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
     let name = cfg.served_model_name.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let coord_url = format!("http://{}", listener.local_addr()?);
-    let replica = start_coordinator(cfg, listener).await?;
+    let replica = start_coordinator(cfg, listener, None).await?;
     eprintln!(
         "r4b: model {} (tp {}, {} KV blocks of {} tokens, max_model_len {}) loaded in {:.2} s",
         dir.display(),
@@ -572,12 +615,9 @@ pub async fn gateway(a: GatewayArgs) -> Result<()> {
     let files = ModelFiles::load(&dir).context("loading tokenizer and chat template")?;
     let name = a.served_model_name.clone().unwrap_or_default();
     let source = crate::discovery::gateway_source(&a.etcd, &a.coordinator).await?;
-    let state = AppState::connect_with(
-        gateway_config(&a.gateway, name, a.secret.secret()?),
-        files,
-        source,
-    )
-    .await?;
+    let mut config = gateway_config(&a.gateway, name, a.secret.secret()?);
+    config.coordinator_tls = a.tls.files().client().context("--tls-*")?;
+    let state = AppState::connect_with(config, files, source).await?;
     serve_http(state, &a.gateway, &a.shutdown, None).await
 }
 
@@ -598,7 +638,8 @@ pub async fn coordinator(a: CoordinatorArgs) -> Result<()> {
         }
         (None, true) => String::new(),
     };
-    let replica = start_coordinator(cfg, listener).await?;
+    let tls = a.tls.files().server().context("--tls-*")?;
+    let replica = start_coordinator(cfg, listener, tls).await?;
     if let Some(port) = a.metrics_port {
         crate::metrics_http::spawn(SocketAddr::new(a.listen.ip(), port), replica.engine.clone())
             .await?;
