@@ -285,15 +285,18 @@ async fn bad_images_are_400() {
     assert_eq!(gw.seen()[0].prompt_ids, user_prompt_ids("look: <image>"));
 }
 
+/// A black 28×28 PNG.
+fn black_png_28() -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    image::RgbImage::new(28, 28)
+        .write_to(&mut out, image::ImageFormat::Png)
+        .expect("png");
+    out.into_inner()
+}
+
 #[tokio::test]
 async fn private_urls_are_fetched_when_allowed() {
-    let png = {
-        let mut out = Cursor::new(Vec::new());
-        image::RgbImage::new(28, 28)
-            .write_to(&mut out, image::ImageFormat::Png)
-            .expect("png");
-        out.into_inner()
-    };
+    let png = black_png_28();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -572,13 +575,7 @@ async fn redirects_to_internal_addresses_are_refused_without_a_connection() {
     if let Some(l) = &target_v6 {
         l.set_nonblocking(true).expect("nonblocking");
     }
-    let png = {
-        let mut out = Cursor::new(Vec::new());
-        image::RgbImage::new(28, 28)
-            .write_to(&mut out, image::ImageFormat::Png)
-            .expect("png");
-        out.into_inner()
-    };
+    let png = black_png_28();
     // The redirector: /to?u=URL answers 302 to URL; /cat.png serves an image.
     let redirector = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

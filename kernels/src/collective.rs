@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cudarc::driver::sys as cu;
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaFunction, CudaStream};
 use cudarc::nccl::{result as nccl_result, sys as nccl_sys};
 
-use crate::launch::{grid1, i, kernel_set};
+use crate::launch::{grid1, i, kernel_set, KernelArg};
 use crate::{DBuf, DevPtr, Gpu, GpuError, Result};
 
 kernel_set! {
@@ -22,6 +22,32 @@ kernel_set! {
     struct Kernels { ipc_all_reduce_one_shot, ipc_all_reduce_two_shot, ipc_all_gather_u32 }
 }
 pub(crate) use Kernels as CollectiveKernels;
+
+/// What both collectives of this family provide, on a [`Gpu`]'s stream: the worker puts either
+/// behind its one device-collective seam. Every call must be made by every rank of the group, in
+/// the same order, with the same counts.
+pub trait DeviceGroup: Send + std::fmt::Debug {
+    /// This rank, in `0..world_size()`.
+    fn rank(&self) -> usize;
+    /// Ranks in the group.
+    fn world_size(&self) -> usize;
+    /// In-place sum of `count` bf16 values at `buf` over the group.
+    ///
+    /// # Safety
+    /// `buf` holds `count` bf16 values on `gpu`'s context.
+    unsafe fn all_reduce_bf16(&self, gpu: &Gpu, buf: DevPtr, count: usize) -> Result<()>;
+    /// Gathers `count` u32 of every rank into `recv` (`world · count`, rank order).
+    ///
+    /// # Safety
+    /// `send` holds `count` and `recv` `world · count` words on `gpu`'s context.
+    unsafe fn all_gather_u32(
+        &self,
+        gpu: &Gpu,
+        send: DevPtr,
+        recv: DevPtr,
+        count: usize,
+    ) -> Result<()>;
+}
 
 /// Most ranks of one IPC group (`IPC_MAX_WORLD` in collective.cu).
 pub const IPC_MAX_WORLD: usize = 8;
@@ -190,14 +216,6 @@ impl IpcAllReduce {
         Ok(())
     }
 
-    pub fn rank(&self) -> usize {
-        self.rank
-    }
-
-    pub fn world_size(&self) -> usize {
-        self.world
-    }
-
     /// Messages of at least this many bytes take the two-shot kernel.
     pub fn two_shot_min_bytes(&self) -> usize {
         self.two_shot_min_bytes
@@ -218,10 +236,37 @@ impl IpcAllReduce {
         }
     }
 
+    /// Launches one of this family's kernels over `work` items: its own arguments `head`, then
+    /// the group's (regions, state, rank, world, staging bytes, deadline), as every kernel of
+    /// collective.cu takes them.
+    unsafe fn launch(
+        &self,
+        gpu: &Gpu,
+        f: &CudaFunction,
+        work: usize,
+        head: &[&dyn KernelArg],
+    ) -> Result<()> {
+        let (bases, state) = (self.bases.ptr(), self.state.ptr());
+        let (rank, world, stage) = (i(self.rank), i(self.world), self.stage_bytes as i64);
+        let mut args: Vec<&dyn KernelArg> = head.to_vec();
+        args.extend_from_slice(&[&bases, &state, &rank, &world, &stage, &self.timeout_ns]);
+        gpu.launch(f, grid1(blocks(work), IPC_THREADS), &args)
+    }
+}
+
+impl DeviceGroup for IpcAllReduce {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
     /// In-place sum of `count` bf16 values at `buf` over the group, enqueued on `gpu`'s stream
     /// (in pieces of at most one staging buffer). Every rank gets the same bits: each value is
     /// summed in f32 in rank order and rounded once.
-    pub unsafe fn all_reduce_bf16(&self, gpu: &Gpu, buf: DevPtr, count: usize) -> Result<()> {
+    unsafe fn all_reduce_bf16(&self, gpu: &Gpu, buf: DevPtr, count: usize) -> Result<()> {
         self.check()?;
         let k = &gpu.kernels.collective;
         let piece = self.stage_bytes / 2;
@@ -236,28 +281,14 @@ impl IpcAllReduce {
                 (&k.ipc_all_reduce_one_shot, n / 8)
             };
             let at = buf + 2 * done as u64;
-            gpu.launch(
-                f,
-                grid1(blocks(work), IPC_THREADS),
-                &[
-                    &at,
-                    &units,
-                    &rest,
-                    &self.bases.ptr(),
-                    &self.state.ptr(),
-                    &i(self.rank),
-                    &i(self.world),
-                    &(self.stage_bytes as i64),
-                    &self.timeout_ns,
-                ],
-            )?;
+            self.launch(gpu, f, work, &[&at, &units, &rest])?;
             done += n;
         }
         Ok(())
     }
 
     /// Gathers `count` u32 of every rank into `recv` (`world · count`, rank order).
-    pub unsafe fn all_gather_u32(
+    unsafe fn all_gather_u32(
         &self,
         gpu: &Gpu,
         send: DevPtr,
@@ -271,20 +302,12 @@ impl IpcAllReduce {
                 self.stage_bytes / 4
             )));
         }
-        gpu.launch(
-            &gpu.kernels.collective.ipc_all_gather_u32,
-            grid1(blocks(count), IPC_THREADS),
-            &[
-                &send,
-                &recv,
-                &(count as i64),
-                &self.bases.ptr(),
-                &self.state.ptr(),
-                &i(self.rank),
-                &i(self.world),
-                &(self.stage_bytes as i64),
-                &self.timeout_ns,
-            ],
+        let k = &gpu.kernels.collective;
+        self.launch(
+            gpu,
+            &k.ipc_all_gather_u32,
+            count,
+            &[&send, &recv, &(count as i64)],
         )
     }
 }
@@ -366,17 +389,19 @@ impl Nccl {
             world,
         })
     }
+}
 
-    pub fn rank(&self) -> usize {
+impl DeviceGroup for Nccl {
+    fn rank(&self) -> usize {
         self.rank
     }
 
-    pub fn world_size(&self) -> usize {
+    fn world_size(&self) -> usize {
         self.world
     }
 
-    /// In-place sum of `count` bf16 values over the group.
-    pub unsafe fn all_reduce_bf16(&self, buf: DevPtr, count: usize) -> Result<()> {
+    /// On the communicator's stream (the one of the `Gpu` it joined on).
+    unsafe fn all_reduce_bf16(&self, _: &Gpu, buf: DevPtr, count: usize) -> Result<()> {
         nccl_result::all_reduce(
             buf as *const c_void,
             buf as *mut c_void,
@@ -389,8 +414,13 @@ impl Nccl {
         Ok(())
     }
 
-    /// Gathers `count` 4-byte values from every rank into `recv` (`world · count`, rank order).
-    pub unsafe fn all_gather_u32(&self, send: DevPtr, recv: DevPtr, count: usize) -> Result<()> {
+    unsafe fn all_gather_u32(
+        &self,
+        _: &Gpu,
+        send: DevPtr,
+        recv: DevPtr,
+        count: usize,
+    ) -> Result<()> {
         nccl_result::all_gather(
             send as *const c_void,
             recv as *mut c_void,

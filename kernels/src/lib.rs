@@ -38,7 +38,9 @@ mod sample;
 #[cfg(feature = "cuda")]
 pub use attention::{DecodeAttn, FlashAttn, FLASH_HEAD_DIMS};
 #[cfg(feature = "cuda")]
-pub use collective::{nccl_unique_id, IpcAllReduce, Nccl, IPC_HANDLE_BYTES, IPC_MAX_WORLD};
+pub use collective::{
+    nccl_unique_id, DeviceGroup, IpcAllReduce, Nccl, IPC_HANDLE_BYTES, IPC_MAX_WORLD,
+};
 #[cfg(feature = "cuda")]
 pub use gemm::{Gemm, LinearImpl, OutType, GEMV_MAX_ROWS};
 #[cfg(feature = "cuda")]

@@ -1509,7 +1509,7 @@ fn main() -> Result<()> {
 /// replays a CUDA graph of `CALLS` calls, so host launches do not count.
 fn allreduce(worlds: &[usize]) -> Result<()> {
     use r4b_kernels::cudarc::driver::sys as cu;
-    use r4b_kernels::IpcAllReduce;
+    use r4b_kernels::{DeviceGroup, IpcAllReduce};
     const CALLS: usize = 20;
     let hidden = 2560;
     let rows = [1usize, 8, 32, 64, 128, 256, 1024, 2048, 8192];

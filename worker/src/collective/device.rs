@@ -24,7 +24,7 @@
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use r4b_kernels::{DevPtr, Gpu, IpcAllReduce, Nccl, IPC_HANDLE_BYTES};
+use r4b_kernels::{DevPtr, DeviceGroup, Gpu, IpcAllReduce, Nccl, IPC_HANDLE_BYTES};
 
 use super::{Collective, CollectiveError};
 
@@ -97,18 +97,22 @@ impl DeviceCollective for Solo {
     }
 }
 
-/// One rank's NCCL communicator on the engine's stream.
+/// One rank of a group whose operations an r4b-kernels collective runs ([`DeviceGroup`]): NCCL
+/// ([`NcclCollective`]) or the all-reduce over CUDA IPC memory ([`IpcCollective`]).
 #[derive(Debug)]
-pub struct NcclCollective {
-    nccl: Nccl,
-}
+pub struct Group<T>(T);
+
+/// One rank's NCCL communicator on the engine's stream.
+pub type NcclCollective = Group<Nccl>;
+/// The ranks of one node over CUDA IPC memory (see the module documentation).
+pub type IpcCollective = Group<IpcAllReduce>;
 
 impl NcclCollective {
     /// Joins the group `id` (rank 0's NCCL unique id) as `rank` of `world`; blocks until every
     /// rank has joined.
     pub fn join(gpu: &Gpu, id: &[u8], rank: usize, world: usize) -> Result<Self, CollectiveError> {
         let nccl = Nccl::new(gpu, id, rank, world).map_err(|e| device_error("join", e))?;
-        Ok(NcclCollective { nccl })
+        Ok(Group(nccl))
     }
 }
 
@@ -119,44 +123,38 @@ fn device_error(op: &'static str, e: r4b_kernels::GpuError) -> CollectiveError {
     }
 }
 
-impl DeviceCollective for NcclCollective {
+impl<T: DeviceGroup> DeviceCollective for Group<T> {
     fn rank(&self) -> usize {
-        self.nccl.rank()
+        self.0.rank()
     }
     fn world_size(&self) -> usize {
-        self.nccl.world_size()
+        self.0.world_size()
     }
     fn is_noop(&self) -> bool {
         false
     }
     unsafe fn all_reduce_sum_bf16(
         &self,
-        _: &Gpu,
+        gpu: &Gpu,
         buf: DevPtr,
         count: usize,
     ) -> Result<(), CollectiveError> {
-        self.nccl
-            .all_reduce_bf16(buf, count)
+        self.0
+            .all_reduce_bf16(gpu, buf, count)
             .map_err(|e| device_error("all_reduce", e))
     }
     unsafe fn all_gather_u32(
         &self,
-        _: &Gpu,
+        gpu: &Gpu,
         send: DevPtr,
         recv: DevPtr,
         count: usize,
     ) -> Result<DevPtr, CollectiveError> {
-        self.nccl
-            .all_gather_u32(send, recv, count)
+        self.0
+            .all_gather_u32(gpu, send, recv, count)
             .map_err(|e| device_error("all_gather", e))?;
         Ok(recv)
     }
-}
-
-/// The ranks of one node over CUDA IPC memory (see the module documentation).
-#[derive(Debug)]
-pub struct IpcCollective {
-    ipc: IpcAllReduce,
 }
 
 impl IpcCollective {
@@ -198,45 +196,11 @@ impl IpcCollective {
                 device_error("ipc_setup", r4b_kernels::GpuError::Invalid(e.to_string()))
             })?,
         )?;
-        Ok(IpcCollective { ipc })
+        Ok(Group(ipc))
     }
 
     /// Messages of at least this many bytes take the two-shot kernel (every rank the same).
     pub fn set_two_shot_min_bytes(&mut self, bytes: usize) {
-        self.ipc.set_two_shot_min_bytes(bytes);
-    }
-}
-
-impl DeviceCollective for IpcCollective {
-    fn rank(&self) -> usize {
-        self.ipc.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.ipc.world_size()
-    }
-    fn is_noop(&self) -> bool {
-        false
-    }
-    unsafe fn all_reduce_sum_bf16(
-        &self,
-        gpu: &Gpu,
-        buf: DevPtr,
-        count: usize,
-    ) -> Result<(), CollectiveError> {
-        self.ipc
-            .all_reduce_bf16(gpu, buf, count)
-            .map_err(|e| device_error("all_reduce", e))
-    }
-    unsafe fn all_gather_u32(
-        &self,
-        gpu: &Gpu,
-        send: DevPtr,
-        recv: DevPtr,
-        count: usize,
-    ) -> Result<DevPtr, CollectiveError> {
-        self.ipc
-            .all_gather_u32(gpu, send, recv, count)
-            .map_err(|e| device_error("all_gather", e))?;
-        Ok(recv)
+        self.0.set_two_shot_min_bytes(bytes);
     }
 }

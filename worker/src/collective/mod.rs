@@ -27,7 +27,7 @@ mod device;
 mod wire;
 
 #[cfg(feature = "cuda")]
-pub use device::{DeviceCollective, IpcCollective, NcclCollective, Solo};
+pub use device::{DeviceCollective, Group, IpcCollective, NcclCollective, Solo};
 
 use std::io::{self, BufReader, Write};
 use std::os::unix::fs::FileTypeExt;
