@@ -107,6 +107,8 @@ pub struct CompletionBody {
     pub prompt: Option<Value>,
     /// Return this many alternatives per position (with the chosen token's log-probability).
     pub logprobs: Option<i64>,
+    /// Put the prompt text before each completion.
+    pub echo: Option<bool>,
 }
 
 /// Fields of `/tokenize` (vLLM): a chat body (`messages`) or a completion body (`prompt`).
