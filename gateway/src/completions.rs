@@ -83,6 +83,7 @@ async fn run(state: AppState, batch: Batch) -> Result<Response, ApiError> {
             completion_tokens: 0,
             total_tokens: prompt_tokens,
             prompt_tokens_details: PromptTokensDetails { cached_tokens },
+            completion_tokens_details: None,
         },
         offsets: BTreeMap::new(),
         echo,
@@ -306,7 +307,7 @@ impl ChunkFormat for CompletionFormat {
         vec![to_json(&self.response(vec![choice], None))]
     }
 
-    fn usage(&mut self, completion_tokens: u32) -> Option<String> {
+    fn usage(&mut self, completion_tokens: u32, _reasoning_tokens: u32) -> Option<String> {
         let usage = self.usage_with(completion_tokens);
         self.include_usage
             .then(|| to_json(&self.response(Vec::new(), Some(usage))))

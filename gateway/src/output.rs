@@ -68,6 +68,7 @@ pub struct OutputPipeline {
     logprobs: bool,
     eos: Vec<u32>,
     generated: u32,
+    reasoning_tokens: u32,
 }
 
 impl OutputPipeline {
@@ -106,7 +107,13 @@ impl OutputPipeline {
             logprobs: req.params.sampling.logprobs,
             eos,
             generated: 0,
+            reasoning_tokens: 0,
         }
+    }
+
+    /// Generated tokens routed to the reasoning channel so far (markers excluded).
+    pub fn reasoning_tokens(&self) -> u32 {
+        self.reasoning_tokens
     }
 
     /// Tokens generated so far (up to the stop-string match, if any).
@@ -151,8 +158,12 @@ impl OutputPipeline {
                         Channel::Content => {}
                     }
                 }
+                Routed::Text(Channel::Reasoning) if token.forced => self.reasoning_tokens += 1,
                 Routed::Text(_) if token.forced => {}
                 Routed::Text(channel) => {
+                    if channel == Channel::Reasoning {
+                        self.reasoning_tokens += 1;
+                    }
                     let text = self.detok(channel).push(token.id)?;
                     self.emit(channel, text, &mut delta);
                 }

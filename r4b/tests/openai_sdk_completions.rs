@@ -1,6 +1,7 @@
 //! `/v1/completions` batched prompts (strings and token-id lists, `index` = i·n + j, usage
 //! summed), `echo` (text), and `/tokenizer_info`, through the official `openai` Python SDK
-//! (tests/e2e/openai_sdk_completions.py; installed by the test itself as in openai_sdk.rs).
+//! usage details (`reasoning_tokens` against the tokens before `</think>`), `max_completion_tokens`,
+//! `user`, `metadata` (tests/e2e/openai_sdk_completions.py; packages installed as in openai_sdk.rs).
 
 mod common;
 

@@ -75,6 +75,29 @@ def main():
         info = json.load(resp)
     check("tokenizer_info: tokenizer_class", isinstance(info.get("tokenizer_class"), str), info.keys())
     check("tokenizer_info: model_max_length", isinstance(info.get("model_max_length"), int), info.get("model_max_length"))
+    # 6. usage.completion_tokens_details.reasoning_tokens (chat): the generated tokens before
+    # `</think>`, counted here from the per-token logprobs (no forced tokens: no budget).
+    kw = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Think."}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        extra_body={"chat_template_kwargs": {"thinking_mode": "long"}, "ignore_eos": True},
+    )
+    r = client.chat.completions.create(**kw)
+    toks = [t.token for t in r.choices[0].logprobs.content]
+    expected = toks.index("</think>") if "</think>" in toks else len(toks)
+    details = r.usage.completion_tokens_details
+    check("reasoning_tokens", details is not None and details.reasoning_tokens == expected, (details, toks))
+    usage = [c.usage for c in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw) if c.usage]
+    check("reasoning_tokens streamed", usage and usage[0].completion_tokens_details.reasoning_tokens == expected, usage)
+    check("cached_tokens present", r.usage.prompt_tokens_details.cached_tokens >= 0, r.usage)
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_completion_tokens=3, user="u1",
+        metadata={"k": "v"}, extra_body={"ignore_eos": True},
+    )
+    check("max_completion_tokens, user, metadata", r.usage.completion_tokens == 3, r.usage)
     print("completions SDK checks: all passed")
 
 
