@@ -107,6 +107,8 @@ pub struct CompletionBody {
     pub prompt: Option<Value>,
     /// Return this many alternatives per position (with the chosen token's log-probability).
     pub logprobs: Option<i64>,
+    /// Put the prompt text before each completion.
+    pub echo: Option<bool>,
 }
 
 /// Fields of `/tokenize` (vLLM): a chat body (`messages`) or a completion body (`prompt`).
@@ -171,6 +173,16 @@ pub struct Usage {
     pub total_tokens: u32,
     /// Prefix-cache details.
     pub prompt_tokens_details: PromptTokensDetails,
+    /// Reasoning tokens (chat only: completions keep the think tags in the text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
+}
+
+/// `usage.completion_tokens_details`.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct CompletionTokensDetails {
+    /// Generated tokens inside the think block (the `<think>`/`</think>` markers excluded).
+    pub reasoning_tokens: u32,
 }
 
 /// `usage.prompt_tokens_details`.

@@ -11,8 +11,8 @@ use tracing::Instrument;
 
 use crate::api::{
     ChatBody, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
-    ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, CommonParams, PromptTokensDetails,
-    TopLogprobEntry, Usage,
+    ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, CommonParams, CompletionTokensDetails,
+    PromptTokensDetails, TopLogprobEntry, Usage,
 };
 use crate::error::ApiError;
 use crate::extract::JsonBody;
@@ -149,8 +149,9 @@ struct ChatFormat {
 }
 
 impl ChatFormat {
-    fn usage_of(&self, completion_tokens: u32) -> Usage {
+    fn usage_of(&self, completion_tokens: u32, reasoning_tokens: u32) -> Usage {
         Usage {
+            completion_tokens_details: Some(CompletionTokensDetails { reasoning_tokens }),
             prompt_tokens: self.prompt_tokens,
             completion_tokens,
             total_tokens: self.prompt_tokens + completion_tokens,
@@ -194,6 +195,7 @@ impl ChatFormat {
 
     fn completion(&self, outputs: Vec<ChoiceOutput>) -> ChatCompletion {
         let generated = outputs.iter().map(|o| o.generated).sum();
+        let reasoning = outputs.iter().map(|o| o.reasoning_tokens).sum();
         let choices = outputs
             .into_iter()
             .map(|o| ChatChoice {
@@ -213,7 +215,7 @@ impl ChatFormat {
             created: self.created,
             model: self.model.clone(),
             choices,
-            usage: self.usage_of(generated),
+            usage: self.usage_of(generated, reasoning),
         }
     }
 }
@@ -259,8 +261,10 @@ impl ChunkFormat for ChatFormat {
         out
     }
 
-    fn usage(&mut self, completion_tokens: u32) -> Option<String> {
-        self.include_usage
-            .then(|| self.chunk(Vec::new(), Some(self.usage_of(completion_tokens))))
+    fn usage(&mut self, completion_tokens: u32, reasoning_tokens: u32) -> Option<String> {
+        self.include_usage.then(|| {
+            let usage = self.usage_of(completion_tokens, reasoning_tokens);
+            self.chunk(Vec::new(), Some(usage))
+        })
     }
 }

@@ -48,7 +48,7 @@ const CHAT: &[&str] = &[
 ];
 
 /// Completions-only fields honoured.
-const COMPLETIONS: &[&str] = &["prompt", "logprobs"];
+const COMPLETIONS: &[&str] = &["prompt", "logprobs", "echo"];
 
 /// Fields OpenAI or vLLM define that this server does not implement yet, with the values that
 /// ask for nothing (accepted).
@@ -256,7 +256,8 @@ mod tests {
             field_of(b, Endpoint::Completions)
         };
         assert_eq!(completion(json!({"echo": false, "best_of": 1})), None);
-        assert_eq!(completion(json!({"echo": true})), unsupported("echo"));
+        assert_eq!(completion(json!({"echo": true})), None);
+        assert_eq!(chat(json!({"echo": true})), unsupported("echo"));
         assert_eq!(completion(json!({"suffix": "end"})), unsupported("suffix"));
         assert_eq!(
             completion(json!({"messages": []})),

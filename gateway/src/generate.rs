@@ -50,6 +50,8 @@ pub enum ChoiceEvent {
         reason: FinishReason,
         /// Tokens this choice generated.
         generated: u32,
+        /// Of them, tokens of its reasoning.
+        reasoning_tokens: u32,
     },
     /// The choice failed (coordinator error, broken stream).
     Failed(ApiError),
@@ -174,6 +176,7 @@ impl ChoiceRun {
                         delta,
                         reason,
                         generated: self.pipeline.generated(),
+                        reasoning_tokens: self.pipeline.reasoning_tokens(),
                     })
                 }
                 None => Ok(ChoiceEvent::Delta(delta)),
@@ -280,6 +283,8 @@ pub struct ChoiceOutput {
     pub reason: FinishReason,
     /// Tokens generated.
     pub generated: u32,
+    /// Of them, tokens of the reasoning.
+    pub reasoning_tokens: u32,
 }
 
 /// Runs every choice to its end; the first failure cancels the others.
@@ -296,6 +301,7 @@ async fn collect_one(mut run: ChoiceRun) -> Result<ChoiceOutput, ApiError> {
                 delta,
                 reason,
                 generated,
+                reasoning_tokens,
             }) => {
                 all.append(delta);
                 return Ok(ChoiceOutput {
@@ -305,6 +311,7 @@ async fn collect_one(mut run: ChoiceRun) -> Result<ChoiceOutput, ApiError> {
                     logprobs: all.logprobs,
                     reason,
                     generated,
+                    reasoning_tokens,
                 });
             }
             Some(ChoiceEvent::Failed(e)) => return Err(e),

@@ -70,6 +70,7 @@ pub struct OutputPipeline {
     eos: Vec<u32>,
     generated: u32,
     thinking: Thinking,
+    reasoning_tokens: u32,
 }
 
 impl OutputPipeline {
@@ -114,12 +115,19 @@ impl OutputPipeline {
             eos,
             generated: 0,
             thinking,
+            reasoning_tokens: 0,
         }
     }
 
     /// What the choice did with its think block so far (`None` without a reasoning split).
     pub fn thinking(&self) -> Option<Thinking> {
         self.splitter.as_ref().map(|_| self.thinking)
+    }
+
+    /// Generated tokens routed to the reasoning channel so far (markers excluded, the thinking
+    /// budget's forced tokens included).
+    pub fn reasoning_tokens(&self) -> u32 {
+        self.reasoning_tokens
     }
 
     /// Tokens generated so far (up to the stop-string match, if any).
@@ -169,10 +177,12 @@ impl OutputPipeline {
                         Channel::Content => {}
                     }
                 }
+                Routed::Text(Channel::Reasoning) if token.forced => self.reasoning_tokens += 1,
                 Routed::Text(_) if token.forced => {}
                 Routed::Text(channel) => {
                     if channel == Channel::Reasoning {
                         self.thinking.tokens += 1;
+                        self.reasoning_tokens += 1;
                     }
                     let text = self.detok(channel).push(token.id)?;
                     self.emit(channel, text, &mut delta);

@@ -27,7 +27,7 @@ pub trait ChunkFormat: Send + 'static {
     /// Chunks for the last output of choice `index` (ending with its finish reason).
     fn finish(&mut self, index: u32, delta: Delta, reason: FinishReason) -> Vec<String>;
     /// The usage chunk, if the client asked for one.
-    fn usage(&mut self, completion_tokens: u32) -> Option<String>;
+    fn usage(&mut self, completion_tokens: u32, reasoning_tokens: u32) -> Option<String>;
 }
 
 /// JSON text of a chunk (serialisation of our own types cannot fail; an empty object if it did).
@@ -43,6 +43,7 @@ struct Driver<F> {
     queue: VecDeque<String>,
     clock: Arc<RequestClock>,
     generated: u32,
+    reasoning_tokens: u32,
     reasons: Vec<FinishReason>,
     done: bool,
     /// The request's span, held open until the stream ends (the handler returned long before).
@@ -64,9 +65,11 @@ impl<F: ChunkFormat> Driver<F> {
                     delta,
                     reason,
                     generated,
+                    reasoning_tokens,
                 },
             )) => {
                 self.generated += generated;
+                self.reasoning_tokens += reasoning_tokens;
                 self.reasons.push(reason);
                 self.queue.extend(self.format.finish(index, delta, reason));
             }
@@ -77,7 +80,8 @@ impl<F: ChunkFormat> Driver<F> {
             }
             None => {
                 self.clock.finish(self.generated, &self.reasons);
-                self.queue.extend(self.format.usage(self.generated));
+                self.queue
+                    .extend(self.format.usage(self.generated, self.reasoning_tokens));
                 self.finish();
             }
         }
@@ -107,6 +111,7 @@ pub fn respond<F: ChunkFormat>(
         queue,
         clock,
         generated: 0,
+        reasoning_tokens: 0,
         reasons: Vec::new(),
         done: false,
         span: tracing::Span::current(),

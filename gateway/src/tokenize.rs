@@ -9,10 +9,15 @@
 //! extension `prompt`: the text that was tokenized. `/detokenize` decodes ids with special tokens
 //! kept, so `/tokenize`'s `tokens` decode back to its `prompt` (unless images were expanded or
 //! the post-processor added tokens).
+//!
+//! `GET /tokenizer_info` answers as vLLM's: the checkpoint's `tokenizer_config.json` (so clients
+//! such as lm-eval and guidellm take the server's tokenizer), with `tokenizer_class` always set
+//! and `model_max_length` filled in with the served context when the file has none.
 
 use axum::extract::State;
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde_json::Value;
 
 use crate::api::{DetokenizeBody, DetokenizeResponse, TokenizeBody, TokenizeResponse};
 use crate::error::ApiError;
@@ -26,6 +31,29 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/tokenizer_info", get(tokenizer_info))
+}
+
+async fn tokenizer_info(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let path = state.files().dir().join("tokenizer_config.json");
+    let mut info = match tokio::fs::read(&path).await {
+        Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => map,
+            _ => {
+                return Err(ApiError::Internal(format!(
+                    "{} is not a JSON object",
+                    path.display()
+                )))
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Map::new(),
+        Err(e) => return Err(ApiError::Internal(format!("{}: {e}", path.display()))),
+    };
+    info.entry("tokenizer_class")
+        .or_insert_with(|| Value::from("PreTrainedTokenizerFast"));
+    info.entry("model_max_length")
+        .or_insert_with(|| Value::from(state.max_model_len()));
+    Ok(Json(Value::Object(info)))
 }
 
 async fn tokenize(

@@ -28,10 +28,11 @@ async fn non_streamed_chat_sends_the_rendered_prompt() {
     assert_eq!(v["choices"][0]["message"]["reasoning_content"], Value::Null);
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["choices"][0]["logprobs"], Value::Null);
-    // Prompt: 21 tokens by hand; completion: 5 letters + EOS.
+    // Prompt: 21 tokens by hand; completion: 5 letters + EOS, no reasoning.
     assert_eq!(
         v["usage"],
-        json!({"prompt_tokens": 21, "completion_tokens": 6, "total_tokens": 27, "prompt_tokens_details": {"cached_tokens": 3}})
+        json!({"prompt_tokens": 21, "completion_tokens": 6, "total_tokens": 27, "prompt_tokens_details": {"cached_tokens": 3},
+               "completion_tokens_details": {"reasoning_tokens": 0}})
     );
 
     let seen = gw.seen();

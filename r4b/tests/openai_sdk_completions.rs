@@ -1,0 +1,26 @@
+//! `/v1/completions` batched prompts (strings and token-id lists, `index` = i·n + j, usage
+//! summed), `echo` (text), and `/tokenizer_info`, through the official `openai` Python SDK
+//! usage details (`reasoning_tokens` against the tokens before `</think>`), `max_completion_tokens`,
+//! `user`, `metadata` (tests/e2e/openai_sdk_completions.py; packages installed as in openai_sdk.rs).
+
+mod common;
+
+use common::python::python3;
+use common::Server;
+
+#[test]
+fn completions_batches_echo_and_tokenizer_info_through_the_openai_sdk() {
+    let s = Server::start(&[]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/e2e/openai_sdk_completions.py"
+    );
+    let out = python3().arg(script).arg(&s.base).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "completions SDK checks failed:\n{stdout}"
+    );
+    assert!(stdout.contains("all passed"));
+}
