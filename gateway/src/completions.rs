@@ -122,8 +122,9 @@ async fn run(state: AppState, batch: Batch) -> Result<Response, ApiError> {
 }
 
 /// The prompts as token ids: a string (tokenized with the post-processor), a list of ids, a
-/// list of strings, or a list of token-id lists (a batch: one prompt each).
-fn prompt_ids(state: &AppState, prompt: Option<Value>) -> Result<Vec<Vec<u32>>, ApiError> {
+/// list of strings, or a list of token-id lists (a batch: one prompt each). Public for the fuzz
+/// harness (`fuzz/`), which drives the same steps as the handler.
+pub fn prompt_ids(state: &AppState, prompt: Option<Value>) -> Result<Vec<Vec<u32>>, ApiError> {
     let bad = || ValidationError::Invalid {
         field: "prompt".into(),
         reason: "must be a string, a list of token ids, a list of strings, or a list of \
