@@ -32,18 +32,7 @@ impl ImageTarget {
 
 /// CRC-32 (IEEE) as PNG chunks use it.
 pub fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
+    crc32fast::hash(data)
 }
 
 /// Recomputes the CRC of every complete PNG chunk, so mutations reach past the CRC check.

@@ -23,36 +23,9 @@ use crate::env::Env;
 use crate::mutate;
 use crate::Target;
 
-/// Every field name the gateway knows of (accepted, neutral or refused), for mutations.
-const FIELDS: &[&str] = &[
-    "model",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "stop",
-    "stop_token_ids",
-    "max_tokens",
-    "max_completion_tokens",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "n",
-    "stream",
-    "stream_options",
-    "min_tokens",
-    "ignore_eos",
-    "max_thinking_tokens",
-    "thinking_token_budget",
-    "user",
-    "metadata",
-    "messages",
-    "logprobs",
-    "top_logprobs",
-    "chat_template_kwargs",
-    "add_generation_prompt",
-    "prompt",
+/// Field names the gateway refuses or does not know, and nested keys, for mutations; the honoured
+/// ones come from `fields::honoured`.
+const OTHER_FIELDS: &[&str] = &[
     "tools",
     "functions",
     "logit_bias",
@@ -60,7 +33,6 @@ const FIELDS: &[&str] = &[
     "function_call",
     "parallel_tool_calls",
     "response_format",
-    "echo",
     "store",
     "best_of",
     "suffix",
@@ -95,6 +67,8 @@ pub struct RequestTarget {
     env: Arc<Env>,
     /// Data URIs of the image corpus, spliced into generated messages.
     images: Vec<String>,
+    /// Field names the mutations pick from: the gateway's honoured ones and [`OTHER_FIELDS`].
+    fields: Vec<&'static str>,
 }
 
 impl RequestTarget {
@@ -115,6 +89,9 @@ impl RequestTarget {
         Ok(RequestTarget {
             env: Env::start()?,
             images,
+            fields: r4b_gateway::fields::honoured()
+                .chain(OTHER_FIELDS.iter().copied())
+                .collect(),
         })
     }
 
@@ -145,7 +122,7 @@ impl RequestTarget {
             7 if depth < 4 => {
                 let mut m = Map::new();
                 for _ in 0..rng.usize(0..4) {
-                    let k = mutate::pick(rng, FIELDS).copied().unwrap_or("x");
+                    let k = mutate::pick(rng, &self.fields).copied().unwrap_or("x");
                     m.insert(k.to_string(), self.random_value(rng, depth + 1));
                 }
                 Value::Object(m)
@@ -192,7 +169,7 @@ impl RequestTarget {
             }
             Value::Object(m) if rng.bool() => {
                 if rng.bool() {
-                    let k = mutate::pick(rng, FIELDS).copied().unwrap_or("x");
+                    let k = mutate::pick(rng, &self.fields).copied().unwrap_or("x");
                     m.insert(k.to_string(), self.random_value(rng, depth));
                 } else if let Some(k) = m.keys().nth(rng.usize(..m.len().max(1))).cloned() {
                     m.remove(&k);

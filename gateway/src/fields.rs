@@ -50,6 +50,11 @@ const CHAT: &[&str] = &[
 /// Completions-only fields honoured.
 const COMPLETIONS: &[&str] = &["prompt", "logprobs", "echo"];
 
+/// Every field either endpoint honours or accepts (for the fuzz harness's mutations).
+pub fn honoured() -> impl Iterator<Item = &'static str> {
+    COMMON.iter().chain(CHAT).chain(COMPLETIONS).copied()
+}
+
 /// Fields OpenAI or vLLM define that this server does not implement yet, with the values that
 /// ask for nothing (accepted).
 fn neutral(field: &str, v: &Value) -> Option<bool> {

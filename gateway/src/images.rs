@@ -388,20 +388,9 @@ pub fn to_proto(
 mod tests {
     use super::*;
 
-    /// CRC-32 (IEEE, reflected, poly 0xEDB88320) as PNG chunks use it, computed bit by bit.
+    /// CRC-32 (IEEE) as PNG chunks use it.
     fn crc32(data: &[u8]) -> u32 {
-        let mut crc = 0xFFFF_FFFFu32;
-        for &b in data {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
+        crc32fast::hash(data)
     }
 
     fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
