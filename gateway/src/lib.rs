@@ -29,6 +29,7 @@ pub mod auth;
 pub mod chat;
 pub mod completions;
 pub mod config;
+pub mod constraint;
 pub mod embedded;
 pub mod error;
 pub mod extract;

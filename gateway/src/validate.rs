@@ -10,6 +10,7 @@ use r4b_model::sampling::{self, FloatBound, SamplingError};
 
 use crate::api::{CommonParams, StopField};
 use crate::config::GatewayConfig;
+use crate::constraint::Grammar;
 use crate::model_files::{SamplingDefaults, StopIds};
 
 /// A request field that is missing, out of range or inconsistent.
@@ -182,6 +183,8 @@ pub struct GenerationParams {
     pub stream: bool,
     /// Send a usage chunk at the end of the stream.
     pub include_usage: bool,
+    /// Structured output (`response_format`, `guided_*`, a forced tool call); None = free.
+    pub grammar: Option<Grammar>,
 }
 
 /// A float field converted to the worker's `f32` and checked against the shared bound.
@@ -237,6 +240,7 @@ fn sampling(
         repetition_penalty: repetition.or(defaults.repetition_penalty).unwrap_or(1.0),
         logprobs: logprobs.is_some(),
         top_logprobs: logprobs.unwrap_or(0),
+        prompt_logprobs: None,
     };
     // The generation_config.json defaults pass the same bounds as the request fields.
     r4b_model::check_sampling(&params)?;
@@ -319,6 +323,7 @@ pub fn validate_params(
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        grammar: None,
     })
 }
 
@@ -451,6 +456,11 @@ impl ValidatedRequest {
                 think_close_id: ids.think_close.unwrap_or(0),
                 think_open_in_prompt: self.think_open_in_prompt,
             }),
+            constraint: self
+                .params
+                .grammar
+                .as_ref()
+                .map(|g| g.to_proto(ids, self.split_reasoning, self.think_open_in_prompt)),
         }
     }
 }

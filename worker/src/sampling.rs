@@ -123,6 +123,7 @@ impl SamplingParams {
             repetition_penalty: self.repetition_penalty,
             logprobs: self.logprobs,
             top_logprobs: self.top_logprobs,
+            prompt_logprobs: None,
         }
     }
 

@@ -582,6 +582,11 @@ impl Engine {
                     sampling: if first { a.map(|a| a.sampling) } else { None },
                     history: c.history.clone(),
                     trace_context,
+                    constraint: if first {
+                        a.and_then(|a| a.req.constraint.clone())
+                    } else {
+                        None
+                    },
                 }
             })
             .collect();
