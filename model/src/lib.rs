@@ -15,6 +15,7 @@
 pub mod anyres;
 pub mod config;
 pub mod embedded;
+pub mod grammar;
 mod error;
 pub mod request;
 pub mod sampling;
