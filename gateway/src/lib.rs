@@ -50,6 +50,7 @@ pub mod server;
 pub mod special_tokens;
 pub mod sse;
 pub mod startup;
+pub mod structured;
 pub mod state;
 pub mod stop;
 pub mod telemetry;
