@@ -226,7 +226,10 @@ mod tests {
             unsupported("tool_choice")
         );
         // Structured output is honoured (its values are checked by `structured`).
-        assert_eq!(chat(json!({"response_format": {"type": "json_object"}})), None);
+        assert_eq!(
+            chat(json!({"response_format": {"type": "json_object"}})),
+            None
+        );
         assert_eq!(chat(json!({"guided_regex": "a+"})), None);
         assert_eq!(
             chat(json!({"logit_bias": {"5": 3}})),

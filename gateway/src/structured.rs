@@ -7,7 +7,10 @@
 //!   (`json_schema.schema`; `strict` is accepted either way: the output always follows it).
 //! - vLLM's `guided_json` (a schema, or its JSON text), `guided_regex`, `guided_choice` (a list
 //!   of strings), `guided_grammar` (a Lark grammar in llguidance's dialect), and the newer
-//!   `structured_outputs` object (`json`, `regex`, `choice`, `grammar`, `json_object`).
+//!   `structured_outputs` object (`json`, `regex`, `choice`, `grammar`, `json_object`, and
+//!   `disable_any_whitespace`: compact JSON).
+//! - JSON is whitespace-flexible between tokens, as in vLLM; a schema may say otherwise with
+//!   llguidance's `"x-guidance": {"whitespace_flexible": false}`.
 //! - `guided_decoding_backend`: only values meaning llguidance (`guidance`, `llguidance`,
 //!   `auto`), else a 400.
 
@@ -41,8 +44,9 @@ fn invalid(field: &str, reason: impl ToString) -> ValidationError {
 /// A schema given as an object/bool, or as its JSON text (vLLM accepts both).
 fn schema(field: &str, v: &Value) -> Result<Value, ValidationError> {
     match v {
-        Value::String(s) => serde_json::from_str(s)
-            .map_err(|e| invalid(field, format!("not a JSON schema: {e}"))),
+        Value::String(s) => {
+            serde_json::from_str(s).map_err(|e| invalid(field, format!("not a JSON schema: {e}")))
+        }
         Value::Object(_) | Value::Bool(_) => Ok(v.clone()),
         _ => Err(invalid(field, "must be a JSON schema (an object)")),
     }
@@ -87,15 +91,15 @@ fn response_format(v: &Value) -> Result<Option<Grammar>, ValidationError> {
                 .filter(|j| j.is_object())
                 .ok_or_else(|| invalid(F, "`json_schema` (an object) is required"))?;
             match js.get("schema") {
-                None | Some(Value::Null) => Ok(Some(Grammar::JsonSchema(json!({"type": "object"})))),
+                None | Some(Value::Null) => {
+                    Ok(Some(Grammar::JsonSchema(json!({"type": "object"}))))
+                }
                 Some(s) => Ok(Some(Grammar::JsonSchema(schema(F, s)?))),
             }
         }
         other => Err(ValidationError::Unsupported {
             field: F.into(),
-            reason: format!(
-                "type `{other}` is not supported (text, json_object or json_schema)"
-            ),
+            reason: format!("type `{other}` is not supported (text, json_object or json_schema)"),
         }),
     }
 }
@@ -107,8 +111,9 @@ fn structured_outputs(v: &Value) -> Result<Option<Grammar>, ValidationError> {
         return Err(invalid(F, "must be an object"));
     };
     let mut found = None;
+    let compact = obj.get("disable_any_whitespace") == Some(&Value::Bool(true));
     for (k, x) in obj {
-        if x.is_null() || x == &Value::Bool(false) {
+        if x.is_null() || x == &Value::Bool(false) || k == "disable_any_whitespace" {
             continue;
         }
         let g = match k.as_str() {
@@ -119,8 +124,12 @@ fn structured_outputs(v: &Value) -> Result<Option<Grammar>, ValidationError> {
             "json_object" if x == &Value::Bool(true) => {
                 Grammar::JsonSchema(json!({"type": "object"}))
             }
-            "disable_any_whitespace" | "disable_additional_properties" | "whitespace_pattern"
-            | "structural_tag" | "disable_fallback" | "json_object" | "_backend" => {
+            "disable_additional_properties"
+            | "whitespace_pattern"
+            | "structural_tag"
+            | "disable_fallback"
+            | "json_object"
+            | "_backend" => {
                 return Err(ValidationError::Unsupported {
                     field: format!("{F}.{k}"),
                     reason: "is not supported by this server".into(),
@@ -136,7 +145,20 @@ fn structured_outputs(v: &Value) -> Result<Option<Grammar>, ValidationError> {
             return Err(invalid(F, "asks for more than one constraint"));
         }
     }
-    Ok(found)
+    Ok(match found {
+        // No whitespace between JSON tokens (llguidance's `whitespace_flexible: false`).
+        Some(Grammar::JsonSchema(schema)) if compact => {
+            let mut schema = match schema {
+                Value::Bool(true) => json!({}),
+                other => other,
+            };
+            if let Some(o) = schema.as_object_mut() {
+                o.insert("x-guidance".into(), json!({"whitespace_flexible": false}));
+            }
+            Some(Grammar::JsonSchema(schema))
+        }
+        other => other,
+    })
 }
 
 /// The grammar the body asks for (None = free output), not yet compiled.
@@ -172,7 +194,9 @@ pub fn parse(body: &Value) -> Result<Option<(&'static str, Grammar)>, Validation
             if let Some((first, _)) = &found {
                 return Err(invalid(
                     field,
-                    format!("only one structured-output constraint per request (`{first}` is set too)"),
+                    format!(
+                        "only one structured-output constraint per request (`{first}` is set too)"
+                    ),
                 ));
             }
             found = Some((field, g));
@@ -195,7 +219,7 @@ pub fn grammar(
     })?;
     compiler
         .check(&g.to_top_level())
-        .map_err(|e| invalid(field, e))?;
+        .map_err(|e| invalid(field, e.to_string().lines().next().unwrap_or_default()))?;
     Ok(Some(g))
 }
 
@@ -281,7 +305,10 @@ mod tests {
                 json!({"guided_regex": "a", "guided_decoding_backend": "xgrammar"}),
                 "guided_decoding_backend",
             ),
-            (json!({"response_format": {"type": "grammar"}}), "response_format"),
+            (
+                json!({"response_format": {"type": "grammar"}}),
+                "response_format",
+            ),
             (
                 json!({"structured_outputs": {"structural_tag": "x"}}),
                 "structured_outputs.structural_tag",

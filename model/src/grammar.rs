@@ -119,6 +119,9 @@ enum Phase {
     Start,
     /// Inside a think block: anything.
     Think,
+    /// Just after `</think>`: whitespace tokens (the `"\n\n"` a thinking budget appends) are
+    /// not part of the answer's grammar; the mask is the grammar's.
+    AfterThink,
     /// The grammar.
     Grammar,
     /// The grammar is complete and a stop id came (`ignore_eos`): only stop ids.
@@ -180,6 +183,7 @@ impl TokenMask {
 /// One sequence's constraint state (see the module doc).
 pub struct SeqConstraint {
     matcher: Matcher,
+    env: TokEnv,
     phase: Phase,
     think_open: Option<u32>,
     think_close: Option<u32>,
@@ -209,6 +213,7 @@ impl SeqConstraint {
         };
         Ok(SeqConstraint {
             matcher,
+            env: compiler.factory.tok_env().clone(),
             phase,
             think_open: thinks.then_some(c.think_open_id),
             think_close: thinks.then_some(c.think_close_id),
@@ -226,11 +231,12 @@ impl SeqConstraint {
             }
             Phase::Think => {
                 if Some(token) == self.think_close {
-                    self.phase = Phase::Grammar;
+                    self.phase = Phase::AfterThink;
                 }
                 Ok(())
             }
-            Phase::Start | Phase::Grammar => {
+            Phase::AfterThink if self.is_whitespace(token) => Ok(()),
+            Phase::Start | Phase::AfterThink | Phase::Grammar => {
                 self.phase = Phase::Grammar;
                 if self.stop_ids.contains(&token) && self.grammar_may_end() {
                     self.phase = Phase::Done;
@@ -239,12 +245,20 @@ impl SeqConstraint {
                 if token >= self.n_tokens || self.matcher.is_stopped() {
                     return Err(self.rejected(token));
                 }
-                self.matcher
-                    .consume_token(token)
-                    .map_err(|e| GrammarError::Rejected(format!("token {token}: {e}")))
+                self.matcher.consume_token(token).map_err(|e| {
+                    GrammarError::Rejected(format!("token {token}: {}", first_line(&e)))
+                })
             }
             Phase::Done if self.stop_ids.contains(&token) => Ok(()),
             Phase::Done => Err(self.rejected(token)),
+        }
+    }
+
+    /// Whether `token` is text made of whitespace only.
+    fn is_whitespace(&self, token: u32) -> bool {
+        token < self.n_tokens && {
+            let bytes = self.env.tok_trie().token(token);
+            !bytes.is_empty() && bytes.iter().all(|b| b.is_ascii_whitespace())
         }
     }
 
@@ -270,12 +284,14 @@ impl SeqConstraint {
         let mut only = match self.phase {
             Phase::Think => return Ok(TokenMask::All),
             Phase::Done => vec![0u32; words],
-            Phase::Start | Phase::Grammar if self.matcher.is_stopped() => vec![0u32; words],
-            Phase::Start | Phase::Grammar => {
+            Phase::Start | Phase::AfterThink | Phase::Grammar if self.matcher.is_stopped() => {
+                vec![0u32; words]
+            }
+            Phase::Start | Phase::AfterThink | Phase::Grammar => {
                 let vob = self
                     .matcher
                     .compute_mask()
-                    .map_err(|e| GrammarError::Rejected(e.to_string()))?;
+                    .map_err(|e| GrammarError::Rejected(first_line(&e)))?;
                 let mut only: Vec<u32> = vob.as_slice().iter().take(words).copied().collect();
                 only.resize(words, 0);
                 // llguidance's EOS (id n_tokens) is past `words` bits unless n_tokens % 32 != 0.
@@ -310,6 +326,11 @@ impl SeqConstraint {
         }
         Ok(TokenMask::Only { words: only })
     }
+}
+
+/// llguidance's errors carry a dump of the parser state after their first line.
+fn first_line(e: &impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_owned()
 }
 
 #[cfg(test)]
@@ -397,6 +418,12 @@ mod tests {
         assert_eq!(long.mask().expect("mask"), TokenMask::All);
         long.consume(257).expect("close");
         assert_eq!(allowed(&long.mask().expect("mask")), digits);
+        // A budget's forced "\n\n" after `</think>` is not the answer's; the grammar still is.
+        long.consume(u32::from(b'\n')).expect("newline");
+        long.consume(u32::from(b'\n')).expect("newline");
+        assert_eq!(allowed(&long.mask().expect("mask")), digits);
+        long.consume(u32::from(b'7')).expect("digit");
+        assert!(long.consume(u32::from(b'\n')).is_err());
     }
 
     #[test]

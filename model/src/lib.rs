@@ -15,8 +15,8 @@
 pub mod anyres;
 pub mod config;
 pub mod embedded;
-pub mod grammar;
 mod error;
+pub mod grammar;
 pub mod request;
 pub mod sampling;
 

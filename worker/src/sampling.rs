@@ -982,7 +982,11 @@ mod tests {
             sample_logits_masked(&logits, &SingleRank, &rows, &[Some(vec![0b0101]), None]).unwrap();
         assert_eq!((out[0].id, out[1].id), (2, 0));
         let want = 1.5 - (1f64.exp() + 3f64.exp() + 1.5f64.exp() + 1.0).ln();
-        assert!((f64::from(out[0].logprob) - want).abs() < 1e-5, "{}", out[0].logprob);
+        assert!(
+            (f64::from(out[0].logprob) - want).abs() < 1e-5,
+            "{}",
+            out[0].logprob
+        );
         // Temperature sampling never draws a masked id.
         let hot = SamplingParams {
             temperature: 1.0,

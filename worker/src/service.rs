@@ -33,8 +33,8 @@ use crate::kv::PagedKvCache;
 use crate::model::anyres::PixelViews;
 use crate::model::{ChunkImageRows, ImageRows, OutputRows, R4bModel, SeqChunk};
 use crate::sampling::{SampleRow, SamplingParams, ShardMask, TokenHistory};
-use r4b_model::grammar::{GrammarCompiler, SeqConstraint};
 use crate::{Error, Result};
+use r4b_model::grammar::{GrammarCompiler, SeqConstraint};
 
 /// A collective that adds up the time spent in it (reported per step).
 #[derive(Debug)]
@@ -667,7 +667,8 @@ impl StepExecutor {
             .grammars
             .as_ref()
             .map_err(|e| format!("structured output unavailable: {e}"))?;
-        let mut sc = SeqConstraint::new(compiler, c).map_err(|e| format!("structured output: {e}"))?;
+        let mut sc =
+            SeqConstraint::new(compiler, c).map_err(|e| format!("structured output: {e}"))?;
         for &t in output {
             sc.consume(t)
                 .map_err(|e| format!("structured output: {e}"))?;
