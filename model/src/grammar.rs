@@ -158,13 +158,13 @@ impl TokenMask {
             return None;
         };
         let mut out = vec![0u32; width.div_ceil(32)];
-        if start % 32 == 0 {
+        if start.is_multiple_of(32) {
             // Word-aligned (every real shard: widths are multiples of 32 or the last rank's).
             let first = (start / 32) as usize;
             for (i, w) in out.iter_mut().enumerate() {
                 *w = words.get(first + i).copied().unwrap_or(0);
             }
-            if width % 32 != 0 {
+            if !width.is_multiple_of(32) {
                 if let Some(last) = out.last_mut() {
                     *last &= (1u32 << (width % 32)) - 1;
                 }
@@ -295,7 +295,7 @@ impl SeqConstraint {
                 let mut only: Vec<u32> = vob.as_slice().iter().take(words).copied().collect();
                 only.resize(words, 0);
                 // llguidance's EOS (id n_tokens) is past `words` bits unless n_tokens % 32 != 0.
-                if self.n_tokens % 32 != 0 {
+                if !self.n_tokens.is_multiple_of(32) {
                     if let Some(last) = only.last_mut() {
                         *last &= (1u32 << (self.n_tokens % 32)) - 1;
                     }
