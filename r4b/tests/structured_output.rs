@@ -83,13 +83,23 @@ fn batch(s: &Server, n: usize, constrained: bool) -> (f64, f64) {
 fn structured_output_step_overhead_on_the_cpu_engine() {
     let s = Server::start(&["--max-num-seqs", "64"]);
     batch(&s, 4, true); // warm-up
+                        // The build machine is shared: alternate the runs and keep each one's best of 5.
     for n in [1, 64] {
-        let (free_ms, free_tps) = batch(&s, n, false);
-        let (json_ms, json_tps) = batch(&s, n, true);
+        let (mut free, mut json) = ((f64::MAX, 0f64), (f64::MAX, 0f64));
+        for _ in 0..5 {
+            let f = batch(&s, n, false);
+            let j = batch(&s, n, true);
+            free = (free.0.min(f.0), free.1.max(f.1));
+            json = (json.0.min(j.0), json.1.max(j.1));
+        }
         println!(
-            "{n:2} streams: free {free_ms:.2} ms/step {free_tps:.0} tok/s; json_schema \
-             {json_ms:.2} ms/step {json_tps:.0} tok/s; step overhead {:+.1} %",
-            100.0 * (json_ms / free_ms - 1.0)
+            "{n:2} streams: free {:.2} ms/step {:.0} tok/s; json_schema {:.2} ms/step {:.0} \
+             tok/s; step overhead {:+.1} % (best of 5 each)",
+            free.0,
+            free.1,
+            json.0,
+            json.1,
+            100.0 * (json.0 / free.0 - 1.0)
         );
     }
 }

@@ -130,24 +130,20 @@ impl Backend {
         }
     }
 
-    /// Runs the step and samples one token per `(chunk index, row)`; `masks` computes the rows'
-    /// token masks (structured output) while the forward runs.
+    /// Runs the step and samples one token per `(chunk index, row)`; `masks` (when some row is
+    /// constrained) computes the rows' token masks (structured output) while the forward runs.
     fn step(
         &mut self,
         chunks: &[SeqChunk],
         rows: &[(usize, SampleRow)],
-        masks: &mut MaskFn,
+        masks: Option<&mut MaskFn>,
     ) -> Result<Vec<crate::sampling::SampledToken>> {
         match self {
             Backend::Cpu { model, kv } => {
-                // The masks on another thread (its rayon pool) while this one runs the forward.
-                let (hidden, masks) = std::thread::scope(|s| {
-                    let job = s.spawn(masks);
-                    let hidden = model.forward_step(chunks, kv, OutputRows::Last);
-                    (hidden, job.join())
-                });
-                let hidden = hidden?;
-                let masks = masks.map_err(|_| Error::Step("token mask thread panicked".into()))?;
+                // The CPU forward already keeps every core busy: the masks (rayon over
+                // sequences) follow it instead of contending with it from another thread.
+                let hidden = model.forward_step(chunks, kv, OutputRows::Last)?;
+                let masks = masks.map(|f| f()).unwrap_or_default();
                 if rows.is_empty() {
                     return Ok(Vec::new());
                 }
@@ -489,6 +485,7 @@ impl StepExecutor {
             }
         }
         let n_rows = rows.len();
+        let jobs_empty = jobs.is_empty();
         let mut failed: Vec<(usize, String)> = Vec::new();
         let failed_ref = &mut failed;
         let mut masks = move || -> Vec<ShardMask> {
@@ -510,7 +507,10 @@ impl StepExecutor {
             out
         };
         let t_fwd = Instant::now();
-        let tokens = self.model.step(&chunks, &rows, &mut masks)?;
+        let constrained = !jobs_empty;
+        let tokens = self
+            .model
+            .step(&chunks, &rows, constrained.then_some(&mut masks))?;
         drop(masks);
         let n_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         if n_tokens > chunks.len() {

@@ -523,7 +523,7 @@ fn decode(dir: &Path, run: DecodeRun, opts: &EngineOptions) -> Result<()> {
                 })
                 .collect();
             let rows = greedy_rows(n, &params, &history);
-            let out = model.step(&chunks, &rows, &mut Vec::new)?;
+            let out = model.step(&chunks, &rows, None)?;
             for (i, t) in out.iter().enumerate() {
                 last[first + i] = t.id;
             }
@@ -537,7 +537,7 @@ fn decode(dir: &Path, run: DecodeRun, opts: &EngineOptions) -> Result<()> {
             let chunks = decode_chunks(&toks, prompt + k, &tables);
             let rows = greedy_rows(b, &params, &history);
             let ts = Instant::now();
-            let out = model.step(&chunks, &rows, &mut Vec::new)?;
+            let out = model.step(&chunks, &rows, None)?;
             if k > 0 {
                 step_times.push(ts.elapsed().as_secs_f64());
             }
@@ -553,10 +553,10 @@ fn decode(dir: &Path, run: DecodeRun, opts: &EngineOptions) -> Result<()> {
             let rows = greedy_rows(b, &params, &history);
             model.set_enforce_eager(true);
             let ts = Instant::now();
-            model.step(&chunks, &rows, &mut Vec::new)?;
+            model.step(&chunks, &rows, None)?;
             let eager_ms = ts.elapsed().as_secs_f64() * 1e3;
             model.timeline_start()?;
-            model.step(&chunks, &rows, &mut Vec::new)?;
+            model.step(&chunks, &rows, None)?;
             print_timeline(
                 &format!("decode step, {b} streams (eager {eager_ms:.2} ms wall)"),
                 &model.timeline_stop()?,

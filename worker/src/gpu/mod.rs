@@ -323,7 +323,7 @@ impl GpuModel {
         &mut self,
         chunks: &[SeqChunk],
         rows: &[(usize, SampleRow)],
-        masks: &mut crate::service::MaskFn,
+        masks: Option<&mut crate::service::MaskFn>,
     ) -> Result<Vec<SampledToken>> {
         let ctx = Ctx {
             gpu: &self.gpu,

@@ -349,7 +349,7 @@ impl Runner {
         host_comm: &dyn Collective,
         chunks: &[SeqChunk],
         rows: &[(usize, SampleRow)],
-        masks: &mut crate::service::MaskFn,
+        masks: Option<&mut crate::service::MaskFn>,
     ) -> Result<Vec<SampledToken>> {
         self.forward(ctx, model, cfg, chunks)?;
         let gpu = ctx.gpu;
@@ -358,7 +358,7 @@ impl Runner {
             return Ok(Vec::new());
         }
         // The forward is queued on the GPU: the grammar masks are computed meanwhile.
-        let masks = masks();
+        let masks = masks.map(|f| f()).unwrap_or_default();
         let masked = masks.iter().any(Option::is_some);
         // Raw logprobs of a masked row need the unmasked logits: such steps mask on the host
         // sampler's processed copy instead of in place.
