@@ -7,9 +7,10 @@
 //! the CPU, device memory on the GPU), the sampling parameters and the token history for
 //! penalties, and a constrained sequence's grammar state ([`r4b_model::grammar::SeqConstraint`],
 //! fed every output token as it arrives: the decode inputs are the sampled or forced tokens). Each
-//! step computes the constrained rows' masks on the CPU (rayon over sequences) while the forward
-//! runs, and the sampler applies them. The coordinator releases that state with `release_seq_ids`, a preempted sequence's
-//! too (its re-run brings its first chunk and its images again); dropping it frees the rows.
+//! step computes the constrained rows' masks on the CPU (rayon over sequences; on the GPU engine
+//! while the queued forward runs) and the sampler applies them. The coordinator releases that
+//! state with `release_seq_ids`, a preempted sequence's too (its re-run brings its first chunk
+//! and its images again); dropping it frees the rows.
 
 use std::collections::HashMap;
 use std::pin::Pin;
