@@ -92,10 +92,12 @@ impl GrammarCompiler {
 
     /// A matcher for `grammar` (a `TopLevelGrammar`), or llguidance's message.
     pub fn matcher(&self, grammar: &TopLevelGrammar) -> Result<Matcher, GrammarError> {
-        let parser = self
-            .factory
-            .create_parser(grammar.clone())
-            .map_err(|e| GrammarError::Compile(e.to_string()))?;
+        // Request input reaches the compiler: a panic inside llguidance is that grammar's error.
+        let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.factory.create_parser(grammar.clone())
+        }))
+        .map_err(|_| GrammarError::Compile("llguidance failed on this grammar".into()))?
+        .map_err(|e| GrammarError::Compile(e.to_string()))?;
         let m = Matcher::new(Ok(parser));
         match m.get_error() {
             Some(e) => Err(GrammarError::Compile(e)),
@@ -108,7 +110,7 @@ impl GrammarCompiler {
         let mut m = self.matcher(grammar)?;
         m.compute_mask()
             .map(drop)
-            .map_err(|e| GrammarError::Compile(e.to_string()))
+            .map_err(|e| GrammarError::Compile(first_line(&e)))
     }
 }
 
