@@ -367,19 +367,35 @@ impl Runner {
                 .iter()
                 .zip(&masks)
                 .any(|((_, r), m)| m.is_some() && r.params.logprobs);
-        let fast = !masked
-            && rows.iter().all(|(_, r)| {
-                r.params.temperature < sampling::GREEDY_TEMPERATURE
-                    && !r.params.logprobs
-                    && r.params.presence_penalty == 0.0
-                    && r.params.frequency_penalty == 0.0
-                    && r.params.repetition_penalty == 1.0
-            });
+        let fast = rows.iter().all(|(_, r)| {
+            r.params.temperature < sampling::GREEDY_TEMPERATURE
+                && !r.params.logprobs
+                && r.params.presence_penalty == 0.0
+                && r.params.frequency_penalty == 0.0
+                && r.params.repetition_penalty == 1.0
+        });
         let head = &model.llm.lm_head;
+        let width = head.vocab_local();
+        if masked && rows.iter().any(|&(ci, _)| ci >= chunks.len()) {
+            return Err(Error::Step("sample row names no chunk of the step".into()));
+        }
         // SAFETY: the logits/argmax buffers hold max_seqs rows; chunk indices < chunks.len().
         unsafe {
             if fast {
-                let best = head.argmax(ctx, &self.bufs.argmax(), chunks.len())?;
+                let bufs = self.bufs.argmax();
+                if masked {
+                    // The forward's arg-max saw the unmasked logits: again over the masked ones.
+                    self.sampler
+                        .apply_masks(gpu, (self.bufs.logits.ptr(), width), rows, &masks)?;
+                    gpu.argmax_rows(
+                        self.bufs.logits.ptr(),
+                        (chunks.len(), width),
+                        bufs.best_val,
+                        bufs.best_idx,
+                    )
+                    .map_err(gpu_err)?;
+                }
+                let best = head.argmax(ctx, &bufs, chunks.len())?;
                 return rows
                     .iter()
                     .map(|&(ci, _)| {
@@ -393,7 +409,6 @@ impl Runner {
                     })
                     .collect();
             }
-            let width = head.vocab_local();
             if rows.iter().any(|&(ci, _)| ci >= chunks.len()) {
                 return Err(Error::Step("sample row names no chunk of the step".into()));
             }
