@@ -82,7 +82,7 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, Ap
         validate::chat_logprobs(chat.logprobs, chat.top_logprobs, config.max_top_logprobs)?;
     let mut params =
         validate::validate_params(&common, logprobs, state.files().sampling_defaults(), config)?;
-    params.grammar = crate::structured::grammar(&body.0, state.files().grammars())?;
+    params.grammar = crate::structured::from_request(state, &body.0).await?;
     let (messages, kwargs) = (chat.messages, chat.chat_template_kwargs);
     let add_generation_prompt = chat.add_generation_prompt.unwrap_or(true);
     let rendered = prompt::off_runtime(state, move |state| {

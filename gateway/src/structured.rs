@@ -18,6 +18,8 @@ use r4b_model::grammar::GrammarCompiler;
 use serde_json::{json, Value};
 
 use crate::constraint::Grammar;
+use crate::error::ApiError;
+use crate::state::AppState;
 use crate::validate::ValidationError;
 
 /// Fields this module reads (honoured on both endpoints).
@@ -221,6 +223,19 @@ pub fn grammar(
         .check(&g.to_top_level())
         .map_err(|e| invalid(field, e.to_string().lines().next().unwrap_or_default()))?;
     Ok(Some(g))
+}
+
+/// [`grammar`] for a handler: parsing stays on the runtime; compiling (milliseconds for a
+/// large schema over a 150k-token vocabulary) runs on the blocking pool.
+pub async fn from_request(state: &AppState, body: &Value) -> Result<Option<Grammar>, ApiError> {
+    if parse(body)?.is_none() {
+        return Ok(None);
+    }
+    let body = body.clone();
+    crate::prompt::off_runtime(state, move |state| {
+        grammar(&body, state.files().grammars()).map_err(ApiError::from)
+    })
+    .await
 }
 
 #[cfg(test)]
