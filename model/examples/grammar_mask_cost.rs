@@ -6,6 +6,9 @@
 //!
 //!   cargo run --release -p r4b-model --example grammar_mask_cost -- [STEPS] [STREAMS...]
 //!
+//! `R4B_TOKENIZER_JSON=PATH` measures a real `tokenizer.json` instead (e.g. R-4B's Qwen3 one;
+//! stop id 151645, `<|im_end|>`, as in both).
+//!
 //! Each sequence follows a seeded random walk through its grammar (a random allowed token each
 //! step), so the masks are those of real, varied parser states.
 use std::time::Instant;
@@ -61,7 +64,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         vec![1, 64]
     };
     let t = Instant::now();
-    let compiler = GrammarCompiler::from_token_bytes(words())?;
+    // A real tokenizer instead of the bench layout: R4B_TOKENIZER_JSON=path/to/tokenizer.json.
+    let compiler = match std::env::var("R4B_TOKENIZER_JSON") {
+        Ok(path) => GrammarCompiler::from_tokenizer_json(&std::fs::read_to_string(path)?)?,
+        Err(_) => GrammarCompiler::from_token_bytes(words())?,
+    };
     println!(
         "tokenizer: {} ids, factory built in {:.0} ms; {} rayon threads",
         compiler.n_tokens(),
