@@ -217,12 +217,13 @@ impl RequestTarget {
         r4b_gateway::models::check_model(chat.model.as_deref(), &config.served_model_name)?;
         let logprobs =
             validate::chat_logprobs(chat.logprobs, chat.top_logprobs, config.max_top_logprobs)?;
-        let params = validate::validate_params(
+        let mut params = validate::validate_params(
             &common,
             logprobs,
             state.files().sampling_defaults(),
             config,
         )?;
+        params.grammar = r4b_gateway::structured::grammar(&body.0, state.files().grammars())?;
         let (messages, kwargs) = (chat.messages, chat.chat_template_kwargs);
         let add_generation_prompt = chat.add_generation_prompt.unwrap_or(true);
         let rendered =
@@ -253,12 +254,13 @@ impl RequestTarget {
         let config = state.config();
         r4b_gateway::models::check_model(req.model.as_deref(), &config.served_model_name)?;
         let logprobs = validate::completion_logprobs(req.logprobs, config.max_top_logprobs)?;
-        let params = validate::validate_params(
+        let mut params = validate::validate_params(
             &common,
             logprobs,
             state.files().sampling_defaults(),
             config,
         )?;
+        params.grammar = r4b_gateway::structured::grammar(&body.0, state.files().grammars())?;
         let batch = r4b_gateway::completions::prompt_ids(state, req.prompt)?;
         let mut last = None;
         for ids in batch {

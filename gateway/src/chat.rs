@@ -80,8 +80,9 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, Ap
     crate::models::check_model(chat.model.as_deref(), &config.served_model_name)?;
     let logprobs =
         validate::chat_logprobs(chat.logprobs, chat.top_logprobs, config.max_top_logprobs)?;
-    let params =
+    let mut params =
         validate::validate_params(&common, logprobs, state.files().sampling_defaults(), config)?;
+    params.grammar = crate::structured::from_request(state, &body.0).await?;
     let (messages, kwargs) = (chat.messages, chat.chat_template_kwargs);
     let add_generation_prompt = chat.add_generation_prompt.unwrap_or(true);
     let rendered = prompt::off_runtime(state, move |state| {

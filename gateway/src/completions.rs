@@ -188,8 +188,9 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<Batch, ApiError> {
         }
         .into());
     }
-    let params =
+    let mut params =
         validate::validate_params(&common, logprobs, state.files().sampling_defaults(), config)?;
+    params.grammar = crate::structured::from_request(state, &body.0).await?;
     let prompt = req.prompt;
     let batch = prompt::off_runtime(state, move |state| prompt_ids(state, prompt)).await?;
     if batch.len() > MAX_PROMPTS {

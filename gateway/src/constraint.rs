@@ -22,13 +22,17 @@ pub enum Grammar {
 impl Grammar {
     /// The llguidance `TopLevelGrammar` JSON the workers compile.
     pub fn to_llguidance_json(&self) -> String {
-        let g = match self {
+        // A struct of strings, vectors and JSON values: serialising it cannot fail.
+        serde_json::to_string(&self.to_top_level()).unwrap_or_default()
+    }
+
+    /// The llguidance `TopLevelGrammar`.
+    pub fn to_top_level(&self) -> TopLevelGrammar {
+        match self {
             Grammar::JsonSchema(schema) => TopLevelGrammar::from_json_schema(schema.clone()),
             Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
             Grammar::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
-        };
-        // A struct of strings, vectors and JSON values: serialising it cannot fail.
-        serde_json::to_string(&g).unwrap_or_default()
+        }
     }
 
     /// The proto constraint; `thinking`: the output may open a think block first (chat), whose
@@ -48,6 +52,7 @@ impl Grammar {
             think_open_id: open,
             think_close_id: close,
             think_open_in_prompt: think_open_in_prompt && open != 0,
+            stop_token_ids: ids.eos.clone(),
         }
     }
 }

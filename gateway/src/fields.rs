@@ -52,7 +52,12 @@ const COMPLETIONS: &[&str] = &["prompt", "logprobs", "echo"];
 
 /// Every field either endpoint honours or accepts (for the fuzz harness's mutations).
 pub fn honoured() -> impl Iterator<Item = &'static str> {
-    COMMON.iter().chain(CHAT).chain(COMPLETIONS).copied()
+    COMMON
+        .iter()
+        .chain(CHAT)
+        .chain(COMPLETIONS)
+        .chain(crate::structured::FIELDS)
+        .copied()
 }
 
 /// Fields OpenAI or vLLM define that this server does not implement yet, with the values that
@@ -68,19 +73,12 @@ fn neutral(field: &str, v: &Value) -> Option<bool> {
             "tools" | "functions" | "logit_bias" => empty(v),
             "tool_choice" | "function_call" => v == "none",
             "parallel_tool_calls" => v.is_boolean(),
-            "response_format" => v.get("type").and_then(Value::as_str) == Some("text"),
             "echo" | "store" => v == &Value::Bool(false),
             "best_of" => v.as_u64() == Some(1),
             "suffix" => v == "",
             "service_tier" => v == "auto" || v == "default",
             "modalities" => v.as_array().is_some_and(|m| m.iter().all(|x| x == "text")),
-            "guided_json"
-            | "guided_regex"
-            | "guided_choice"
-            | "guided_grammar"
-            | "structured_outputs"
-            | "guided_decoding_backend"
-            | "prompt_logprobs"
+            "prompt_logprobs"
             | "audio"
             | "prediction"
             | "web_search_options"
@@ -134,7 +132,10 @@ pub fn check(body: &Value, endpoint: Endpoint) -> Result<(), ValidationError> {
         Endpoint::Completions => COMPLETIONS,
     };
     for (field, value) in obj {
-        if COMMON.contains(&field.as_str()) || own.contains(&field.as_str()) {
+        if COMMON.contains(&field.as_str())
+            || own.contains(&field.as_str())
+            || crate::structured::FIELDS.contains(&field.as_str())
+        {
             continue;
         }
         match neutral(field, value) {
@@ -224,14 +225,12 @@ mod tests {
             chat(json!({"tool_choice": "auto"})),
             unsupported("tool_choice")
         );
+        // Structured output is honoured (its values are checked by `structured`).
         assert_eq!(
             chat(json!({"response_format": {"type": "json_object"}})),
-            unsupported("response_format")
+            None
         );
-        assert_eq!(
-            chat(json!({"guided_regex": "a+"})),
-            unsupported("guided_regex")
-        );
+        assert_eq!(chat(json!({"guided_regex": "a+"})), None);
         assert_eq!(
             chat(json!({"logit_bias": {"5": 3}})),
             unsupported("logit_bias")

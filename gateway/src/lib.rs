@@ -52,6 +52,7 @@ pub mod sse;
 pub mod startup;
 pub mod state;
 pub mod stop;
+pub mod structured;
 pub mod telemetry;
 pub mod template;
 pub mod tokenize;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use r4b_model::anyres::Resample;
 use r4b_model::config::{ImagePreprocessing, RConfig};
+use r4b_model::grammar::GrammarCompiler;
 use serde_json::Value;
 
 use crate::special_tokens::{self, CheckedToken};
@@ -68,6 +69,8 @@ pub struct ModelFiles {
     resample: Resample,
     template_source: &'static str,
     special_tokens: Vec<CheckedToken>,
+    /// llguidance over this tokenizer (structured output), or why it could not be built.
+    grammars: Result<GrammarCompiler, String>,
 }
 
 fn file_error(path: &Path, reason: impl ToString) -> GatewayError {
@@ -221,6 +224,10 @@ impl ModelFiles {
             think_close: tokenizer.token_id("</think>"),
             think_close_ids,
         };
+        // Built once: compiling a request's grammar then only walks the token trie.
+        let grammars = std::fs::read_to_string(&tok_path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| GrammarCompiler::from_tokenizer_json(&t).map_err(|e| e.to_string()));
         let resample = ImagePreprocessing::from_dir(dir)
             .map_err(|e| file_error(&dir.join("preprocessor_config.json"), e))?
             .resample;
@@ -234,6 +241,7 @@ impl ModelFiles {
             resample,
             template_source: source.map_or("none", |(name, _)| name),
             special_tokens,
+            grammars,
         })
     }
 
@@ -285,6 +293,11 @@ impl ModelFiles {
     /// The file the chat template came from (`none` without one).
     pub fn template_source(&self) -> &'static str {
         self.template_source
+    }
+
+    /// The llguidance compiler over the served tokenizer, or why there is none.
+    pub fn grammars(&self) -> Result<&GrammarCompiler, &str> {
+        self.grammars.as_ref().map_err(String::as_str)
     }
 
     /// `<image>` and the template's think tokens, checked at load ([`crate::special_tokens`]).

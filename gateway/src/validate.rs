@@ -443,7 +443,7 @@ impl ValidatedRequest {
             sampling: Some(sampling),
             stopping: Some(pb::StoppingParams {
                 max_new_tokens: self.max_new_tokens,
-                stop_token_ids,
+                stop_token_ids: stop_token_ids.clone(),
                 min_new_tokens: self.params.min_tokens,
                 ignore_eos: self.params.ignore_eos,
                 max_thinking_tokens: thinking.and(self.params.max_thinking_tokens),
@@ -456,11 +456,14 @@ impl ValidatedRequest {
                 think_close_id: ids.think_close.unwrap_or(0),
                 think_open_in_prompt: self.think_open_in_prompt,
             }),
-            constraint: self
-                .params
-                .grammar
-                .as_ref()
-                .map(|g| g.to_proto(ids, self.split_reasoning, self.think_open_in_prompt)),
+            constraint: self.params.grammar.as_ref().map(|g| {
+                // A think block may only be opened by the model in auto mode (or be open).
+                let thinking =
+                    self.split_reasoning && (self.thinking_auto || self.think_open_in_prompt);
+                let mut c = g.to_proto(ids, thinking, self.think_open_in_prompt);
+                c.stop_token_ids = stop_token_ids.clone();
+                c
+            }),
         }
     }
 }

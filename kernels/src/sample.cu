@@ -716,3 +716,20 @@ extern "C" __global__ void __launch_bounds__(1024) sample_finish(
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Structured output: a grammar's token mask on one rank's logits, in place, before sampling.
+// `rows_bits` = n logits-row indices (u32), then n masks of `words` u32 each: bit j of word
+// j / 32 of mask r allows local column j of logits row rows_bits[r]; every column whose bit is
+// clear becomes -inf. logits f32 [_, width]. grid (ceil(width / 256), n), block 256. Runs after
+// the forward (outside any CUDA graph: the masks change every step).
+extern "C" __global__ void apply_token_mask(float* __restrict__ logits,
+                                           const uint32_t* __restrict__ rows_bits, int n,
+                                           int width, int words) {
+  PDL_ENTRY();
+  const int j = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
+  if (j >= width || r >= n) return;
+  const uint32_t row = rows_bits[r];
+  const uint32_t w = rows_bits[n + (size_t)r * words + (j >> 5)];
+  if (!((w >> (j & 31)) & 1u)) logits[(size_t)row * width + j] = -INFINITY;
+}

@@ -111,10 +111,25 @@ impl SampleOut {
 
 kernel_set! {
     /// The sampling kernels.
-    struct Kernels { argmax_rows, sample_partial, sample_prepare, sample_finish }
+    struct Kernels { argmax_rows, sample_partial, sample_prepare, sample_finish, apply_token_mask }
 }
 
 impl Gpu {
+    /// Structured output: sets to `−∞`, in place, every column of f32 `logits [_, width]` that a
+    /// row's mask disallows. `rows_bits` (u32 on the device): the `n` logits-row indices, then
+    /// `n` masks of `words = ceil(width / 32)` words (bit `j` of word `j / 32` allows column `j`).
+    pub unsafe fn apply_token_mask(
+        &self,
+        logits: DevPtr,
+        width: usize,
+        rows_bits: DevPtr,
+        n: usize,
+    ) -> Result<()> {
+        let words = width.div_ceil(32);
+        let k: [&dyn KernelArg; 5] = [&logits, &rows_bits, &i(n), &i(width), &i(words)];
+        self.launch_row_threads(&self.kernels.sample.apply_token_mask, (n, width), &k)
+    }
+
     /// Row max and its lowest index of f32 `[B, V]` into f32 `val[B]`, i32 `idx[B]`.
     pub unsafe fn argmax_rows(
         &self,

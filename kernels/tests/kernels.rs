@@ -1032,6 +1032,50 @@ fn argmax_takes_the_lowest_index_of_ties() {
     }
 }
 
+#[test]
+fn token_mask_sets_exactly_the_disallowed_columns_to_minus_infinity() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng(23);
+    // R-4B's shard width at TP 8 (not a multiple of 32: the last word is partial).
+    let (rows, v) = (4usize, 151_936usize / 8);
+    let words = v.div_ceil(32);
+    let logits = rng.vec(rows * v, 10.0);
+    // Mask logits rows 3 and 1 (in that order); rows 0 and 2 stay untouched. Row 3's mask
+    // allows random ids; row 1's allows only the last column.
+    let masked_rows = [3u32, 1];
+    let mut allowed = vec![vec![false; v]; 2];
+    for a in allowed[0].iter_mut() {
+        *a = rng.next().is_multiple_of(7);
+    }
+    allowed[1][v - 1] = true;
+    let mut rows_bits: Vec<u32> = masked_rows.to_vec();
+    for a in &allowed {
+        let mut m = vec![0u32; words];
+        for (j, &ok) in a.iter().enumerate() {
+            if ok {
+                m[j / 32] |= 1 << (j % 32);
+            }
+        }
+        rows_bits.extend(m);
+    }
+    let d_l = up(&gpu, &logits);
+    let d_m = up(&gpu, &rows_bits);
+    // SAFETY: buffers sized above.
+    unsafe { gpu.apply_token_mask(d_l.ptr(), v, d_m.ptr(), masked_rows.len()) }.unwrap();
+    let got: Vec<f32> = down(&gpu, &d_l, rows * v);
+    for row in 0..rows {
+        let mask = masked_rows.iter().position(|&r| r as usize == row);
+        for j in 0..v {
+            let x = logits[row * v + j];
+            let want = match mask {
+                Some(m) if !allowed[m][j] => f32::NEG_INFINITY,
+                _ => x,
+            };
+            assert_eq!(got[row * v + j], want, "row {row} column {j}");
+        }
+    }
+}
+
 /// `world` ranks of one IPC group in this process: one `Gpu` (own stream, shared context) per
 /// rank, wired directly (the multi-process path differs only in how the regions are mapped).
 fn ipc_group(world: usize, stage_bytes: usize) -> Option<(Vec<Gpu>, Vec<IpcAllReduce>)> {

@@ -16,6 +16,7 @@ pub mod anyres;
 pub mod config;
 pub mod embedded;
 mod error;
+pub mod grammar;
 pub mod request;
 pub mod sampling;
 

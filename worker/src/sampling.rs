@@ -36,6 +36,11 @@
 //! - **Communication:** with world size 1 nothing is sent. Otherwise every row of the batch is packed
 //!   into one f32 and one u32 tensor: exactly 2 `all_gather` calls per step, whatever `B`.
 //!
+//! - **Structured output** (a grammar's token mask, [`r4b_model::grammar`]): each rank receives the
+//!   mask bits of its own shard per row and sets the disallowed ids of the *processed* logits to
+//!   `−∞` after the penalties, so candidates, normaliser, top-p and the draw see only allowed ids
+//!   (as vLLM applies its grammar bitmask before sampling). Logprobs stay raw (unmasked).
+//!
 //! Here the local work (penalties, top-k selection, exp sums) runs on the host over
 //! `[B, V / world]` (the CPU engine; the reference for the GPU sampler, `gpu::GpuSampler`, which
 //! runs both halves as kernels over the same packed layout: [`packed_layout`],
@@ -212,8 +217,32 @@ pub fn sample(
     hidden: &Tensor,
     rows: &[SampleRow],
 ) -> Result<Vec<SampledToken>> {
+    sample_masked(head, comm, hidden, rows, &[])
+}
+
+/// This rank's allowed ids of one row, bit `j` of word `j / 32` = local column `j`; `None` = no
+/// constraint. Missing words disallow their ids.
+pub type ShardMask = Option<Vec<u32>>;
+
+/// [`sample`] with a token mask per row (`masks` empty = none; otherwise one per row).
+pub fn sample_masked(
+    head: &VocabParallelHead,
+    comm: &dyn Collective,
+    hidden: &Tensor,
+    rows: &[SampleRow],
+    masks: &[ShardMask],
+) -> Result<Vec<SampledToken>> {
     let logits = head.local_logits(hidden)?;
-    sample_logits(&logits, comm, rows)
+    sample_logits_masked(&logits, comm, rows, masks)
+}
+
+/// Sets the ids `mask` disallows to `−∞` (`row[j]` is allowed when bit `j` is set).
+pub fn apply_mask(row: &mut [f32], mask: &[u32]) {
+    for (j, v) in row.iter_mut().enumerate() {
+        if mask.get(j / 32).is_none_or(|w| (w >> (j % 32)) & 1 == 0) {
+            *v = f32::NEG_INFINITY;
+        }
+    }
 }
 
 /// Samples one token per row of this rank's logits `[B, V / world]`: rank `r` holds the global ids
@@ -224,7 +253,24 @@ pub fn sample_logits(
     comm: &dyn Collective,
     rows: &[SampleRow],
 ) -> Result<Vec<SampledToken>> {
+    sample_logits_masked(local_logits, comm, rows, &[])
+}
+
+/// [`sample_logits`] with a token mask per row (`masks` empty = none; otherwise one per row).
+pub fn sample_logits_masked(
+    local_logits: &Tensor,
+    comm: &dyn Collective,
+    rows: &[SampleRow],
+    masks: &[ShardMask],
+) -> Result<Vec<SampledToken>> {
     let (b, width) = local_logits.dims2()?;
+    if !masks.is_empty() && masks.len() != rows.len() {
+        return Err(Error::Step(format!(
+            "sampling: {} masks for {} rows",
+            masks.len(),
+            rows.len()
+        )));
+    }
     if b != rows.len() {
         return Err(Error::Step(format!(
             "sampling: {b} logit rows for {} sample rows",
@@ -255,8 +301,9 @@ pub fn sample_logits(
     let plans: Vec<Plan> = rows.iter().map(|r| Plan::new(r.params, width)).collect();
     let values = local_logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let (mut f, mut u) = (Vec::new(), Vec::new());
-    for ((raw, row), plan) in values.into_iter().zip(rows).zip(&plans) {
-        pack_row(raw, start, row, plan, &mut f, &mut u);
+    for (i, ((raw, row), plan)) in values.into_iter().zip(rows).zip(&plans).enumerate() {
+        let mask = masks.get(i).and_then(Option::as_deref);
+        pack_row(raw, start, (row, mask), plan, (&mut f, &mut u));
     }
     let parts = exchange(comm, local_logits, f, u)?;
     finish(&parts, rows, &plans)
@@ -372,20 +419,23 @@ pub fn finish_packed(
     finish(parts, rows, &plans)
 }
 
-/// Applies this row's penalties and temperature to its local logits and appends what it sends.
+/// Applies this row's penalties, mask and temperature to its local logits and appends what it
+/// sends.
 fn pack_row(
     mut raw: Vec<f32>,
     start: u32,
-    row: &SampleRow,
+    (row, mask): (&SampleRow, Option<&[u32]>),
     plan: &Plan,
-    f: &mut Vec<f32>,
-    u: &mut Vec<u32>,
+    (f, u): (&mut Vec<f32>, &mut Vec<u32>),
 ) {
     raw.iter_mut()
         .filter(|v| v.is_nan())
         .for_each(|v| *v = f32::NEG_INFINITY);
     let mut proc = raw.clone();
     apply_penalties(&mut proc, start, row.params, row.history);
+    if let Some(m) = mask {
+        apply_mask(&mut proc, m);
+    }
     if !plan.greedy {
         let t = row.params.temperature;
         proc.iter_mut().for_each(|v| *v /= t);
@@ -893,6 +943,70 @@ mod tests {
         assert_eq!(top_indices(&row, 3), vec![1, 3, 4]);
         assert_eq!(top_indices(&row, 9), vec![1, 3, 4, 0, 2]);
         assert!(top_indices(&row, 0).is_empty());
+    }
+
+    #[test]
+    fn mask_keeps_exactly_the_set_bits() {
+        // Ids 0..40; allowed: 1, 3 (word 0 = 0b1010) and 33 (word 1 = 0b10).
+        let mut row: Vec<f32> = (0..40).map(|i| i as f32).collect();
+        apply_mask(&mut row, &[0b1010, 0b10]);
+        let kept: Vec<usize> = (0..40).filter(|&i| row[i].is_finite()).collect();
+        assert_eq!(kept, vec![1, 3, 33]);
+        assert_eq!((row[1], row[3], row[33]), (1.0, 3.0, 33.0));
+        // A short mask disallows the ids it does not cover.
+        let mut row = vec![0.0f32; 40];
+        apply_mask(&mut row, &[u32::MAX]);
+        assert_eq!(row.iter().filter(|v| v.is_finite()).count(), 32);
+    }
+
+    #[test]
+    fn masked_rows_sample_allowed_ids_with_raw_logprobs() {
+        // Row 0 masked to {0, 2}: greedy takes id 2 (logit 1.5) over the unmasked best id 1 (3).
+        // Row 1 unmasked. Raw logprob of id 2 over the full row [1, 3, 1.5, 0]:
+        // 1.5 − ln(e + e³ + e^1.5 + 1).
+        let logits =
+            Tensor::new(&[[1f32, 3.0, 1.5, 0.0], [5.0, 1.0, 2.0, 0.0]], &Device::Cpu).unwrap();
+        let h = TokenHistory::default();
+        let p = SamplingParams {
+            logprobs: true,
+            ..params()
+        };
+        let rows: Vec<SampleRow> = (0..2)
+            .map(|_| SampleRow {
+                params: &p,
+                history: &h,
+                seed: 0,
+            })
+            .collect();
+        let out =
+            sample_logits_masked(&logits, &SingleRank, &rows, &[Some(vec![0b0101]), None]).unwrap();
+        assert_eq!((out[0].id, out[1].id), (2, 0));
+        let want = 1.5 - (1f64.exp() + 3f64.exp() + 1.5f64.exp() + 1.0).ln();
+        assert!(
+            (f64::from(out[0].logprob) - want).abs() < 1e-5,
+            "{}",
+            out[0].logprob
+        );
+        // Temperature sampling never draws a masked id.
+        let hot = SamplingParams {
+            temperature: 1.0,
+            ..params()
+        };
+        for seed in 0..50 {
+            let row = [SampleRow {
+                params: &hot,
+                history: &h,
+                seed,
+            }];
+            let t = sample_logits_masked(
+                &logits.narrow(0, 0, 1).unwrap(),
+                &SingleRank,
+                &row,
+                &[Some(vec![0b1001])],
+            )
+            .unwrap();
+            assert!(t[0].id == 0 || t[0].id == 3, "seed {seed}: {}", t[0].id);
+        }
     }
 
     #[test]

@@ -5,8 +5,12 @@
 //! Per sequence the executor keeps what later steps need: the `<image>` rows (encoded once when
 //! the images arrive with the first chunk, kept where the engine computed them: host tensors on
 //! the CPU, device memory on the GPU), the sampling parameters and the token history for
-//! penalties. The coordinator releases that state with `release_seq_ids`, a preempted sequence's
-//! too (its re-run brings its first chunk and its images again); dropping it frees the rows.
+//! penalties, and a constrained sequence's grammar state ([`r4b_model::grammar::SeqConstraint`],
+//! fed every output token as it arrives: the decode inputs are the sampled or forced tokens). Each
+//! step computes the constrained rows' masks on the CPU (rayon over sequences; on the GPU engine
+//! while the queued forward runs) and the sampler applies them. The coordinator releases that
+//! state with `release_seq_ids`, a preempted sequence's too (its re-run brings its first chunk
+//! and its images again); dropping it frees the rows.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -29,8 +33,9 @@ use crate::config::{ImagePreprocessing, RConfig};
 use crate::kv::PagedKvCache;
 use crate::model::anyres::PixelViews;
 use crate::model::{ChunkImageRows, ImageRows, OutputRows, R4bModel, SeqChunk};
-use crate::sampling::{SampleRow, SamplingParams, TokenHistory};
+use crate::sampling::{SampleRow, SamplingParams, ShardMask, TokenHistory};
 use crate::{Error, Result};
+use r4b_model::grammar::{GrammarCompiler, SeqConstraint};
 
 /// A collective that adds up the time spent in it (reported per step).
 #[derive(Debug)]
@@ -126,15 +131,20 @@ impl Backend {
         }
     }
 
-    /// Runs the step and samples one token per `(chunk index, row)`.
+    /// Runs the step and samples one token per `(chunk index, row)`; `masks` (when some row is
+    /// constrained) computes the rows' token masks (structured output) while the forward runs.
     fn step(
         &mut self,
         chunks: &[SeqChunk],
         rows: &[(usize, SampleRow)],
+        masks: Option<&mut MaskFn>,
     ) -> Result<Vec<crate::sampling::SampledToken>> {
         match self {
             Backend::Cpu { model, kv } => {
+                // The CPU forward already keeps every core busy: the masks (rayon over
+                // sequences) follow it instead of contending with it from another thread.
                 let hidden = model.forward_step(chunks, kv, OutputRows::Last)?;
+                let masks = masks.map(|f| f()).unwrap_or_default();
                 if rows.is_empty() {
                     return Ok(Vec::new());
                 }
@@ -145,13 +155,16 @@ impl Backend {
                 )?;
                 let hidden = hidden.index_select(&idx, 0)?;
                 let srows: Vec<SampleRow> = rows.iter().map(|(_, r)| *r).collect();
-                model.sample(&hidden, &srows)
+                model.sample_masked(&hidden, &srows, &masks)
             }
             #[cfg(feature = "cuda")]
-            Backend::Gpu(m) => m.step(chunks, rows),
+            Backend::Gpu(m) => m.step(chunks, rows, masks),
         }
     }
 }
+
+/// Computes one token mask per sample row of a step (`None`: unconstrained).
+pub type MaskFn<'a> = dyn FnMut() -> Vec<ShardMask> + Send + 'a;
 
 /// Executes steps for one rank.
 pub struct StepExecutor {
@@ -160,6 +173,10 @@ pub struct StepExecutor {
     comm: Arc<Timed>,
     seqs: HashMap<u64, SeqState>,
     limits: StepLimits,
+    /// llguidance over the checkpoint's tokenizer, or why there is none.
+    grammars: std::result::Result<GrammarCompiler, String>,
+    /// Grammar state of the constrained sequences.
+    constraints: HashMap<u64, SeqConstraint>,
 }
 
 impl std::fmt::Debug for StepExecutor {
@@ -265,6 +282,12 @@ impl StepExecutor {
             }
         };
         let pre = ImagePreprocessing::from_dir(dir)?;
+        let grammars = std::fs::read_to_string(dir.join("tokenizer.json"))
+            .map_err(|e| format!("tokenizer.json: {e}"))
+            .and_then(|t| GrammarCompiler::from_tokenizer_json(&t).map_err(|e| e.to_string()));
+        if let Err(e) = &grammars {
+            tracing::warn!("structured output unavailable: {e}");
+        }
         let geom = cfg.image_geometry();
         // The GPU engine sized its buffers for `max_model_len` positions.
         let max_positions = match (req.device.as_str(), req.max_model_len) {
@@ -306,6 +329,8 @@ impl StepExecutor {
                 comm,
                 seqs: HashMap::new(),
                 limits,
+                grammars,
+                constraints: HashMap::new(),
             },
             resp,
         ))
@@ -395,6 +420,7 @@ impl StepExecutor {
         self.comm.ns.store(0, Ordering::Relaxed);
         for id in &req.release_seq_ids {
             self.seqs.remove(id);
+            self.constraints.remove(id);
         }
         let mut rejected = Vec::new();
         let mut run = Vec::with_capacity(req.seqs.len());
@@ -404,6 +430,7 @@ impl StepExecutor {
                 Err(reason) => {
                     tracing::warn!(seq = s.seq_id, %reason, "sequence refused");
                     self.seqs.remove(&s.seq_id);
+                    self.constraints.remove(&s.seq_id);
                     rejected.push(pb::SeqRejection {
                         seq_id: s.seq_id,
                         reason,
@@ -446,8 +473,46 @@ impl StepExecutor {
                 )
             })
             .collect();
+        let (start, width) = self.vocab_shard();
+        let mut jobs: Vec<(usize, &mut SeqConstraint)> = Vec::new();
+        let mut wanted: HashMap<u64, usize> = rows
+            .iter()
+            .enumerate()
+            .map(|(r, &(i, _))| (run[i].seq_id, r))
+            .collect();
+        for (id, c) in self.constraints.iter_mut() {
+            if let Some(r) = wanted.remove(id) {
+                jobs.push((r, c));
+            }
+        }
+        let n_rows = rows.len();
+        let jobs_empty = jobs.is_empty();
+        let mut failed: Vec<(usize, String)> = Vec::new();
+        let failed_ref = &mut failed;
+        let mut masks = move || -> Vec<ShardMask> {
+            use rayon::prelude::*;
+            let done: Vec<(usize, std::result::Result<ShardMask, String>)> = jobs
+                .par_iter_mut()
+                .map(|(r, c)| {
+                    let m = c.mask().map(|m| m.shard_bits(start, width));
+                    (*r, m.map_err(|e| format!("structured output: {e}")))
+                })
+                .collect();
+            let mut out: Vec<ShardMask> = vec![None; n_rows];
+            for (r, m) in done {
+                match m {
+                    Ok(m) => out[r] = m,
+                    Err(e) => failed_ref.push((r, e)),
+                }
+            }
+            out
+        };
         let t_fwd = Instant::now();
-        let tokens = self.model.step(&chunks, &rows)?;
+        let constrained = !jobs_empty;
+        let tokens = self
+            .model
+            .step(&chunks, &rows, constrained.then_some(&mut masks))?;
+        drop(masks);
         let n_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         if n_tokens > chunks.len() {
             tracing::debug!(
@@ -458,10 +523,24 @@ impl StepExecutor {
             );
         }
         drop(chunks);
+        // A sequence whose grammar cannot go on fails alone (the same on every rank).
+        for (r, reason) in &failed {
+            let id = run[rows[*r].0].seq_id;
+            tracing::warn!(seq = id, %reason, "sequence refused");
+            resp.rejected.push(pb::SeqRejection {
+                seq_id: id,
+                reason: reason.clone(),
+            });
+        }
+        let failed_rows: Vec<usize> = failed.iter().map(|f| f.0).collect();
+        let failed_ids: Vec<u64> = failed_rows.iter().map(|&r| run[rows[r].0].seq_id).collect();
         if self.model.shard().rank == 0 {
             resp.sampled = rows
                 .iter()
                 .zip(tokens)
+                .enumerate()
+                .filter(|(r, _)| !failed_rows.contains(r))
+                .map(|(_, x)| x)
                 .map(|(&(i, _), t)| pb::Sampled {
                     seq_id: run[i].seq_id,
                     token: Some(pb::Token {
@@ -476,6 +555,11 @@ impl StepExecutor {
                     }),
                 })
                 .collect();
+        }
+        drop(rows);
+        for id in failed_ids {
+            self.seqs.remove(&id);
+            self.constraints.remove(&id);
         }
         resp.forward_ns = t0.elapsed().as_nanos() as u64;
         resp.collective_ns = self.comm.ns.load(Ordering::Relaxed);
@@ -501,6 +585,16 @@ impl StepExecutor {
                 }
             }
             let seed = params.seed.unwrap_or(s.seq_id);
+            self.constraints.remove(&s.seq_id);
+            if let Some(c) = &s.constraint {
+                let output = s.history.get(prompt_len..).unwrap_or_default();
+                match self.new_constraint(c, output) {
+                    Ok(sc) => {
+                        self.constraints.insert(s.seq_id, sc);
+                    }
+                    Err(reason) => return Ok(Err(reason)),
+                }
+            }
             self.seqs.insert(
                 s.seq_id,
                 SeqState {
@@ -554,9 +648,41 @@ impl StepExecutor {
                 st.history.push_prompt(t);
             } else {
                 st.history.push_output(t);
+                if let Some(c) = self.constraints.get_mut(&s.seq_id) {
+                    if let Err(e) = c.consume(t) {
+                        return Ok(Err(format!("structured output: {e}")));
+                    }
+                }
             }
         }
         Ok(Ok(()))
+    }
+
+    /// A sequence's grammar state, after the output it already has (a preempted sequence).
+    fn new_constraint(
+        &self,
+        c: &pb::Constraint,
+        output: &[u32],
+    ) -> std::result::Result<SeqConstraint, String> {
+        let compiler = self
+            .grammars
+            .as_ref()
+            .map_err(|e| format!("structured output unavailable: {e}"))?;
+        let mut sc =
+            SeqConstraint::new(compiler, c).map_err(|e| format!("structured output: {e}"))?;
+        for &t in output {
+            sc.consume(t)
+                .map_err(|e| format!("structured output: {e}"))?;
+        }
+        Ok(sc)
+    }
+
+    /// This rank's vocabulary columns: `(first global id, width)`.
+    fn vocab_shard(&self) -> (u32, usize) {
+        let world = self.model.shard().world.max(1);
+        let width = self.model.config().text.vocab_size / world;
+        let start = self.model.shard().rank * width;
+        (u32::try_from(start).unwrap_or(u32::MAX), width)
     }
 
     /// Each image's `<image>` rows, in order (an error drops, and so frees, those already

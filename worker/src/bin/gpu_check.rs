@@ -523,7 +523,7 @@ fn decode(dir: &Path, run: DecodeRun, opts: &EngineOptions) -> Result<()> {
                 })
                 .collect();
             let rows = greedy_rows(n, &params, &history);
-            let out = model.step(&chunks, &rows)?;
+            let out = model.step(&chunks, &rows, None)?;
             for (i, t) in out.iter().enumerate() {
                 last[first + i] = t.id;
             }
@@ -537,7 +537,7 @@ fn decode(dir: &Path, run: DecodeRun, opts: &EngineOptions) -> Result<()> {
             let chunks = decode_chunks(&toks, prompt + k, &tables);
             let rows = greedy_rows(b, &params, &history);
             let ts = Instant::now();
-            let out = model.step(&chunks, &rows)?;
+            let out = model.step(&chunks, &rows, None)?;
             if k > 0 {
                 step_times.push(ts.elapsed().as_secs_f64());
             }
@@ -553,10 +553,10 @@ fn decode(dir: &Path, run: DecodeRun, opts: &EngineOptions) -> Result<()> {
             let rows = greedy_rows(b, &params, &history);
             model.set_enforce_eager(true);
             let ts = Instant::now();
-            model.step(&chunks, &rows)?;
+            model.step(&chunks, &rows, None)?;
             let eager_ms = ts.elapsed().as_secs_f64() * 1e3;
             model.timeline_start()?;
-            model.step(&chunks, &rows)?;
+            model.step(&chunks, &rows, None)?;
             print_timeline(
                 &format!("decode step, {b} streams (eager {eager_ms:.2} ms wall)"),
                 &model.timeline_stop()?,
@@ -1386,6 +1386,73 @@ fn sample(opts: &EngineOptions) -> Result<()> {
         );
         bad_all += bad + bad_m + bad_p + bad_tp;
         diff_all = diff_all.max(diff).max(diff_m).max(diff_tp);
+    }
+    // Structured output: a token mask on 3 of every 4 rows (a seeded ~1/16 of the ids allowed,
+    // row 4 only one id), applied in place by `apply_token_mask` before the GPU sampler. The
+    // reference is the host sampler on a host copy masked by `apply_mask` (same semantics: raw
+    // logprobs of the masked logits); its ids must also equal the host sampler's
+    // processed-only masking (`sample_logits_masked`, the path that keeps raw logprobs), and
+    // every id must be allowed.
+    {
+        let words = vocab.div_ceil(32);
+        let masks: Vec<sampling::ShardMask> = (0..n)
+            .map(|r| {
+                if r % 4 == 3 {
+                    return None;
+                }
+                let mut m = vec![0u32; words];
+                let mut x = 0x5EED ^ r as u64;
+                for j in 0..vocab {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    if (r == 4 && j == 12_345) || (r != 4 && (x >> 60) == 0) {
+                        m[j / 32] |= 1 << (j % 32);
+                    }
+                }
+                Some(m)
+            })
+            .collect();
+        let mut masked_host = host.clone();
+        for (r, m) in masks.iter().enumerate() {
+            if let Some(m) = m {
+                sampling::apply_mask(&mut masked_host[r * vocab..(r + 1) * vocab], m);
+            }
+        }
+        let cpu =
+            |v: Vec<f32>| candle_core::Tensor::from_vec(v, (n, vocab), &candle_core::Device::Cpu);
+        let expect = sampling::sample_logits(&cpu(masked_host)?, &SingleRank, &rows)?;
+        let processed_only =
+            sampling::sample_logits_masked(&cpu(host.clone())?, &SingleRank, &rows, &masks)?;
+        upload(&dl)?;
+        // SAFETY: `dl` holds n rows of `vocab` f32; the masks cover `vocab` columns.
+        let got = unsafe {
+            sampler.apply_masks(&gpu, (dl.ptr(), vocab), &indexed, &masks)?;
+            sampler.sample(&gpu, (dl.ptr(), vocab, 0), &Solo, &indexed)?
+        };
+        let (bad, diff) = same_tokens(&got, &expect);
+        let ids_differ = got
+            .iter()
+            .zip(&processed_only)
+            .filter(|(a, b)| a.id != b.id)
+            .count();
+        let disallowed = got
+            .iter()
+            .zip(&masks)
+            .filter(|(t, m)| {
+                m.as_ref().is_some_and(|m| {
+                    m.get(t.id as usize / 32)
+                        .is_none_or(|w| (w >> (t.id % 32)) & 1 == 0)
+                })
+            })
+            .count();
+        println!(
+            "masked rows (apply_token_mask + GPU sampler) vs host sampler on masked logits: {bad} \
+             rows differ, {diff:.2e}; ids vs processed-only masking: {ids_differ} differ; \
+             disallowed ids: {disallowed}"
+        );
+        bad_all += bad + ids_differ + disallowed;
+        diff_all = diff_all.max(diff);
     }
     // Timings: sampled rows (temperature 0.8, top-p 0.9, no penalties), GPU vs host.
     let plain = SamplingParams {

@@ -323,6 +323,7 @@ impl GpuModel {
         &mut self,
         chunks: &[SeqChunk],
         rows: &[(usize, SampleRow)],
+        masks: Option<&mut crate::service::MaskFn>,
     ) -> Result<Vec<SampledToken>> {
         let ctx = Ctx {
             gpu: &self.gpu,
@@ -334,6 +335,7 @@ impl GpuModel {
             self.host_comm.as_ref(),
             chunks,
             rows,
+            masks,
         )
     }
 

@@ -349,6 +349,7 @@ impl Runner {
         host_comm: &dyn Collective,
         chunks: &[SeqChunk],
         rows: &[(usize, SampleRow)],
+        masks: Option<&mut crate::service::MaskFn>,
     ) -> Result<Vec<SampledToken>> {
         self.forward(ctx, model, cfg, chunks)?;
         let gpu = ctx.gpu;
@@ -356,6 +357,16 @@ impl Runner {
             gpu.sync().map_err(gpu_err)?;
             return Ok(Vec::new());
         }
+        // The forward is queued on the GPU: the grammar masks are computed meanwhile.
+        let masks = masks.map(|f| f()).unwrap_or_default();
+        let masked = masks.iter().any(Option::is_some);
+        // Raw logprobs of a masked row need the unmasked logits: such steps mask on the host
+        // sampler's processed copy instead of in place.
+        let host_masks = masked
+            && rows
+                .iter()
+                .zip(&masks)
+                .any(|((_, r), m)| m.is_some() && r.params.logprobs);
         let fast = rows.iter().all(|(_, r)| {
             r.params.temperature < sampling::GREEDY_TEMPERATURE
                 && !r.params.logprobs
@@ -364,10 +375,27 @@ impl Runner {
                 && r.params.repetition_penalty == 1.0
         });
         let head = &model.llm.lm_head;
+        let width = head.vocab_local();
+        if masked && rows.iter().any(|&(ci, _)| ci >= chunks.len()) {
+            return Err(Error::Step("sample row names no chunk of the step".into()));
+        }
         // SAFETY: the logits/argmax buffers hold max_seqs rows; chunk indices < chunks.len().
         unsafe {
             if fast {
-                let best = head.argmax(ctx, &self.bufs.argmax(), chunks.len())?;
+                let bufs = self.bufs.argmax();
+                if masked {
+                    // The forward's arg-max saw the unmasked logits: again over the masked ones.
+                    self.sampler
+                        .apply_masks(gpu, (self.bufs.logits.ptr(), width), rows, &masks)?;
+                    gpu.argmax_rows(
+                        self.bufs.logits.ptr(),
+                        (chunks.len(), width),
+                        bufs.best_val,
+                        bufs.best_idx,
+                    )
+                    .map_err(gpu_err)?;
+                }
+                let best = head.argmax(ctx, &bufs, chunks.len())?;
                 return rows
                     .iter()
                     .map(|&(ci, _)| {
@@ -381,12 +409,15 @@ impl Runner {
                     })
                     .collect();
             }
-            let width = head.vocab_local();
             if rows.iter().any(|&(ci, _)| ci >= chunks.len()) {
                 return Err(Error::Step("sample row names no chunk of the step".into()));
             }
             let world = ctx.comm.world_size();
-            if !self.host_sampling && self.sampler.accepts(world, rows) {
+            if masked && !host_masks {
+                self.sampler
+                    .apply_masks(gpu, (self.bufs.logits.ptr(), width), rows, &masks)?;
+            }
+            if !host_masks && !self.host_sampling && self.sampler.accepts(world, rows) {
                 let logits = (self.bufs.logits.ptr(), width, ctx.comm.rank() * width);
                 return self.sampler.sample(gpu, logits, ctx.comm, rows);
             }
@@ -399,7 +430,11 @@ impl Runner {
             }
             let t = Tensor::from_vec(picked, (rows.len(), width), &Device::Cpu)?;
             let srows: Vec<SampleRow> = rows.iter().map(|(_, r)| *r).collect();
-            sampling::sample_logits(&t, host_comm, &srows)
+            if host_masks {
+                sampling::sample_logits_masked(&t, host_comm, &srows, &masks)
+            } else {
+                sampling::sample_logits(&t, host_comm, &srows)
+            }
         }
     }
 

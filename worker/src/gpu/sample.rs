@@ -53,6 +53,8 @@ pub struct GpuSampler {
     out: DBuf,
     /// Penalty entries (u32 pairs) and their raw values, grown on demand.
     pen: Option<(DBuf, DBuf, usize)>,
+    /// Token masks (structured output): row indices then bits, u32 words, grown on demand.
+    mask: Option<(DBuf, usize)>,
 }
 
 /// What [`GpuSampler::prepare`] laid out: f32 and u32 words per rank.
@@ -89,6 +91,7 @@ impl GpuSampler {
             },
             out: alloc(gpu, max_rows * SAMPLE_OUT_WORDS * 4)?,
             pen: None,
+            mask: None,
         })
     }
 
@@ -99,6 +102,50 @@ impl GpuSampler {
         seen.sort_unstable();
         seen.dedup();
         rows.len() <= self.max_rows && seen.len() == rows.len() && world <= SAMPLE_MAX_WORLD
+    }
+
+    /// Sets the columns each masked row's grammar disallows to `−∞` in this rank's logits (f32
+    /// `[_, width]` at `logits`, row `rows[i].0` for `masks[i]`): one upload of the masked rows'
+    /// indices and bits, one `apply_token_mask` launch. The buffer is the sampler's, not a
+    /// graph's: this runs after the forward (a graph replay or not).
+    ///
+    /// # Safety
+    /// `logits` holds every row named in `rows`, `width` f32 each.
+    pub unsafe fn apply_masks(
+        &mut self,
+        gpu: &Gpu,
+        (logits, width): (DevPtr, usize),
+        rows: &[(usize, SampleRow)],
+        masks: &[sampling::ShardMask],
+    ) -> Result<()> {
+        let words = width.div_ceil(32);
+        let picked: Vec<(u32, &[u32])> = rows
+            .iter()
+            .zip(masks)
+            .filter_map(|(&(ci, _), m)| m.as_deref().map(|m| (ci as u32, m)))
+            .collect();
+        if picked.is_empty() {
+            return Ok(());
+        }
+        let n = picked.len();
+        let mut host = Vec::with_capacity(n * (1 + words));
+        host.extend(picked.iter().map(|p| p.0));
+        for (_, m) in &picked {
+            // A short mask disallows what it does not cover (as the host sampler reads it).
+            host.extend((0..words).map(|w| m.get(w).copied().unwrap_or(0)));
+        }
+        if self.mask.as_ref().is_none_or(|m| m.1 < host.len()) {
+            let cap = host.len().next_power_of_two();
+            self.mask = None;
+            self.mask = Some((alloc(gpu, cap * 4)?, cap));
+        }
+        let (buf, _) = self
+            .mask
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("GPU sampler: no mask buffer".into()))?;
+        gpu.htod(&host, buf.ptr()).map_err(gpu_err)?;
+        gpu.apply_token_mask(logits, width, buf.ptr(), n)
+            .map_err(gpu_err)
     }
 
     /// Bytes of one rank's packed words for `max_rows` rows (what the gather moves per rank).

@@ -287,6 +287,16 @@ impl R4bModel {
         crate::sampling::sample(&self.lm_head, self.comm.as_ref(), hidden, rows)
     }
 
+    /// [`R4bModel::sample`] with a token mask of this rank's shard per row (structured output).
+    pub fn sample_masked(
+        &self,
+        hidden: &Tensor,
+        rows: &[SampleRow],
+        masks: &[crate::sampling::ShardMask],
+    ) -> Result<Vec<SampledToken>> {
+        crate::sampling::sample_masked(&self.lm_head, self.comm.as_ref(), hidden, rows, masks)
+    }
+
     /// Full logits `[B, vocab]` gathered over ranks: tests and diagnostics only.
     pub fn full_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.full_logits(hidden)
