@@ -56,6 +56,7 @@ pub struct Fake {
     /// Streams whose client went away before the script ended.
     pub cancelled: Arc<AtomicUsize>,
     ready: bool,
+    max_model_len: u32,
 }
 
 /// Byte ids of `text` (the embedded tokenizer has one token per byte).
@@ -211,7 +212,7 @@ impl Coordinator for Fake {
     ) -> Result<Response<pb::ModelInfoResponse>, Status> {
         Ok(Response::new(pb::ModelInfoResponse {
             model_name: "r4b".into(),
-            max_model_len: MAX_MODEL_LEN,
+            max_model_len: self.max_model_len,
             vocab_size: 512,
             image_token_id: IMAGE,
             tile: 28,
@@ -253,6 +254,8 @@ pub struct Options {
     pub config: GatewayConfig,
     /// Fake's readiness.
     pub ready: bool,
+    /// The context length the fake reports.
+    pub max_model_len: u32,
 }
 
 impl Default for Options {
@@ -262,6 +265,7 @@ impl Default for Options {
         Options {
             config,
             ready: true,
+            max_model_len: MAX_MODEL_LEN,
         }
     }
 }
@@ -283,6 +287,7 @@ pub async fn gateway_with(
         seen: Arc::default(),
         cancelled: Arc::default(),
         ready: opts.ready,
+        max_model_len: opts.max_model_len,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
