@@ -122,7 +122,7 @@ fn function_of(i: usize, tool: &Value) -> Result<(Function, bool), ValidationErr
     };
     let parameters = match f.get("parameters") {
         Some(p @ Value::Object(_)) => p.clone(),
-        _ => json!({"type": "object", "properties": {}}),
+        _ => json!({"type": "object", "properties": {}, "additionalProperties": false}),
     };
     let strict = f.get("strict").and_then(Value::as_bool) == Some(true);
     Ok((Function { name, parameters }, strict))
