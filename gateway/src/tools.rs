@@ -13,6 +13,8 @@
 //!   arguments) and equals the non-streamed response by construction: both run this parser.
 //! - With `parallel_tool_calls: false`, calls after the first are dropped (the forcing grammar
 //!   allows only one).
+//! - A forced call's arguments follow the function's `parameters`, with objects that list
+//!   `properties` closed to other keys (as OpenAI's strict mode requires them to be).
 
 use serde_json::{json, Map, Value};
 
@@ -253,13 +255,33 @@ impl ToolRequest {
     }
 }
 
+/// Closes every object schema that lists `properties` but leaves `additionalProperties` open:
+/// a forced call passes only the arguments the function declares, as OpenAI's strict function
+/// calling does (an open object would let a weak model invent keys until `max_tokens`).
+fn close_objects(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            if map.get("properties").is_some_and(Value::is_object)
+                && !map.contains_key("additionalProperties")
+            {
+                map.insert("additionalProperties".into(), false.into());
+            }
+            map.values_mut().for_each(close_objects);
+        }
+        Value::Array(list) => list.iter_mut().for_each(close_objects),
+        _ => {}
+    }
+}
+
 /// The JSON schema of one call's object: `{"name": <this name>, "arguments": <parameters>}`,
 /// written with Python's `json.dumps` separators and no other whitespace, as Qwen3's template
 /// shows calls to the model (free whitespace would let a weak model pad until `max_tokens`).
 fn call_schema(f: &Function) -> Value {
+    let mut arguments = f.parameters.clone();
+    close_objects(&mut arguments);
     let mut props = Map::new();
     props.insert("name".into(), json!({"const": f.name}));
-    props.insert("arguments".into(), f.parameters.clone());
+    props.insert("arguments".into(), arguments);
     json!({
         "type": "object",
         "properties": props,

@@ -327,6 +327,21 @@ fn forcing_grammars_accept_calls_and_reject_the_rest() {
         .expect("grammar");
     assert!(accepts(&single, weather));
     assert!(!accepts(&single, &format!("{weather}\n{time}")));
+    // Objects the schema leaves open are closed: no invented arguments.
+    let open = json!([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}}}}}]);
+    let f = ToolRequest::parse(Some(&open), Some(&json!("required")), None)
+        .expect("valid")
+        .expect("tools")
+        .grammar()
+        .expect("grammar");
+    let call = |args: &str| {
+        format!("<tool_call>\n{{\"name\": \"f\", \"arguments\": {args}}}\n</tool_call>")
+    };
+    assert!(accepts(&f, &call(r#"{"a": {"b": 1}}"#)));
+    assert!(accepts(&f, &call("{}")));
+    assert!(!accepts(&f, &call(r#"{"z": 1}"#)));
+    assert!(!accepts(&f, &call(r#"{"a": {"b": 1, "c": 2}}"#)));
     // auto and none force nothing.
     assert!(request(json!("none"), None)
         .expect("valid")
