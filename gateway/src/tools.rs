@@ -16,6 +16,11 @@
 //! - A forced call's arguments follow the function's `parameters`, with objects that list
 //!   `properties` closed to other keys (as OpenAI's strict mode requires them to be).
 
+use std::sync::OnceLock;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{ApproximateTokEnv, InferenceCapabilities};
+use llguidance::ParserFactory;
 use serde_json::{json, Map, Value};
 
 use crate::constraint::Grammar;
@@ -222,12 +227,37 @@ impl ToolRequest {
                 });
             }
         }
-        Ok(Some(ToolRequest {
+        let request = ToolRequest {
             tools,
             functions,
             choice,
             parallel,
-        }))
+        };
+        request.check_forced_schemas()?;
+        Ok(Some(request))
+    }
+
+    /// Compiles each forced function's call grammar, so that a `parameters` schema llguidance
+    /// cannot compile is a 400 naming it here, not a failed sequence in the workers.
+    fn check_forced_schemas(&self) -> Result<(), ValidationError> {
+        for (i, f) in self.functions.iter().enumerate() {
+            let forced = match &self.choice {
+                ToolChoice::Required => true,
+                ToolChoice::Named(name) => name == &f.name,
+                ToolChoice::None | ToolChoice::Auto => false,
+            };
+            if !forced {
+                continue;
+            }
+            if let Err(e) = compiles(&call_grammar(&[f], false)) {
+                let first = e.lines().next().unwrap_or_default().to_string();
+                return Err(invalid(
+                    format!("tools[{i}].function.parameters"),
+                    format!("cannot force a call with this schema: {first}"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Whether the output is parsed for calls.
@@ -308,6 +338,25 @@ fn call_grammar(functions: &[&Function], many: bool) -> String {
         lark.push_str(&format!("fn_{i}: %json {}\n", call_schema(f)));
     }
     lark
+}
+
+/// Whether llguidance compiles `lark`. Schema errors do not depend on the vocabulary, so a
+/// one-byte-per-token vocabulary built once serves every model.
+fn compiles(lark: &str) -> Result<(), String> {
+    static FACTORY: OnceLock<Option<ParserFactory>> = OnceLock::new();
+    let factory = FACTORY.get_or_init(|| {
+        let env = ApproximateTokEnv::single_byte_env();
+        let mut f = ParserFactory::new(&env, InferenceCapabilities::default(), &[]).ok()?;
+        f.quiet();
+        Some(f)
+    });
+    let Some(factory) = factory else {
+        return Ok(()); // cannot happen for the built-in vocabulary; the workers still check
+    };
+    factory
+        .create_parser(TopLevelGrammar::from_lark(lark.to_string()))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// One call parsed from the output.

@@ -249,6 +249,24 @@ async fn bad_tool_fields_are_400s_naming_them() {
     assert!(gw.seen().is_empty());
 }
 
+#[tokio::test]
+async fn a_template_without_tools_refuses_them() {
+    let opts = Options {
+        chat_template: Some(
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{% endfor %}"
+                .into(),
+        ),
+        ..Options::default()
+    };
+    let gw = gateway_with(|req| reply_text(req, "x"), opts).await;
+    let r = gw.post("/v1/chat/completions", tools_body(false)).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json()["error"]["param"], "tools");
+    // Without tools the same template serves.
+    let r = gw.post("/v1/chat/completions", chat_body("hi")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
 /// An agent loop's second turn: the prompt is the template's, written out by hand.
 #[tokio::test]
 async fn agent_loop_second_turn_renders_calls_and_results() {

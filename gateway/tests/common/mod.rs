@@ -256,6 +256,8 @@ pub struct Options {
     pub ready: bool,
     /// The context length the fake reports.
     pub max_model_len: u32,
+    /// A chat template in place of the embedded one.
+    pub chat_template: Option<String>,
 }
 
 impl Default for Options {
@@ -266,6 +268,7 @@ impl Default for Options {
             config,
             ready: true,
             max_model_len: MAX_MODEL_LEN,
+            chat_template: None,
         }
     }
 }
@@ -299,6 +302,13 @@ pub async fn gateway_with(
     tokio::spawn(server);
     let dir = tempfile::tempdir().expect("tempdir");
     embedded::write_tokenizer_files(dir.path()).expect("tokenizer files");
+    if let Some(template) = opts.chat_template {
+        let path = dir.path().join("tokenizer_config.json");
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        config["chat_template"] = template.into();
+        std::fs::write(&path, config.to_string()).expect("write");
+    }
     let files = ModelFiles::load(dir.path()).expect("model files");
     let state = AppState::connect(opts.config, files, vec![url])
         .await
