@@ -294,6 +294,23 @@ impl serde_json::ser::Formatter for PyFormatter {
     }
 }
 
+/// `json.dumps(value, ensure_ascii=False)`: JSON text with Python's `", "` and `": "`
+/// separators (vLLM writes tool-call arguments so).
+pub fn python_json(value: &serde_json::Value) -> String {
+    let fmt = PyFormatter {
+        indent: None,
+        depth: 0,
+        has_value: false,
+    };
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    // Serialising a JSON value into memory cannot fail, and the output is UTF-8.
+    match value.serialize(&mut ser) {
+        Ok(()) => String::from_utf8(out).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
 /// `tojson` as transformers defines it: `json.dumps(value, ensure_ascii=False, indent=indent)`.
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;

@@ -5,7 +5,10 @@
 //! The format is Qwen3's (Hermes): each call is a block `<tool_call>\n{"name": ..., "arguments":
 //! {...}}\n</tool_call>`, parsed as vLLM's `hermes` parser does. Decisions:
 //! - A block whose text is not a JSON object with a string `name` and an `arguments` value stays
-//!   in the content, tags included (vLLM keeps malformed output as content too).
+//!   in the content, tags included. vLLM's non-streamed parser returns the whole output as
+//!   content once any block fails (and its streamed one cannot take back calls it sent); judging
+//!   each block alone keeps the two responses equal. `arguments` is written as vLLM writes it,
+//!   `json.dumps(arguments, ensure_ascii=False)`.
 //! - Whitespace between the text and a block, and between blocks, is dropped, so `content` is
 //!   the text outside the calls (null when there is none).
 //! - A call is emitted when its block closes (or when the output ends inside a block whose text
@@ -404,7 +407,8 @@ fn partial_tag(s: &str, tag: &str) -> usize {
 fn parse_call(body: &str) -> Option<ParsedCall> {
     let v: Value = serde_json::from_str(body.trim()).ok()?;
     let name = v.get("name")?.as_str()?.to_string();
-    let arguments = serde_json::to_string(v.get("arguments")?).ok()?;
+    // As vLLM writes them: `json.dumps(arguments, ensure_ascii=False)`.
+    let arguments = crate::template::python_json(v.get("arguments")?);
     Some(ParsedCall { name, arguments })
 }
 

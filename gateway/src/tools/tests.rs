@@ -46,7 +46,7 @@ const WEATHER: &str =
 fn one_well_formed_call() {
     assert_eq!(
         whole(WEATHER),
-        (None, vec![call("get_weather", r#"{"city":"Paris"}"#)])
+        (None, vec![call("get_weather", r#"{"city": "Paris"}"#)])
     );
 }
 
@@ -60,7 +60,7 @@ fn two_calls_with_text_around() {
         (
             Some("Let me check.Done ✓".into()),
             vec![
-                call("get_weather", r#"{"city":"Paris"}"#),
+                call("get_weather", r#"{"city": "Paris"}"#),
                 call("get_time", "{}")
             ]
         )
@@ -100,7 +100,7 @@ fn malformed_blocks_stay_content() {
         whole(&text),
         (
             Some("<tool_call>oops</tool_call>".into()),
-            vec![call("get_weather", r#"{"city":"Paris"}"#)]
+            vec![call("get_weather", r#"{"city": "Paris"}"#)]
         )
     );
 }
@@ -108,7 +108,7 @@ fn malformed_blocks_stay_content() {
 #[test]
 fn unclosed_block_that_parses_is_a_call() {
     let text = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": [1, 2]}}\n";
-    assert_eq!(whole(text), (None, vec![call("f", r#"{"a":[1,2]}"#)]));
+    assert_eq!(whole(text), (None, vec![call("f", r#"{"a": [1, 2]}"#)]));
 }
 
 #[test]
@@ -117,7 +117,7 @@ fn one_call_when_not_parallel() {
     let got = parse_all(&mut ToolCallParser::new(1), &text);
     assert_eq!(
         got,
-        (None, vec![call("get_weather", r#"{"city":"Paris"}"#)])
+        (None, vec![call("get_weather", r#"{"city": "Paris"}"#)])
     );
 }
 
@@ -142,8 +142,8 @@ fn split_at_every_byte_equals_whole() {
     assert_eq!(
         whole(&texts[0]).1,
         vec![
-            call("get_weather", r#"{"city":"Paris"}"#),
-            call("t", r#"{"q":"é</tool"}"#)
+            call("get_weather", r#"{"city": "Paris"}"#),
+            call("t", r#"{"q": "é</tool"}"#)
         ]
     );
     assert_eq!(
