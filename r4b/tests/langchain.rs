@@ -35,7 +35,7 @@ fn langchain_bind_tools_and_structured_output_by_function_calling() {
 }
 
 #[test]
-#[ignore = "needs response_format json_schema and the workers' masking (merge); with the random model it also needs json_schema output without free whitespace, which pads to max_tokens"]
+#[ignore = "needs response_format json_schema and the workers' constraint masking; run with --ignored once they are merged"]
 fn langchain_structured_output_by_json_schema() {
     run_script(&["json_schema"]);
 }
