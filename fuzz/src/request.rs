@@ -224,10 +224,15 @@ impl RequestTarget {
             config,
         )?;
         params.grammar = r4b_gateway::structured::grammar(&body.0, state.files().grammars())?;
+        let tools = r4b_gateway::tools::ToolRequest::parse(
+            chat.tools.as_ref(),
+            chat.tool_choice.as_ref(),
+            chat.parallel_tool_calls.as_ref(),
+        )?;
+        let tools = tools.map(|t| t.tools).unwrap_or_default();
         let (messages, kwargs) = (chat.messages, chat.chat_template_kwargs);
-        let add_generation_prompt = chat.add_generation_prompt.unwrap_or(true);
-        let rendered =
-            prompt::render_chat(state, messages, kwargs, add_generation_prompt, false, true)?;
+        let agp = chat.add_generation_prompt.unwrap_or(true);
+        let rendered = prompt::render_chat(state, messages, tools, kwargs, agp, false, true)?;
         if !rendered.images.iter().all(|i| i.url.starts_with("data:")) {
             // Network URLs: the SSRF-guarded fetcher is not fuzzed here.
             return Ok(None);

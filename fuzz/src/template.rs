@@ -237,12 +237,19 @@ impl Target for TemplateTarget {
                 return Err(format!("escape_content({t:?}) still holds {s:?}"));
             }
         }
-        let rendered =
-            match prompt::render_chat(state, Some(messages), kwargs.clone(), agp, false, false) {
-                Ok(r) => r,
-                Err(ApiError::Internal(m)) => return Err(format!("internal error: {m}")),
-                Err(_) => return Ok(false),
-            };
+        let rendered = match prompt::render_chat(
+            state,
+            Some(messages),
+            vec![],
+            kwargs.clone(),
+            agp,
+            false,
+            false,
+        ) {
+            Ok(r) => r,
+            Err(ApiError::Internal(m)) => return Err(format!("internal error: {m}")),
+            Err(_) => return Ok(false),
+        };
         let decoded = tok
             .decode(&rendered.ids, false)
             .map_err(|e| format!("decode failed: {e}"))?;
@@ -255,7 +262,7 @@ impl Target for TemplateTarget {
         if !allow {
             let blank: Vec<ChatMessage> = serde_json::from_value(Value::Array(blanked(&raw)))
                 .map_err(|e| format!("blanked messages: {e}"))?;
-            let base = prompt::render_chat(state, Some(blank), kwargs, agp, false, false)
+            let base = prompt::render_chat(state, Some(blank), vec![], kwargs, agp, false, false)
                 .map_err(|e| format!("the blanked conversation fails: {e}"))?;
             let (got, want) = (
                 special_counts(tok, &rendered.ids),

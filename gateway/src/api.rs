@@ -86,6 +86,12 @@ pub struct ChatBody {
     pub chat_template_kwargs: Option<Map<String, Value>>,
     /// Append the assistant turn opener (default true).
     pub add_generation_prompt: Option<bool>,
+    /// Functions the model may call (checked by `tools::ToolRequest::parse`).
+    pub tools: Option<Value>,
+    /// `none`, `auto`, `required` or a named function.
+    pub tool_choice: Option<Value>,
+    /// Allow several calls in one answer (default true).
+    pub parallel_tool_calls: Option<Value>,
 }
 
 /// One message as sent.
@@ -96,6 +102,12 @@ pub struct ChatMessage {
     /// A string, a list of parts, or null.
     #[serde(default)]
     pub content: Value,
+    /// An assistant message's calls (`[{id, type, function: {name, arguments}}]`).
+    #[serde(default)]
+    pub tool_calls: Value,
+    /// A `tool` message: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Value,
 }
 
 /// Fields of `/v1/completions`.
@@ -118,6 +130,8 @@ pub struct TokenizeBody {
     pub model: Option<String>,
     /// The conversation (chat body), rendered like `/v1/chat/completions` renders it.
     pub messages: Option<Vec<ChatMessage>>,
+    /// Functions to render with the conversation (chat body).
+    pub tools: Option<Value>,
     /// The prompt text (completion body).
     pub prompt: Option<String>,
     /// Append the assistant turn opener (chat; default true).
@@ -232,6 +246,56 @@ pub struct ChatResponseMessage {
     pub content: Option<String>,
     /// The reasoning (text inside `<think>…</think>`), null when there was none.
     pub reasoning_content: Option<String>,
+    /// The calls parsed from the answer (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// One call in a chat response.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ToolCall {
+    /// `call_...`.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The function and its arguments.
+    pub function: FunctionCall,
+}
+
+/// `tool_calls[].function`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FunctionCall {
+    /// Function name.
+    pub name: String,
+    /// The arguments as JSON text.
+    pub arguments: String,
+}
+
+/// One call fragment in a streamed delta: the first has `id`, `type` and `function.name`
+/// (with `arguments: ""`), later ones only argument text.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ToolCallDelta {
+    /// Position of the call in the choice's calls.
+    pub index: u32,
+    /// `call_...`, in the first fragment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `function`, in the first fragment.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    /// Name and argument text.
+    pub function: FunctionCallDelta,
+}
+
+/// `tool_calls[].function` of a delta.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FunctionCallDelta {
+    /// Function name, in the first fragment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Argument text.
+    pub arguments: String,
 }
 
 /// One choice of a chat completion.
@@ -276,6 +340,9 @@ pub struct ChatDelta {
     /// New reasoning text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    /// Call fragments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// One choice of a streamed chat chunk.

@@ -12,7 +12,8 @@ use tracing::Instrument;
 use crate::api::{
     ChatBody, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
     ChatLogprobs, ChatResponseMessage, ChatTokenLogprob, CommonParams, CompletionTokensDetails,
-    PromptTokensDetails, TopLogprobEntry, Usage,
+    FunctionCall, FunctionCallDelta, PromptTokensDetails, ToolCall, ToolCallDelta, TopLogprobEntry,
+    Usage,
 };
 use crate::error::ApiError;
 use crate::extract::JsonBody;
@@ -23,7 +24,8 @@ use crate::prompt::{self, PromptParts};
 use crate::sse::{self, to_json, ChunkFormat};
 use crate::state::{unix_now, AppState};
 use crate::tokens::TextTokenizer;
-use crate::validate::{self, ValidatedRequest};
+use crate::tools::{self, ParsedCall, Piece, ToolCallParser, ToolRequest};
+use crate::validate::{self, ValidatedRequest, ValidationError};
 
 /// The chat route.
 pub fn router() -> Router<AppState> {
@@ -37,20 +39,24 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let span = crate::telemetry::request_span("chat", &headers);
     async move {
-        let req = parse(&state, &body).await?;
+        let (req, tools) = parse(&state, &body).await?;
         crate::telemetry::record_request(&req);
-        run(state, req).await
+        run(state, req, tools).await
     }
     .instrument(span)
     .await
 }
 
 /// Submits a validated request and answers with SSE or one JSON body.
-async fn run(state: AppState, req: ValidatedRequest) -> Result<Response, ApiError> {
+async fn run(
+    state: AppState,
+    req: ValidatedRequest,
+    tools: Option<ToolRequest>,
+) -> Result<Response, ApiError> {
     let clock = RequestClock::start(state.metrics(), Operation::Chat);
     let runs = generate::submit(&state, &req, &clock).await?;
     let (prompt_tokens, cached_tokens) = generate::prompt_usage(&runs, &req);
-    let format = ChatFormat {
+    let mut format = ChatFormat {
         id: req.id.clone(),
         created: unix_now(),
         model: state.config().served_model_name.clone(),
@@ -60,6 +66,10 @@ async fn run(state: AppState, req: ValidatedRequest) -> Result<Response, ApiErro
         n: req.params.n,
         prompt_tokens,
         cached_tokens,
+        parsers: (0..req.params.n)
+            .map(|_| tools.as_ref().and_then(ToolRequest::parser))
+            .collect(),
+        calls_sent: vec![0; req.params.n as usize],
     };
     if req.params.stream {
         return Ok(sse::respond(runs, format, clock));
@@ -71,8 +81,12 @@ async fn run(state: AppState, req: ValidatedRequest) -> Result<Response, ApiErro
     Ok(Json(format.completion(outputs)).into_response())
 }
 
-/// Parses and validates a chat body into a [`ValidatedRequest`] (images fetched and expanded).
-async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, ApiError> {
+/// Parses and validates a chat body into a [`ValidatedRequest`] (images fetched and expanded)
+/// and its tool fields.
+async fn parse(
+    state: &AppState,
+    body: &JsonBody,
+) -> Result<(ValidatedRequest, Option<ToolRequest>), ApiError> {
     crate::fields::check(&body.0, crate::fields::Endpoint::Chat)?;
     let chat: ChatBody = body.parse()?;
     let common: CommonParams = body.parse()?;
@@ -83,10 +97,28 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, Ap
     let mut params =
         validate::validate_params(&common, logprobs, state.files().sampling_defaults(), config)?;
     params.grammar = crate::structured::from_request(state, &body.0).await?;
+    let tools = ToolRequest::parse(
+        chat.tools.as_ref(),
+        chat.tool_choice.as_ref(),
+        chat.parallel_tool_calls.as_ref(),
+    )?;
+    if let Some(grammar) = tools.as_ref().and_then(ToolRequest::grammar) {
+        if params.grammar.is_some() {
+            return Err(ValidationError::Invalid {
+                field: "tool_choice".into(),
+                reason: "a forced tool call cannot be combined with another output constraint"
+                    .into(),
+            }
+            .into());
+        }
+        params.grammar = Some(grammar);
+    }
     let (messages, kwargs) = (chat.messages, chat.chat_template_kwargs);
+    let tool_list = tools.as_ref().map(|t| t.tools.clone()).unwrap_or_default();
     let add_generation_prompt = chat.add_generation_prompt.unwrap_or(true);
     let rendered = prompt::off_runtime(state, move |state| {
-        prompt::render_chat(state, messages, kwargs, add_generation_prompt, false, true)
+        let generation = add_generation_prompt;
+        prompt::render_chat(state, messages, tool_list, kwargs, generation, false, true)
     })
     .await?;
     let images = state.images().load_all(&rendered.images).await?;
@@ -99,7 +131,7 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, Ap
         split_reasoning: true,
         thinking_auto: rendered.thinking_auto,
     };
-    Ok(prompt::finish_prompt(state, parts)?)
+    Ok((prompt::finish_prompt(state, parts)?, tools))
 }
 
 /// Chat logprobs of some tokens.
@@ -136,6 +168,45 @@ fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
+fn call_id() -> String {
+    format!("call_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// OpenAI's finish reason: `tool_calls` when the choice called and stopped by itself.
+fn finish_reason(reason: FinishReason, called: bool) -> &'static str {
+    match reason {
+        FinishReason::Stop if called => "tool_calls",
+        r => r.as_str(),
+    }
+}
+
+/// The two deltas of a streamed call: the header (`id`, `type`, `name`, empty arguments),
+/// then the arguments.
+fn call_deltas(index: u32, call: ParsedCall) -> [ChatDelta; 2] {
+    let header = ToolCallDelta {
+        index,
+        id: Some(call_id()),
+        kind: Some("function"),
+        function: FunctionCallDelta {
+            name: Some(call.name),
+            arguments: String::new(),
+        },
+    };
+    let arguments = ToolCallDelta {
+        index,
+        id: None,
+        kind: None,
+        function: FunctionCallDelta {
+            name: None,
+            arguments: call.arguments,
+        },
+    };
+    [header, arguments].map(|c| ChatDelta {
+        tool_calls: Some(vec![c]),
+        ..ChatDelta::default()
+    })
+}
+
 /// Writes chat responses and chunks.
 struct ChatFormat {
     id: String,
@@ -147,6 +218,10 @@ struct ChatFormat {
     n: u32,
     prompt_tokens: u32,
     cached_tokens: u32,
+    /// Per choice: the tool-call parser of its content (when tools are parsed).
+    parsers: Vec<Option<ToolCallParser>>,
+    /// Per choice: calls streamed so far.
+    calls_sent: Vec<u32>,
 }
 
 impl ChatFormat {
@@ -173,41 +248,106 @@ impl ChatFormat {
         })
     }
 
-    fn delta_choice(
-        &self,
-        index: u32,
-        delta: Delta,
-        finish_reason: Option<&'static str>,
-    ) -> ChatChunkChoice {
+    /// The chunks of new output of choice `index`: its content goes through the choice's
+    /// tool-call parser (`last`: the output ended, flush it), so text and calls come out in
+    /// order; reasoning and log-probabilities ride on the first chunk.
+    fn delta_chunks(&mut self, index: u32, delta: Delta, last: bool) -> Vec<String> {
         let logprobs = self
             .logprobs
             .then(|| chat_logprobs(&self.tok, &delta.logprobs));
-        ChatChunkChoice {
-            index,
-            delta: ChatDelta {
-                role: None,
-                content: non_empty(delta.content),
-                reasoning_content: non_empty(delta.reasoning),
-            },
-            logprobs,
-            finish_reason,
+        let pieces = match self.parsers.get_mut(index as usize) {
+            Some(Some(parser)) => {
+                let mut pieces = parser.push(&delta.content);
+                if last {
+                    pieces.extend(parser.finish());
+                }
+                pieces
+            }
+            _ => vec![Piece::Text(delta.content)],
+        };
+        let mut deltas = vec![ChatDelta {
+            reasoning_content: non_empty(delta.reasoning),
+            ..ChatDelta::default()
+        }];
+        for piece in pieces {
+            match piece {
+                Piece::Text(text) => match deltas.last_mut() {
+                    Some(d) if d.tool_calls.is_none() => {
+                        d.content.get_or_insert_with(String::new).push_str(&text)
+                    }
+                    _ => deltas.push(ChatDelta {
+                        content: Some(text),
+                        ..ChatDelta::default()
+                    }),
+                },
+                Piece::Call(call) => {
+                    let sent = self.calls_sent.get_mut(index as usize);
+                    let n = sent.map_or(0, |c| {
+                        *c += 1;
+                        *c - 1
+                    });
+                    deltas.extend(call_deltas(n, call));
+                }
+            }
         }
+        let mut logprobs = logprobs.filter(|l| !l.content.is_empty());
+        deltas
+            .into_iter()
+            .filter_map(|mut d| {
+                d.content = d.content.and_then(non_empty);
+                let lp = logprobs.take();
+                let empty =
+                    d.content.is_none() && d.reasoning_content.is_none() && d.tool_calls.is_none();
+                if empty && lp.is_none() {
+                    return None;
+                }
+                let choice = ChatChunkChoice {
+                    index,
+                    delta: d,
+                    logprobs: lp.or_else(|| self.logprobs.then(ChatLogprobs::default)),
+                    finish_reason: None,
+                };
+                Some(self.chunk(vec![choice], None))
+            })
+            .collect()
     }
 
-    fn completion(&self, outputs: Vec<ChoiceOutput>) -> ChatCompletion {
+    fn completion(&mut self, outputs: Vec<ChoiceOutput>) -> ChatCompletion {
         let generated = outputs.iter().map(|o| o.generated).sum();
         let reasoning = outputs.iter().map(|o| o.reasoning_tokens).sum();
         let choices = outputs
             .into_iter()
-            .map(|o| ChatChoice {
-                index: o.index,
-                message: ChatResponseMessage {
-                    role: "assistant",
-                    content: Some(o.content),
-                    reasoning_content: non_empty(o.reasoning),
-                },
-                logprobs: self.logprobs.then(|| chat_logprobs(&self.tok, &o.logprobs)),
-                finish_reason: Some(o.reason.as_str()),
+            .map(|o| {
+                let parser = self
+                    .parsers
+                    .get_mut(o.index as usize)
+                    .and_then(Option::take);
+                let (content, calls) = match parser {
+                    Some(mut p) => tools::parse_all(&mut p, &o.content),
+                    None => (Some(o.content), Vec::new()),
+                };
+                let tool_calls: Vec<ToolCall> = calls
+                    .into_iter()
+                    .map(|c| ToolCall {
+                        id: call_id(),
+                        kind: "function",
+                        function: FunctionCall {
+                            name: c.name,
+                            arguments: c.arguments,
+                        },
+                    })
+                    .collect();
+                ChatChoice {
+                    index: o.index,
+                    finish_reason: Some(finish_reason(o.reason, !tool_calls.is_empty())),
+                    message: ChatResponseMessage {
+                        role: "assistant",
+                        content,
+                        reasoning_content: non_empty(o.reasoning),
+                        tool_calls,
+                    },
+                    logprobs: self.logprobs.then(|| chat_logprobs(&self.tok, &o.logprobs)),
+                }
             })
             .collect();
         ChatCompletion {
@@ -228,7 +368,7 @@ impl ChunkFormat for ChatFormat {
                 let delta = ChatDelta {
                     role: Some("assistant"),
                     content: Some(String::new()),
-                    reasoning_content: None,
+                    ..ChatDelta::default()
                 };
                 self.chunk(
                     vec![ChatChunkChoice {
@@ -244,19 +384,17 @@ impl ChunkFormat for ChatFormat {
     }
 
     fn delta(&mut self, index: u32, delta: Delta) -> Vec<String> {
-        vec![self.chunk(vec![self.delta_choice(index, delta, None)], None)]
+        self.delta_chunks(index, delta, false)
     }
 
     fn finish(&mut self, index: u32, delta: Delta, reason: FinishReason) -> Vec<String> {
-        let mut out = Vec::with_capacity(2);
-        if !delta.is_empty() {
-            out.push(self.chunk(vec![self.delta_choice(index, delta, None)], None));
-        }
+        let mut out = self.delta_chunks(index, delta, true);
+        let called = self.calls_sent.get(index as usize).is_some_and(|&n| n > 0);
         let last = ChatChunkChoice {
             index,
             delta: ChatDelta::default(),
             logprobs: None,
-            finish_reason: Some(reason.as_str()),
+            finish_reason: Some(finish_reason(reason, called)),
         };
         out.push(self.chunk(vec![last], None));
         out

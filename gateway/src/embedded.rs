@@ -2,10 +2,11 @@
 //!
 //! A byte-level BPE with no merges: token `b` (0..=255) is byte `b`, written in the GPT-2
 //! byte-level alphabet ([`crate::tokens::byte_level_chars`]), so any UTF-8 text round-trips. Added
-//! tokens have fixed ids that the embedded tiny model's 512-row vocabulary is built around; ids
-//! from 263 up are never produced and decode to nothing. The chat template is R-4B's
-//! reconstructed template (r4b-model.md §3.2) with the three thinking modes, also accepting plain
-//! string content.
+//! tokens have fixed ids that the embedded tiny model's 512-row vocabulary is built around (the
+//! four tool tokens, 263–266, as Qwen3's 151657/151658/151665/151666); ids from 267 up are never
+//! produced and decode to nothing. The chat template is R-4B's reconstructed template
+//! (r4b-model.md §3.2) with the three thinking modes, also accepting plain string content, plus
+//! Qwen3's tool convention.
 
 use std::path::Path;
 
@@ -30,11 +31,19 @@ pub const THINK_CLOSE_ID: u32 = 260;
 pub const IMAGE_ID: u32 = 261;
 /// `<video>`.
 pub const VIDEO_ID: u32 = 262;
+/// `<tool_call>` (not special, like Qwen3).
+pub const TOOL_CALL_OPEN_ID: u32 = 263;
+/// `</tool_call>` (not special, like Qwen3).
+pub const TOOL_CALL_CLOSE_ID: u32 = 264;
+/// `<tool_response>` (not special, like Qwen3).
+pub const TOOL_RESPONSE_OPEN_ID: u32 = 265;
+/// `</tool_response>` (not special, like Qwen3).
+pub const TOOL_RESPONSE_CLOSE_ID: u32 = 266;
 /// Rows of the embedded model's embedding matrix.
 pub const VOCAB_ROWS: u32 = 512;
 
 /// Added tokens in id order: content and whether special.
-const ADDED: [(&str, bool); 7] = [
+const ADDED: [(&str, bool); 11] = [
     ("<|endoftext|>", true),
     ("<|im_start|>", true),
     ("<|im_end|>", true),
@@ -42,21 +51,60 @@ const ADDED: [(&str, bool); 7] = [
     ("</think>", false),
     ("<image>", true),
     ("<video>", true),
+    ("<tool_call>", false),
+    ("</tool_call>", false),
+    ("<tool_response>", false),
+    ("</tool_response>", false),
 ];
 
 /// R-4B's chat template as reconstructed in r4b-model.md §3.2: role, a space, every `<image>`,
 /// then `"\n" + text` per text part, `<|im_end|>` without a newline; the generation prompt
 /// appends `<think>\n` for `thinking_mode='long'`, an empty think block for `'short'`, nothing
 /// for `'auto'` (the default).
-pub const CHAT_TEMPLATE: &str = r#"{%- for message in messages -%}
-  {{- '<|im_start|>' + message['role'] + ' ' -}}
+///
+/// Tools follow Qwen3's template in R-4B's turn format: with `tools`, a first system turn (the
+/// request's system text, then the functions as JSON lines inside `<tools></tools>` and the
+/// instruction to answer with `<tool_call>` blocks); an assistant turn's `tool_calls` are
+/// written back as those blocks; consecutive `tool` messages form one user turn of
+/// `<tool_response>` blocks.
+pub const CHAT_TEMPLATE: &str = r#"{%- macro text(message) -%}
   {%- if message['content'] is string -%}
-    {{- '\n' + message['content'] -}}
-  {%- else -%}
-    {%- for c in message['content'] if c['type'] == 'image' -%}{{- '<image>' -}}{%- endfor -%}
-    {%- for c in message['content'] if c['type'] == 'text' -%}{{- '\n' + c['text'] -}}{%- endfor -%}
+    {{- message['content'] -}}
+  {%- elif message['content'] -%}
+    {%- for c in message['content'] if c['type'] == 'text' -%}{{- c['text'] -}}{%- endfor -%}
   {%- endif -%}
-  {{- '<|im_end|>' -}}
+{%- endmacro -%}
+{%- if tools -%}
+  {{- '<|im_start|>system \n' -}}
+  {%- if messages[0]['role'] == 'system' -%}{{- text(messages[0]) + '\n\n' -}}{%- endif -%}
+  {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>' -}}
+  {%- for tool in tools -%}{{- '\n' + (tool | tojson) -}}{%- endfor -%}
+  {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>' -}}
+{%- endif -%}
+{%- for message in messages -%}
+  {%- if tools and loop.first and message['role'] == 'system' -%}
+  {%- elif message['role'] == 'tool' -%}
+    {%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user ' -}}{%- endif -%}
+    {{- '\n<tool_response>\n' + text(message) + '\n</tool_response>' -}}
+    {%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>' -}}{%- endif -%}
+  {%- else -%}
+    {{- '<|im_start|>' + message['role'] + ' ' -}}
+    {%- if message['content'] is string -%}
+      {{- '\n' + message['content'] -}}
+    {%- elif message['content'] -%}
+      {%- for c in message['content'] if c['type'] == 'image' -%}{{- '<image>' -}}{%- endfor -%}
+      {%- for c in message['content'] if c['type'] == 'text' -%}{{- '\n' + c['text'] -}}{%- endfor -%}
+    {%- endif -%}
+    {%- if message['role'] == 'assistant' and message['tool_calls'] -%}
+      {%- for call in message['tool_calls'] -%}
+        {%- set f = call['function'] if call['function'] else call -%}
+        {{- '\n<tool_call>\n{"name": "' + f['name'] + '", "arguments": ' -}}
+        {%- if f['arguments'] is string -%}{{- f['arguments'] -}}{%- else -%}{{- f['arguments'] | tojson -}}{%- endif -%}
+        {{- '}\n</tool_call>' -}}
+      {%- endfor -%}
+    {%- endif -%}
+    {{- '<|im_end|>' -}}
+  {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
   {{- '<|im_start|>assistant\n' -}}
@@ -232,6 +280,7 @@ mod tests {
         TemplateMessage {
             role: "user".into(),
             parts,
+            ..Default::default()
         }
     }
 
@@ -266,11 +315,13 @@ mod tests {
             TemplateMessage {
                 role: "system".into(),
                 parts: vec![TemplatePart::Text("Be brief.".into())],
+                ..Default::default()
             },
             user(vec![TemplatePart::Text("Hi".into())]),
             TemplateMessage {
                 role: "assistant".into(),
                 parts: vec![TemplatePart::Text("Hello!".into())],
+                ..Default::default()
             },
             user(vec![
                 TemplatePart::Image,
@@ -283,6 +334,84 @@ mod tests {
             "<|im_start|>system \nBe brief.<|im_end|><|im_start|>user \nHi<|im_end|>\
              <|im_start|>assistant \nHello!<|im_end|><|im_start|>user <image><image>\nCompare.<|im_end|>\
              <|im_start|>assistant\n<think>\n\n</think>\n\n"
+        );
+    }
+
+    fn text_msg(role: &str, text: &str) -> TemplateMessage {
+        TemplateMessage {
+            role: role.into(),
+            parts: vec![TemplatePart::Text(text.into())],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tool_tokens_have_fixed_ids() {
+        let t = tok();
+        let ids = t
+            .encode(
+                "<tool_call>x</tool_call><tool_response></tool_response>",
+                false,
+            )
+            .expect("encode");
+        assert_eq!(ids, vec![263, b'x' as u32, 264, 265, 266]);
+        assert_eq!(
+            t.decode(&[263, 264, 265, 266], true).expect("decode"),
+            "<tool_call></tool_call><tool_response></tool_response>",
+            "not special: kept when special tokens are skipped"
+        );
+        let tpl = ChatTemplate::new(CHAT_TEMPLATE, None, None).expect("compile");
+        assert!(tpl.uses_tools());
+    }
+
+    /// Qwen3's tool convention in R-4B's turn format, written out by hand.
+    #[test]
+    fn tools_and_an_agent_loop_render_by_hand() {
+        let tpl =
+            ChatTemplate::new(CHAT_TEMPLATE, None, Some("<|im_end|>".into())).expect("compile");
+        let tools = vec![serde_json::json!({"type": "function", "function": {
+            "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}})];
+        let call = serde_json::json!({"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}});
+        let messages = [
+            text_msg("system", "Be brief."),
+            text_msg("user", "Weather?"),
+            TemplateMessage {
+                role: "assistant".into(),
+                tool_calls: vec![call.clone(), call],
+                ..Default::default()
+            },
+            TemplateMessage {
+                tool_call_id: Some("call_1".into()),
+                ..text_msg("tool", "18C")
+            },
+            TemplateMessage {
+                tool_call_id: Some("call_1".into()),
+                ..text_msg("tool", "19C")
+            },
+        ];
+        let kwargs = serde_json::Map::new();
+        let out = tpl
+            .render_with_tools(&messages, &tools, true, &kwargs)
+            .expect("render");
+        let want = concat!(
+            "<|im_start|>system \nBe brief.\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n",
+            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n",
+            r#"{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}"#,
+            "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n",
+            "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>",
+            "<|im_start|>user \nWeather?<|im_end|>",
+            "<|im_start|>assistant \n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+            "\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>",
+            "<|im_start|>user \n<tool_response>\n18C\n</tool_response>\n<tool_response>\n19C\n</tool_response><|im_end|>",
+            "<|im_start|>assistant\n",
+        );
+        assert_eq!(out, want);
+        // Without tools the conversation renders as before (no tools block, system kept).
+        let plain = tpl.render(&messages[..2], true, &kwargs).expect("render");
+        assert_eq!(
+            plain,
+            "<|im_start|>system \nBe brief.<|im_end|><|im_start|>user \nWeather?<|im_end|><|im_start|>assistant\n"
         );
     }
 }

@@ -45,6 +45,10 @@ const CHAT: &[&str] = &[
     "top_logprobs",
     "chat_template_kwargs",
     "add_generation_prompt",
+    // Tool calling (`tools::ToolRequest`); the legacy `functions`/`function_call` stay refused.
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 ];
 
 /// Completions-only fields honoured.
@@ -159,7 +163,7 @@ pub fn check(body: &Value, endpoint: Endpoint) -> Result<(), ValidationError> {
                 check_object(
                     m,
                     &format!("messages[{i}]"),
-                    &["role", "content"],
+                    &["role", "content", "tool_calls", "tool_call_id"],
                     |_, v| v.is_null(),
                 )?;
             }
@@ -217,13 +221,21 @@ mod tests {
             assert_eq!(chat(neutral.clone()), None, "{neutral}");
         }
         let unsupported = |f: &str| Some((f.to_string(), "unsupported_parameter"));
+        // Tools are honoured in chat (tools.rs checks their values), not in completions.
         assert_eq!(
-            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
-            unsupported("tools")
+            chat(
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": "required", "parallel_tool_calls": false})
+            ),
+            None
         );
         assert_eq!(
-            chat(json!({"tool_choice": "auto"})),
-            unsupported("tool_choice")
+            chat(json!({"functions": [{"name": "f"}]})),
+            unsupported("functions")
+        );
+        assert_eq!(
+            chat(json!({"function_call": "auto"})),
+            unsupported("function_call")
         );
         // Structured output is honoured (its values are checked by `structured`).
         assert_eq!(
@@ -263,6 +275,10 @@ mod tests {
         assert_eq!(completion(json!({"echo": true})), None);
         assert_eq!(chat(json!({"echo": true})), unsupported("echo"));
         assert_eq!(completion(json!({"suffix": "end"})), unsupported("suffix"));
+        assert_eq!(
+            completion(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            unsupported("tools")
+        );
         assert_eq!(
             completion(json!({"messages": []})),
             Some(("messages".into(), "unknown_parameter"))

@@ -57,6 +57,7 @@ pub mod telemetry;
 pub mod template;
 pub mod tokenize;
 pub mod tokens;
+pub mod tools;
 pub mod trim;
 pub mod validate;
 

@@ -36,7 +36,7 @@ fn invalid(field: String, reason: &str) -> ValidationError {
     }
 }
 
-/// Converts `messages` (required, non-empty; roles system/developer/user/assistant).
+/// Converts `messages` (required, non-empty; roles system/developer/user/assistant/tool).
 pub fn conversation(messages: Option<Vec<ChatMessage>>) -> Result<Conversation, ValidationError> {
     let messages = messages.ok_or_else(|| ValidationError::Missing {
         field: "messages".into(),
@@ -53,19 +53,100 @@ pub fn conversation(messages: Option<Vec<ChatMessage>>) -> Result<Conversation, 
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
+            "tool" => "tool",
             other => {
-                let reason =
-                    format!("unsupported role `{other}` (expected system, user or assistant)");
+                let reason = format!(
+                    "unsupported role `{other}` (expected system, user, assistant or tool)"
+                );
                 return Err(invalid(format!("messages[{i}].role"), &reason));
             }
         };
         let parts = content_parts(i, &m.content, &mut conv.images)?;
+        let tool_calls = tool_calls(i, role, &m.tool_calls)?;
+        let tool_call_id = match (&m.tool_call_id, role) {
+            (Value::String(id), "tool") => Some(id.clone()),
+            (Value::Null, "tool") => {
+                return Err(ValidationError::Missing {
+                    field: format!("messages[{i}].tool_call_id"),
+                })
+            }
+            (Value::Null, _) => None,
+            (_, "tool") => {
+                return Err(invalid(
+                    format!("messages[{i}].tool_call_id"),
+                    "must be a string",
+                ))
+            }
+            _ => {
+                return Err(invalid(
+                    format!("messages[{i}].tool_call_id"),
+                    "only `tool` messages answer a call",
+                ))
+            }
+        };
         conv.messages.push(TemplateMessage {
             role: role.to_string(),
             parts,
+            tool_calls,
+            tool_call_id,
         });
     }
     Ok(conv)
+}
+
+/// An assistant message's `tool_calls` for the template: each `arguments` JSON text parsed into
+/// a value, as vLLM hands them to the template (Qwen3's writes them back with `tojson`).
+fn tool_calls(i: usize, role: &str, calls: &Value) -> Result<Vec<Value>, ValidationError> {
+    let at = format!("messages[{i}].tool_calls");
+    let list = match calls {
+        Value::Null => return Ok(Vec::new()),
+        Value::Array(list) if role == "assistant" => list,
+        Value::Array(_) => return Err(invalid(at, "only `assistant` messages make calls")),
+        _ => return Err(invalid(at, "must be a list of calls")),
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (j, call) in list.iter().enumerate() {
+        let at = format!("{at}[{j}]");
+        let kind = call
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("function");
+        if kind != "function" {
+            return Err(invalid(format!("{at}.type"), "must be \"function\""));
+        }
+        let Some(function) = call.get("function") else {
+            return Err(ValidationError::Missing {
+                field: format!("{at}.function"),
+            });
+        };
+        let Some(name) = function.get("name").and_then(Value::as_str) else {
+            return Err(invalid(format!("{at}.function.name"), "must be a string"));
+        };
+        let arguments = match function.get("arguments") {
+            Some(Value::String(text)) => serde_json::from_str::<Value>(text).map_err(|e| {
+                invalid(
+                    format!("{at}.function.arguments"),
+                    &format!("must be JSON text: {e}"),
+                )
+            })?,
+            Some(v @ Value::Object(_)) => v.clone(),
+            _ => {
+                return Err(invalid(
+                    format!("{at}.function.arguments"),
+                    "must be a JSON string",
+                ))
+            }
+        };
+        let mut entry = serde_json::json!({
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        });
+        if let Some(id) = call.get("id").and_then(Value::as_str) {
+            entry["id"] = id.into();
+        }
+        out.push(entry);
+    }
+    Ok(out)
 }
 
 fn content_parts(
@@ -158,10 +239,13 @@ pub fn template_kwargs(
     Ok(kwargs)
 }
 
-/// Renders the conversation with the model's chat template.
+/// Renders the conversation (and `tools`) with the model's chat template. A template that never
+/// reads `tools` cannot show them to the model: such a request is refused, never served
+/// without them.
 pub fn render(
     state: &AppState,
     conv: &Conversation,
+    tools: &[Value],
     add_generation_prompt: bool,
     kwargs: &Map<String, Value>,
 ) -> Result<String, ValidationError> {
@@ -171,9 +255,29 @@ pub fn render(
             "the served model has no chat template; use /v1/completions",
         )
     })?;
+    if !tools.is_empty() && !template.uses_tools() {
+        return Err(ValidationError::Unsupported {
+            field: "tools".into(),
+            reason: "the served model's chat template does not render tools".into(),
+        });
+    }
     template
-        .render(&conv.messages, add_generation_prompt, kwargs)
+        .render_with_tools(&conv.messages, tools, add_generation_prompt, kwargs)
         .map_err(|e| ValidationError::Template { reason: e.0 })
+}
+
+/// Applies `f` to every string inside `v` (keys excluded).
+fn map_strings(v: &mut Value, f: &impl Fn(&str) -> Option<String>) {
+    match v {
+        Value::String(s) => {
+            if let Some(new) = f(s) {
+                *s = new;
+            }
+        }
+        Value::Array(list) => list.iter_mut().for_each(|x| map_strings(x, f)),
+        Value::Object(map) => map.values_mut().for_each(|x| map_strings(x, f)),
+        _ => {}
+    }
 }
 
 /// Runs `f` on the blocking pool: rendering and tokenizing a large body takes seconds of CPU,
@@ -260,6 +364,7 @@ pub struct RenderedChat {
 pub fn render_chat(
     state: &AppState,
     messages: Option<Vec<ChatMessage>>,
+    mut tools: Vec<Value>,
     kwargs: Option<Map<String, Value>>,
     add_generation_prompt: bool,
     add_special_tokens: bool,
@@ -295,8 +400,21 @@ pub fn render_chat(
                 }
             }
         }
+        // Function definitions and earlier calls are user text too.
+        let escape = |s: &str| match tokenizer.escape_content(s) {
+            Cow::Owned(escaped) => Some(escaped),
+            Cow::Borrowed(_) => None,
+        };
+        for v in conv
+            .messages
+            .iter_mut()
+            .flat_map(|m| m.tool_calls.iter_mut())
+            .chain(tools.iter_mut())
+        {
+            map_strings(v, &escape);
+        }
     }
-    let escaped = render(state, &conv, add_generation_prompt, &kwargs)?;
+    let escaped = render(state, &conv, &tools, add_generation_prompt, &kwargs)?;
     let ids = tokenizer
         .encode_rendered(&escaped, add_special_tokens)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -426,7 +544,7 @@ mod tests {
         );
         assert_eq!(field(json!([])).as_deref(), Some("messages"));
         assert_eq!(
-            field(json!([{"role": "tool", "content": "x"}])).as_deref(),
+            field(json!([{"role": "function", "content": "x"}])).as_deref(),
             Some("messages[0].role")
         );
         assert_eq!(

@@ -28,12 +28,17 @@ pub enum TemplatePart {
 }
 
 /// One chat message for the template.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct TemplateMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// Content parts in order.
     pub parts: Vec<TemplatePart>,
+    /// An assistant message's calls, as Qwen3's template reads them: `{id, type, function:
+    /// {name, arguments}}` with `arguments` an object (vLLM parses the JSON text likewise).
+    pub tool_calls: Vec<serde_json::Value>,
+    /// A `tool` message: the call it answers.
+    pub tool_call_id: Option<String>,
 }
 
 /// How the template expects `message.content`.
@@ -64,6 +69,7 @@ impl From<Error> for TemplateError {
 pub struct ChatTemplate {
     env: Environment<'static>,
     format: ContentFormat,
+    uses_tools: bool,
     bos_token: String,
     eos_token: String,
 }
@@ -91,9 +97,14 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, source.to_string())?;
+        let uses_tools = env
+            .get_template(NAME)?
+            .undeclared_variables(false)
+            .contains("tools");
         Ok(ChatTemplate {
             env,
             format: detect_content_format(source),
+            uses_tools,
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
         })
@@ -104,16 +115,37 @@ impl ChatTemplate {
         self.format
     }
 
+    /// Whether the template reads a `tools` variable (renders function definitions).
+    pub fn uses_tools(&self) -> bool {
+        self.uses_tools
+    }
+
     /// Renders `messages`. `kwargs` (`chat_template_kwargs`, e.g. `thinking_mode`) become template
-    /// variables; `messages`, `add_generation_prompt`, `bos_token` and `eos_token` are set by the
-    /// gateway and cannot be overridden.
+    /// variables; `messages`, `tools`, `add_generation_prompt`, `bos_token` and `eos_token` are
+    /// set by the gateway and cannot be overridden.
     pub fn render(
         &self,
         messages: &[TemplateMessage],
         add_generation_prompt: bool,
         kwargs: &Map<String, serde_json::Value>,
     ) -> Result<String, TemplateError> {
+        self.render_with_tools(messages, &[], add_generation_prompt, kwargs)
+    }
+
+    /// [`render`](Self::render) with `tools` (OpenAI's `[{type: function, function: {...}}]`);
+    /// none = the variable is unset, as transformers leaves it.
+    pub fn render_with_tools(
+        &self,
+        messages: &[TemplateMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+        kwargs: &Map<String, serde_json::Value>,
+    ) -> Result<String, TemplateError> {
         let mut ctx = kwargs.clone();
+        ctx.remove("tools");
+        if !tools.is_empty() {
+            ctx.insert("tools".into(), tools.to_vec().into());
+        }
         let msgs: Vec<serde_json::Value> = messages.iter().map(|m| self.message_json(m)).collect();
         ctx.insert("messages".into(), msgs.into());
         ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
@@ -145,7 +177,14 @@ impl ChatTemplate {
                 .join("\n")
                 .into(),
         };
-        serde_json::json!({"role": m.role, "content": content})
+        let mut msg = serde_json::json!({"role": m.role, "content": content});
+        if !m.tool_calls.is_empty() {
+            msg["tool_calls"] = m.tool_calls.clone().into();
+        }
+        if let Some(id) = &m.tool_call_id {
+            msg["tool_call_id"] = id.clone().into();
+        }
+        msg
     }
 }
 
@@ -255,6 +294,23 @@ impl serde_json::ser::Formatter for PyFormatter {
     }
 }
 
+/// `json.dumps(value, ensure_ascii=False)`: JSON text with Python's `", "` and `": "`
+/// separators (vLLM writes tool-call arguments so).
+pub fn python_json(value: &serde_json::Value) -> String {
+    let fmt = PyFormatter {
+        indent: None,
+        depth: 0,
+        has_value: false,
+    };
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    // Serialising a JSON value into memory cannot fail, and the output is UTF-8.
+    match value.serialize(&mut ser) {
+        Ok(()) => String::from_utf8(out).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
 /// `tojson` as transformers defines it: `json.dumps(value, ensure_ascii=False, indent=indent)`.
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
@@ -282,6 +338,7 @@ mod tests {
         TemplateMessage {
             role: role.into(),
             parts: vec![TemplatePart::Text(text.into())],
+            ..Default::default()
         }
     }
 
@@ -304,6 +361,7 @@ mod tests {
         let msg = TemplateMessage {
             role: "user".into(),
             parts: vec![TemplatePart::Image, TemplatePart::Text("what?".into())],
+            ..Default::default()
         };
         assert_eq!(
             tpl.render(&[msg], true, &Map::new()).expect("render"),

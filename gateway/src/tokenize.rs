@@ -84,8 +84,12 @@ async fn text_and_ids(state: &AppState, req: TokenizeBody) -> Result<(String, Ve
             let kwargs = req.chat_template_kwargs;
             let generation = req.add_generation_prompt.unwrap_or(true);
             let special = req.add_special_tokens.unwrap_or(false);
+            let tools = crate::tools::ToolRequest::parse(req.tools.as_ref(), None, None)?
+                .map(|t| t.tools)
+                .unwrap_or_default();
             let chat = prompt::off_runtime(state, move |state| {
-                prompt::render_chat(state, Some(messages), kwargs, generation, special, false)
+                let messages = Some(messages);
+                prompt::render_chat(state, messages, tools, kwargs, generation, special, false)
             })
             .await?;
             let images = state.images().load_all(&chat.images).await?;

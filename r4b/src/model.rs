@@ -16,7 +16,7 @@ const OPTIONAL_FILES: [&str; 6] = [
 ];
 
 /// Version tag of the embedded default; bump when its files change.
-const EMBEDDED_DIR: &str = "embedded-r4b-tiny-v1";
+const EMBEDDED_DIR: &str = "embedded-r4b-tiny-v2";
 
 /// The embedded default's directory, created on first use.
 pub fn embedded(cache_dir: &Path) -> Result<PathBuf> {

@@ -100,7 +100,7 @@ fn inspect_on_the_embedded_model_prints_values_sources_bytes_and_tokens() {
         );
         assert!(stdout.contains("lm head: lm_head.weight"), "{stdout}");
         // Every stored tensor is read (2 vision layers, feature layer -1, untied head).
-        let dir = cache.path().join("embedded-r4b-tiny-v1");
+        let dir = cache.path().join("embedded-r4b-tiny-v2");
         let (count, all, split) = stored_bytes(&dir.join("model.safetensors"));
         let want = all - split + split / tp;
         assert!(

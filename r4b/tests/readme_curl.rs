@@ -93,7 +93,9 @@ fn every_readme_curl_command_answers_200_with_the_expected_shape() {
             let msg = &v["choices"][0]["message"];
             assert_eq!(msg["role"], "assistant", "{v}");
             assert!(
-                msg["content"].is_string() || msg["reasoning_content"].is_string(),
+                msg["content"].is_string()
+                    || msg["reasoning_content"].is_string()
+                    || msg["tool_calls"].is_array(),
                 "{v}"
             );
             assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0, "{v}");

@@ -85,6 +85,10 @@ HONOURED = {
         "max_completion_tokens": "openai_sdk_completions.rs",
         "metadata": "informational; openai_sdk_completions.rs",
         "top_logprobs": "openai_sdk.rs",
+        "tools": "tool_calling.rs (rendered, parsed into tool_calls), langchain.rs",
+        "tool_choice": "tool_calling.rs (none/auto/required/named), langchain.rs",
+        "parallel_tool_calls": "tool_calling.rs (false: one call)",
+        "response_format": "structured_output.rs (json_schema validated by jsonschema)",
     }),
     "completions": dict(HONOURED_BOTH, **{
         "prompt": "openai_sdk_completions.rs",

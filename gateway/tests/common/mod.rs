@@ -56,6 +56,7 @@ pub struct Fake {
     /// Streams whose client went away before the script ended.
     pub cancelled: Arc<AtomicUsize>,
     ready: bool,
+    max_model_len: u32,
 }
 
 /// Byte ids of `text` (the embedded tokenizer has one token per byte).
@@ -211,7 +212,7 @@ impl Coordinator for Fake {
     ) -> Result<Response<pb::ModelInfoResponse>, Status> {
         Ok(Response::new(pb::ModelInfoResponse {
             model_name: "r4b".into(),
-            max_model_len: MAX_MODEL_LEN,
+            max_model_len: self.max_model_len,
             vocab_size: 512,
             image_token_id: IMAGE,
             tile: 28,
@@ -253,6 +254,10 @@ pub struct Options {
     pub config: GatewayConfig,
     /// Fake's readiness.
     pub ready: bool,
+    /// The context length the fake reports.
+    pub max_model_len: u32,
+    /// A chat template in place of the embedded one.
+    pub chat_template: Option<String>,
 }
 
 impl Default for Options {
@@ -262,6 +267,8 @@ impl Default for Options {
         Options {
             config,
             ready: true,
+            max_model_len: MAX_MODEL_LEN,
+            chat_template: None,
         }
     }
 }
@@ -283,6 +290,7 @@ pub async fn gateway_with(
         seen: Arc::default(),
         cancelled: Arc::default(),
         ready: opts.ready,
+        max_model_len: opts.max_model_len,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -294,6 +302,13 @@ pub async fn gateway_with(
     tokio::spawn(server);
     let dir = tempfile::tempdir().expect("tempdir");
     embedded::write_tokenizer_files(dir.path()).expect("tokenizer files");
+    if let Some(template) = opts.chat_template {
+        let path = dir.path().join("tokenizer_config.json");
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        config["chat_template"] = template.into();
+        std::fs::write(&path, config.to_string()).expect("write");
+    }
     let files = ModelFiles::load(dir.path()).expect("model files");
     let state = AppState::connect(opts.config, files, vec![url])
         .await
