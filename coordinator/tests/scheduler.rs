@@ -31,6 +31,7 @@ fn req(id: u64, prompt: Vec<u32>, max_new: usize) -> SeqRequest {
         prompt_ids: prompt,
         images: vec![],
         stopping: stopping(max_new),
+        score_prompt: false,
     }
 }
 
@@ -266,6 +267,7 @@ fn image_req(id: u64, digest: u8) -> SeqRequest {
             encode_cost: 3,
         }],
         stopping: stopping(1),
+        score_prompt: false,
     }
 }
 

@@ -37,20 +37,31 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let span = crate::telemetry::request_span("chat", &headers);
     async move {
-        let req = parse(&state, &body).await?;
+        let (req, as_ids) = parse(&state, &body).await?;
         crate::telemetry::record_request(&req);
-        run(state, req).await
+        run(state, req, as_ids).await
     }
     .instrument(span)
     .await
 }
 
-/// Submits a validated request and answers with SSE or one JSON body.
-async fn run(state: AppState, req: ValidatedRequest) -> Result<Response, ApiError> {
+/// Submits a validated request and answers with SSE or one JSON body (`as_ids`:
+/// `return_tokens_as_token_ids`).
+async fn run(state: AppState, req: ValidatedRequest, as_ids: bool) -> Result<Response, ApiError> {
     let clock = RequestClock::start(state.metrics(), Operation::Chat);
     let runs = generate::submit(&state, &req, &clock).await?;
     let (prompt_tokens, cached_tokens) = generate::prompt_usage(&runs, &req);
+    let tok = state.files().tokenizer();
+    // Every choice scores the same prompt: the first one's entries are the request's.
+    let prompt_logprobs = req.params.sampling.prompt_logprobs.map(|k| {
+        let entries = runs.first().map_or(&[][..], |r| &r.prompt_logprobs[..]);
+        crate::logprobs::vllm_prompt_logprobs(tok, entries, k as usize)
+    });
     let format = ChatFormat {
+        as_ids,
+        continuous_usage: req.params.continuous_usage,
+        generated: std::collections::BTreeMap::new(),
+        prompt_logprobs,
         id: req.id.clone(),
         created: unix_now(),
         model: state.config().served_model_name.clone(),
@@ -71,8 +82,9 @@ async fn run(state: AppState, req: ValidatedRequest) -> Result<Response, ApiErro
     Ok(Json(format.completion(outputs)).into_response())
 }
 
-/// Parses and validates a chat body into a [`ValidatedRequest`] (images fetched and expanded).
-async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, ApiError> {
+/// Parses and validates a chat body into a [`ValidatedRequest`] (images fetched and expanded),
+/// and `return_tokens_as_token_ids`.
+async fn parse(state: &AppState, body: &JsonBody) -> Result<(ValidatedRequest, bool), ApiError> {
     crate::fields::check(&body.0, crate::fields::Endpoint::Chat)?;
     let chat: ChatBody = body.parse()?;
     let common: CommonParams = body.parse()?;
@@ -80,8 +92,14 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, Ap
     crate::models::check_model(chat.model.as_deref(), &config.served_model_name)?;
     let logprobs =
         validate::chat_logprobs(chat.logprobs, chat.top_logprobs, config.max_top_logprobs)?;
-    let params =
+    let mut params =
         validate::validate_params(&common, logprobs, state.files().sampling_defaults(), config)?;
+    params.sampling.prompt_logprobs = crate::logprobs::prompt_logprobs_param(
+        chat.prompt_logprobs,
+        config.max_top_logprobs,
+        params.stream,
+    )?;
+    let as_ids = chat.return_tokens_as_token_ids.unwrap_or(false);
     let (messages, kwargs) = (chat.messages, chat.chat_template_kwargs);
     let add_generation_prompt = chat.add_generation_prompt.unwrap_or(true);
     let rendered = prompt::off_runtime(state, move |state| {
@@ -98,12 +116,17 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<ValidatedRequest, Ap
         split_reasoning: true,
         thinking_auto: rendered.thinking_auto,
     };
-    Ok(prompt::finish_prompt(state, parts)?)
+    Ok((prompt::finish_prompt(state, parts)?, as_ids))
 }
 
-/// Chat logprobs of some tokens.
-fn chat_logprobs(tok: &TextTokenizer, items: &[TokenLogprob]) -> ChatLogprobs {
-    let entry = |id: u32| (tok.token_text(id), tok.token_bytes(id));
+/// Chat logprobs of some tokens (`as_ids`: tokens named `token_id:N`).
+fn chat_logprobs(tok: &TextTokenizer, items: &[TokenLogprob], as_ids: bool) -> ChatLogprobs {
+    let entry = |id: u32| {
+        (
+            crate::logprobs::token_key(tok, id, as_ids),
+            tok.token_bytes(id),
+        )
+    };
     let content = items
         .iter()
         .map(|t| {
@@ -115,14 +138,14 @@ fn chat_logprobs(tok: &TextTokenizer, items: &[TokenLogprob]) -> ChatLogprobs {
                     let (token, bytes) = entry(id);
                     TopLogprobEntry {
                         token,
-                        logprob,
+                        logprob: crate::logprobs::clamp(logprob),
                         bytes,
                     }
                 })
                 .collect();
             ChatTokenLogprob {
                 token,
-                logprob: t.logprob,
+                logprob: crate::logprobs::clamp(t.logprob),
                 bytes,
                 top_logprobs,
             }
@@ -146,6 +169,14 @@ struct ChatFormat {
     n: u32,
     prompt_tokens: u32,
     cached_tokens: u32,
+    /// `return_tokens_as_token_ids`.
+    as_ids: bool,
+    /// `stream_options.continuous_usage_stats`: usage in every chunk.
+    continuous_usage: bool,
+    /// Tokens generated so far per choice (continuous usage).
+    generated: std::collections::BTreeMap<u32, u32>,
+    /// vLLM's `prompt_logprobs` (whole responses only).
+    prompt_logprobs: Option<Vec<Option<crate::api::PromptLogprobs>>>,
 }
 
 impl ChatFormat {
@@ -159,6 +190,17 @@ impl ChatFormat {
                 cached_tokens: self.cached_tokens,
             },
         }
+    }
+
+    /// The usage so far of choice `index`, when `continuous_usage_stats` asks for it.
+    fn running_usage(&self, index: u32) -> Option<Usage> {
+        self.continuous_usage.then(|| {
+            let so_far = self.generated.get(&index).copied().unwrap_or(0);
+            Usage {
+                completion_tokens_details: None,
+                ..self.usage_of(so_far, 0)
+            }
+        })
     }
 
     fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> String {
@@ -180,7 +222,7 @@ impl ChatFormat {
     ) -> ChatChunkChoice {
         let logprobs = self
             .logprobs
-            .then(|| chat_logprobs(&self.tok, &delta.logprobs));
+            .then(|| chat_logprobs(&self.tok, &delta.logprobs, self.as_ids));
         ChatChunkChoice {
             index,
             delta: ChatDelta {
@@ -205,7 +247,9 @@ impl ChatFormat {
                     content: Some(o.content),
                     reasoning_content: non_empty(o.reasoning),
                 },
-                logprobs: self.logprobs.then(|| chat_logprobs(&self.tok, &o.logprobs)),
+                logprobs: self
+                    .logprobs
+                    .then(|| chat_logprobs(&self.tok, &o.logprobs, self.as_ids)),
                 finish_reason: Some(o.reason.as_str()),
             })
             .collect();
@@ -216,6 +260,7 @@ impl ChatFormat {
             model: self.model.clone(),
             choices,
             usage: self.usage_of(generated, reasoning),
+            prompt_logprobs: self.prompt_logprobs.clone(),
         }
     }
 }
@@ -236,20 +281,28 @@ impl ChunkFormat for ChatFormat {
                         logprobs: None,
                         finish_reason: None,
                     }],
-                    None,
+                    self.running_usage(index),
                 )
             })
             .collect()
     }
 
     fn delta(&mut self, index: u32, delta: Delta) -> Vec<String> {
-        vec![self.chunk(vec![self.delta_choice(index, delta, None)], None)]
+        *self.generated.entry(index).or_insert(0) += delta.tokens;
+        let choice = self.delta_choice(index, delta, None);
+        vec![self.chunk(vec![choice], self.running_usage(index))]
+    }
+
+    fn quiet(&mut self, index: u32, delta: Delta) {
+        *self.generated.entry(index).or_insert(0) += delta.tokens;
     }
 
     fn finish(&mut self, index: u32, delta: Delta, reason: FinishReason) -> Vec<String> {
+        *self.generated.entry(index).or_insert(0) += delta.tokens;
         let mut out = Vec::with_capacity(2);
         if !delta.is_empty() {
-            out.push(self.chunk(vec![self.delta_choice(index, delta, None)], None));
+            let choice = self.delta_choice(index, delta, None);
+            out.push(self.chunk(vec![choice], self.running_usage(index)));
         }
         let last = ChatChunkChoice {
             index,
@@ -257,7 +310,7 @@ impl ChunkFormat for ChatFormat {
             logprobs: None,
             finish_reason: Some(reason.as_str()),
         };
-        out.push(self.chunk(vec![last], None));
+        out.push(self.chunk(vec![last], self.running_usage(index)));
         out
     }
 

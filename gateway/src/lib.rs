@@ -36,6 +36,7 @@ pub mod extract;
 pub mod fetch;
 pub mod fields;
 pub mod generate;
+pub mod logprobs;
 pub mod health;
 pub mod images;
 pub mod metrics;

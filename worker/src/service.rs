@@ -29,6 +29,7 @@ use crate::config::{ImagePreprocessing, RConfig};
 use crate::kv::PagedKvCache;
 use crate::model::anyres::PixelViews;
 use crate::model::{ChunkImageRows, ImageRows, OutputRows, R4bModel, SeqChunk};
+use crate::prompt_logprobs::{PromptLogprob, PromptTarget};
 use crate::sampling::{SampleRow, SamplingParams, TokenHistory};
 use crate::{Error, Result};
 
@@ -76,6 +77,39 @@ struct SeqState {
     history: TokenHistory,
     seed: u64,
     prompt_len: usize,
+    /// `prompt_logprobs = k`: score every prompt position after the first.
+    prompt_logprobs: Option<u32>,
+    /// With `prompt_logprobs`: the final hidden state `[1, hidden]` of the previous chunk's last
+    /// position, which predicts this chunk's first token (the worker sees one chunk at a time).
+    carry: Option<Tensor>,
+}
+
+/// Where a prompt position's predicting hidden state is.
+#[derive(Clone, Copy, Debug)]
+enum HiddenRow {
+    /// The sequence's carried row (the position before the chunk).
+    Carry,
+    /// This row of the step's hidden states (`[T, hidden]`, all chunks).
+    Step(usize),
+}
+
+/// The prompt positions one chunk scores (`prompt_logprobs`).
+struct PromptJob {
+    /// Index of the chunk in the step.
+    chunk: usize,
+    /// The carried row, when the first target uses it.
+    carry: Option<Tensor>,
+    /// `(prompt position, where its hidden state is, target)`, in position order.
+    targets: Vec<(u32, HiddenRow, PromptTarget)>,
+    /// Step row to carry into the sequence's next chunk (its last position, still in the prompt).
+    keep: Option<usize>,
+}
+
+/// What a step computed for the sampling rows and the prompt jobs.
+struct StepOutput {
+    tokens: Vec<crate::sampling::SampledToken>,
+    /// Per job: the entries, and the row it carries on.
+    prompt: Vec<(Vec<PromptLogprob>, Option<Tensor>)>,
 }
 
 /// Where the model runs.
@@ -126,31 +160,115 @@ impl Backend {
         }
     }
 
-    /// Runs the step and samples one token per `(chunk index, row)`.
+    /// Runs the step, samples one token per `(chunk index, row)` and scores the prompt jobs.
     fn step(
         &mut self,
         chunks: &[SeqChunk],
         rows: &[(usize, SampleRow)],
-    ) -> Result<Vec<crate::sampling::SampledToken>> {
+        jobs: &[PromptJob],
+    ) -> Result<StepOutput> {
         match self {
             Backend::Cpu { model, kv } => {
-                let hidden = model.forward_step(chunks, kv, OutputRows::Last)?;
+                let all = if jobs.is_empty() {
+                    OutputRows::Last
+                } else {
+                    OutputRows::All
+                };
+                let hidden = model.forward_step(chunks, kv, all)?;
+                let prompt = if jobs.is_empty() {
+                    Vec::new()
+                } else {
+                    score_prompts(model, &hidden, jobs)?
+                };
                 if rows.is_empty() {
-                    return Ok(Vec::new());
+                    return Ok(StepOutput {
+                        tokens: Vec::new(),
+                        prompt,
+                    });
                 }
-                let idx = Tensor::from_vec(
-                    rows.iter().map(|&(i, _)| i as u32).collect::<Vec<_>>(),
-                    rows.len(),
-                    hidden.device(),
-                )?;
+                // Row of each sampling chunk: its index (Last), or its last token (All).
+                let mut ends = Vec::with_capacity(chunks.len());
+                let mut end = 0;
+                for c in chunks {
+                    end += c.tokens.len();
+                    ends.push(end - 1);
+                }
+                let idx: Vec<u32> = rows
+                    .iter()
+                    .map(|&(i, _)| match all {
+                        OutputRows::Last => i as u32,
+                        OutputRows::All => ends[i] as u32,
+                    })
+                    .collect();
+                let idx = Tensor::from_vec(idx, rows.len(), hidden.device())?;
                 let hidden = hidden.index_select(&idx, 0)?;
                 let srows: Vec<SampleRow> = rows.iter().map(|(_, r)| *r).collect();
-                model.sample(&hidden, &srows)
+                Ok(StepOutput {
+                    tokens: model.sample(&hidden, &srows)?,
+                    prompt,
+                })
             }
             #[cfg(feature = "cuda")]
-            Backend::Gpu(m) => m.step(chunks, rows),
+            Backend::Gpu(m) => {
+                if !jobs.is_empty() {
+                    // Admission refuses such sequences on the GPU engine (see `admit`).
+                    return Err(Error::Step(
+                        "prompt logprobs reached the GPU engine".into(),
+                    ));
+                }
+                Ok(StepOutput {
+                    tokens: m.step(chunks, rows)?,
+                    prompt: Vec::new(),
+                })
+            }
         }
     }
+
+    /// Whether this engine computes prompt log-probabilities (the GPU engine does not yet).
+    fn has_prompt_logprobs(&self) -> bool {
+        matches!(self, Backend::Cpu { .. })
+    }
+}
+
+/// Scores every job's targets over the step's hidden states `[T, hidden]` (one vocab-parallel
+/// exchange for all of them) and picks the rows they carry on.
+fn score_prompts(
+    model: &R4bModel,
+    hidden: &Tensor,
+    jobs: &[PromptJob],
+) -> Result<Vec<(Vec<PromptLogprob>, Option<Tensor>)>> {
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for job in jobs {
+        for &(_, src, target) in &job.targets {
+            let row = match (src, &job.carry) {
+                (HiddenRow::Carry, Some(c)) => c.clone(),
+                (HiddenRow::Step(i), _) => hidden.narrow(0, i, 1)?,
+                (HiddenRow::Carry, None) => {
+                    return Err(Error::Step("prompt logprobs: no carried row".into()))
+                }
+            };
+            rows.push(row);
+            targets.push(target);
+        }
+    }
+    let scored = if rows.is_empty() {
+        Vec::new()
+    } else {
+        model.prompt_logprobs(&Tensor::cat(&rows, 0)?, &targets)?
+    };
+    let mut scored = scored.into_iter();
+    jobs.iter()
+        .map(|job| {
+            let entries: Vec<PromptLogprob> = scored.by_ref().take(job.targets.len()).collect();
+            // A copy, so the step's [T, hidden] buffer is not kept alive by one row.
+            let keep = job
+                .keep
+                .map(|i| hidden.narrow(0, i, 1).and_then(|r| r.copy()))
+                .transpose()?;
+            Ok((entries, keep))
+        })
+        .collect()
 }
 
 /// Executes steps for one rank.
@@ -446,8 +564,9 @@ impl StepExecutor {
                 )
             })
             .collect();
+        let jobs = prompt_jobs(&run, &self.seqs);
         let t_fwd = Instant::now();
-        let tokens = self.model.step(&chunks, &rows)?;
+        let StepOutput { tokens, prompt } = self.model.step(&chunks, &rows, &jobs)?;
         let n_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         if n_tokens > chunks.len() {
             tracing::debug!(
@@ -477,6 +596,33 @@ impl StepExecutor {
                 })
                 .collect();
         }
+        for (job, (entries, keep)) in jobs.iter().zip(prompt) {
+            let seq_id = run[job.chunk].seq_id;
+            if let Some(st) = self.seqs.get_mut(&seq_id) {
+                st.carry = keep;
+            }
+            if self.model.shard().rank == 0 && !entries.is_empty() {
+                resp.prompt_logprobs.push(pb::SeqPromptLogprobs {
+                    seq_id,
+                    entries: job
+                        .targets
+                        .iter()
+                        .zip(entries)
+                        .map(|(&(position, _, _), e)| pb::PromptLogprob {
+                            position,
+                            id: e.id,
+                            logprob: e.logprob,
+                            rank: e.rank,
+                            top: e
+                                .top
+                                .into_iter()
+                                .map(|(id, logprob)| pb::TopLogprob { id, logprob })
+                                .collect(),
+                        })
+                        .collect(),
+                });
+            }
+        }
         resp.forward_ns = t0.elapsed().as_nanos() as u64;
         resp.collective_ns = self.comm.ns.load(Ordering::Relaxed);
         Ok(resp)
@@ -489,6 +635,11 @@ impl StepExecutor {
         if let Some(p) = &s.sampling {
             if let Err(reason) = self.limits.check_first_chunk(s, p) {
                 return Ok(Err(reason));
+            }
+            if p.prompt_logprobs.is_some() && !self.model.has_prompt_logprobs() {
+                return Ok(Err("prompt_logprobs (and echo with logprobs) are not supported by \
+                               the GPU engine yet; serve on the CPU engine for prompt scoring"
+                    .into()));
             }
             let params = sampling_from_proto(p);
             let prompt_len = s.prompt_len as usize;
@@ -509,6 +660,8 @@ impl StepExecutor {
                     history,
                     seed,
                     prompt_len,
+                    prompt_logprobs: p.prompt_logprobs,
+                    carry: None,
                 },
             );
         }
@@ -585,6 +738,54 @@ impl StepExecutor {
         }
         Ok(rows)
     }
+}
+
+/// The prompt positions each chunk of `run` scores, for sequences with `prompt_logprobs`: every
+/// prompt position `t ≥ 1` the chunk holds, predicted by the hidden state at `t − 1` (the
+/// carried row of the previous chunk for the chunk's first token; a first chunk after a
+/// preemption has none and skips that position, which the coordinator already has).
+fn prompt_jobs(run: &[&pb::SeqStep], seqs: &HashMap<u64, SeqState>) -> Vec<PromptJob> {
+    let mut jobs = Vec::new();
+    let mut offset = 0;
+    for (i, s) in run.iter().enumerate() {
+        let (start, n) = (s.start_pos as usize, s.tokens.len());
+        let base = offset;
+        offset += n;
+        let Some(st) = seqs.get(&s.seq_id) else {
+            continue;
+        };
+        let Some(k) = st.prompt_logprobs else {
+            continue;
+        };
+        let prompt_len = st.prompt_len;
+        let mut targets = Vec::new();
+        for t in start.max(1)..(start + n).min(prompt_len) {
+            let src = if t == start {
+                if st.carry.is_none() {
+                    continue;
+                }
+                HiddenRow::Carry
+            } else {
+                HiddenRow::Step(base + t - 1 - start)
+            };
+            let target = PromptTarget {
+                id: s.tokens[t - start],
+                top: k as usize,
+            };
+            targets.push((t as u32, src, target));
+        }
+        let keep = (start + n < prompt_len).then(|| base + n - 1);
+        if targets.is_empty() && keep.is_none() {
+            continue;
+        }
+        jobs.push(PromptJob {
+            chunk: i,
+            carry: st.carry.clone(),
+            targets,
+            keep,
+        });
+    }
+    jobs
 }
 
 /// The chunk of `s` over its sequence's state in `seqs` (the chunk borrows the image rows).
