@@ -62,6 +62,9 @@ struct Batch {
     logprobs: Option<u32>,
     /// `return_tokens_as_token_ids`.
     as_ids: bool,
+    /// Alternatives per position of vLLM's `prompt_logprobs` in the response: the field's value,
+    /// else `logprobs` with `echo` (vLLM computes them then too); `None`: no such field.
+    prompt_logprobs: Option<u32>,
 }
 
 async fn run(state: AppState, batch: Batch) -> Result<Response, ApiError> {
@@ -72,7 +75,7 @@ async fn run(state: AppState, batch: Batch) -> Result<Response, ApiError> {
     let (mut prompt_tokens, mut cached_tokens) = (0, 0);
     let tok = state.files().tokenizer().clone();
     let (mut echo_lp, mut prompt_lp) = (BTreeMap::new(), BTreeMap::new());
-    let scored = req.params.sampling.prompt_logprobs;
+    let scored = batch.prompt_logprobs;
     // Prompt i's choice j is choice i*n + j, as OpenAI numbers them.
     for (i, prompt) in batch.prompts.iter().enumerate() {
         let mut these = generate::submit(&state, prompt, &clock).await?;
@@ -87,7 +90,10 @@ async fn run(state: AppState, batch: Batch) -> Result<Response, ApiError> {
                 echo_lp.insert(r.index, positions);
             }
             if let (Some(k), false) = (scored, req.params.stream) {
-                prompt_lp.insert(r.index, lp::vllm_prompt_logprobs(&tok, &entries, k as usize));
+                prompt_lp.insert(
+                    r.index,
+                    lp::vllm_prompt_logprobs(&tok, &entries, k as usize),
+                );
             }
         }
         runs.extend(these);
@@ -207,8 +213,7 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<Batch, ApiError> {
     let logprobs = validate::completion_logprobs(req.logprobs, config.max_top_logprobs)?;
     let echo = req.echo.unwrap_or(false);
     let stream = common.stream.unwrap_or(false);
-    let asked =
-        lp::prompt_logprobs_param(req.prompt_logprobs, config.max_top_logprobs, stream)?;
+    let asked = lp::prompt_logprobs_param(req.prompt_logprobs, config.max_top_logprobs, stream)?;
     // `max_tokens: 0` (or `max_completion_tokens: 0`) scores the prompt: only with `echo`.
     let (max_field, max_raw) = match common.max_completion_tokens {
         Some(v) => ("max_completion_tokens", Some(v)),
@@ -287,6 +292,7 @@ async fn parse(state: &AppState, body: &JsonBody) -> Result<Batch, ApiError> {
         echo,
         logprobs,
         as_ids: req.return_tokens_as_token_ids.unwrap_or(false),
+        prompt_logprobs: asked.or(for_echo),
     })
 }
 
@@ -341,9 +347,7 @@ impl CompletionFormat {
                 Some((logprob, top)) => {
                     out.token_logprobs.push(Some(lp::clamp(*logprob)));
                     out.top_logprobs.push(Some(
-                        top.iter()
-                            .map(|&(id, l)| (key(id), lp::clamp(l)))
-                            .collect(),
+                        top.iter().map(|&(id, l)| (key(id), lp::clamp(l))).collect(),
                     ));
                 }
             }

@@ -142,7 +142,10 @@ mod tests {
         assert_eq!(clamp(f32::NAN), FLOOR);
         assert_eq!(clamp(-1.5), -1.5);
         assert_eq!(prompt_logprobs_param(None, 20, true).ok(), Some(None));
-        assert_eq!(prompt_logprobs_param(Some(3), 20, false).ok(), Some(Some(3)));
+        assert_eq!(
+            prompt_logprobs_param(Some(3), 20, false).ok(),
+            Some(Some(3))
+        );
         for (v, stream) in [(-1, false), (21, false), (2, true)] {
             let e = prompt_logprobs_param(Some(v), 20, stream).expect_err("refused");
             assert_eq!(e.param().as_deref(), Some("prompt_logprobs"));
@@ -172,7 +175,10 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                Position { id: 5, scored: None },
+                Position {
+                    id: 5,
+                    scored: None
+                },
                 Position {
                     id: 7,
                     scored: Some((-3.0, vec![(7, -3.0), (1, -0.5), (2, -1.0)]))

@@ -244,10 +244,7 @@ mod tests {
         assert_eq!(check_sampling(&p).expect_err("21").field, "top_logprobs");
         p.top_logprobs = 0;
         p.prompt_logprobs = Some(21);
-        assert_eq!(
-            check_sampling(&p).expect_err("21").field,
-            "prompt_logprobs"
-        );
+        assert_eq!(check_sampling(&p).expect_err("21").field, "prompt_logprobs");
         p.prompt_logprobs = Some(20);
         assert!(check_sampling(&p).is_ok());
         let mut p = neutral();

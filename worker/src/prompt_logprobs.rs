@@ -83,11 +83,10 @@ pub fn prompt_logprobs_logits(
             .filter(|v| v.is_nan())
             .for_each(|v| *v = f32::NEG_INFINITY);
         let (m, s) = max_sumexp(raw);
-        let own = t
-            .id
-            .checked_sub(start)
-            .and_then(|i| raw.get(i as usize).copied())
-            .unwrap_or(f32::NEG_INFINITY);
+        let own =
+            t.id.checked_sub(start)
+                .and_then(|i| raw.get(i as usize).copied())
+                .unwrap_or(f32::NEG_INFINITY);
         f.extend([m, s, own]);
         let top = top_indices(raw, t.top.min(width));
         f.extend(top.iter().map(|&i| raw[i as usize]));

@@ -212,9 +212,7 @@ impl Backend {
             Backend::Gpu(m) => {
                 if !jobs.is_empty() {
                     // Admission refuses such sequences on the GPU engine (see `admit`).
-                    return Err(Error::Step(
-                        "prompt logprobs reached the GPU engine".into(),
-                    ));
+                    return Err(Error::Step("prompt logprobs reached the GPU engine".into()));
                 }
                 Ok(StepOutput {
                     tokens: m.step(chunks, rows)?,
@@ -637,9 +635,11 @@ impl StepExecutor {
                 return Ok(Err(reason));
             }
             if p.prompt_logprobs.is_some() && !self.model.has_prompt_logprobs() {
-                return Ok(Err("prompt_logprobs (and echo with logprobs) are not supported by \
+                return Ok(Err(
+                    "prompt_logprobs (and echo with logprobs) are not supported by \
                                the GPU engine yet; serve on the CPU engine for prompt scoring"
-                    .into()));
+                        .into(),
+                ));
             }
             let params = sampling_from_proto(p);
             let prompt_len = s.prompt_len as usize;

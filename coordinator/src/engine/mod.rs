@@ -288,7 +288,10 @@ fn seq_request(
         prompt_ids: ids.clone(),
         images: spans,
         stopping,
-        score_prompt: req.sampling.as_ref().is_some_and(|s| s.prompt_logprobs.is_some()),
+        score_prompt: req
+            .sampling
+            .as_ref()
+            .is_some_and(|s| s.prompt_logprobs.is_some()),
     })
 }
 

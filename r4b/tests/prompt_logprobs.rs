@@ -1,0 +1,140 @@
+//! Prompt log-probabilities through the official `openai` Python SDK
+//! (`tests/e2e/openai_sdk_logprobs.py`): `echo` + `logprobs` with and without generation
+//! (`max_tokens: 0`), batched prompts, vLLM's `prompt_logprobs` on both endpoints,
+//! `return_tokens_as_token_ids` against alternatives with the same text, and
+//! `stream_options.continuous_usage_stats`, at TP = 1 and (prompt scoring) TP = 2.
+//!
+//! The expected values are independent of the serving path: this test writes the embedded
+//! model's files itself, runs the f32 reference forward in-process (one chunk, every position,
+//! world size 1, full logits), and hands the script each position's log-softmax, computed here
+//! in f64. The script derives tokens, top-k and ranks from those rows and compares within 1e-4.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use common::python::python3;
+use common::Server;
+use r4b_worker::checkpoint::Checkpoint;
+use r4b_worker::collective::SingleRank;
+use r4b_worker::config::RConfig;
+use r4b_worker::model::{OutputRows, R4bModel, SeqChunk};
+use serde_json::{json, Value};
+
+/// The prompts the script scores (token ids; the chat one comes from `/tokenize`).
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        "Hello world".bytes().map(u32::from).collect(),
+        vec![49, 50, 51, 52, 53, 54, 55],
+        // Not UTF-8 on their own: the alternatives of these positions often share the text
+        // U+FFFD, which is what `return_tokens_as_token_ids` is for.
+        vec![0xE2, 0x82, 0xAC, 0xF0, 0x9F, 0x98],
+    ]
+}
+
+/// The reference model (the embedded default, written here, f32, world size 1).
+fn reference_model(dir: &std::path::Path) -> R4bModel {
+    r4b_worker::embedded::write_model_files(dir).unwrap();
+    let cfg = RConfig::from_file(&dir.join("config.json")).unwrap();
+    let ckpt = Checkpoint::open(dir).unwrap();
+    R4bModel::load(&ckpt, &cfg, Arc::new(SingleRank), &Device::Cpu).unwrap()
+}
+
+/// Log-softmax (f64) of the logits at every position of `ids`, teacher-forced in one chunk.
+fn log_softmax_rows(model: &R4bModel, ids: &[u32]) -> Vec<Vec<f64>> {
+    let bs = 16;
+    let blocks = ids.len().div_ceil(bs);
+    let mut kv = model.new_kv_cache(blocks, bs).unwrap();
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let chunk = SeqChunk {
+        tokens: ids,
+        prompt_tokens: ids.len(),
+        start_pos: 0,
+        block_table: &table,
+        image_rows: None,
+    };
+    let hidden = model
+        .forward_step(&[chunk], &mut kv, OutputRows::All)
+        .unwrap();
+    let logits = model
+        .full_logits(&hidden)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    logits
+        .iter()
+        .map(|row| {
+            let m = row.iter().map(|&x| f64::from(x)).fold(f64::MIN, f64::max);
+            let lse = m + row
+                .iter()
+                .map(|&x| (f64::from(x) - m).exp())
+                .sum::<f64>()
+                .ln();
+            row.iter().map(|&x| f64::from(x) - lse).collect()
+        })
+        .collect()
+}
+
+/// `{"prompts": [{"ids": [...], "rows": [[...]]}], "chat": {...}}` for the script.
+fn reference_file(s: &Server, dir: &std::path::Path) -> std::path::PathBuf {
+    let model = reference_model(&dir.join("model"));
+    let chat_body = json!({"model": "r4b", "messages": [{"role": "user", "content": "Hi there"}]});
+    let (status, tokenized) = s.post("/tokenize", &chat_body);
+    assert_eq!(status, 200, "{tokenized}");
+    let chat_ids: Vec<u32> = tokenized["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let entry = |ids: &[u32]| json!({"ids": ids, "rows": log_softmax_rows(&model, ids)});
+    let all: Vec<Value> = prompts().iter().map(|p| entry(p)).collect();
+    let file = dir.join("reference.json");
+    let doc = json!({"prompts": all, "chat": entry(&chat_ids)});
+    std::fs::write(&file, serde_json::to_vec(&doc).unwrap()).unwrap();
+    file
+}
+
+fn run_script(s: &Server, reference: &std::path::Path, mode: &str) {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/e2e/openai_sdk_logprobs.py"
+    );
+    let out = python3()
+        .arg(script)
+        .arg(&s.base)
+        .arg(reference)
+        .arg(mode)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "logprobs SDK checks failed:\n{stdout}"
+    );
+    assert!(stdout.contains("all passed"));
+}
+
+#[test]
+fn prompt_logprobs_echo_and_usage_match_the_reference_through_the_openai_sdk() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&[]);
+    let reference = reference_file(&s, dir.path());
+    run_script(&s, &reference, "full");
+}
+
+#[test]
+fn prompt_logprobs_at_tp2_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small chunks: every prompt spans several prefill chunks (the carried row).
+    let s = Server::start(&[
+        "--tensor-parallel-size",
+        "2",
+        "--max-num-batched-tokens",
+        "4",
+    ]);
+    let reference = reference_file(&s, dir.path());
+    run_script(&s, &reference, "scoring");
+}
