@@ -159,3 +159,40 @@ fn sum_over_ranks(comm: &dyn Collective, like: &Tensor, counts: Vec<u32>) -> Res
     }
     Ok(total)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::SingleRank;
+    use candle_core::Device;
+
+    #[test]
+    fn values_ranks_and_top_match_hand_computed() {
+        // Row 0: logits (1, 3, 0, 3): lse = ln(e + 2e³ + 1). Target 0 (logit 1): 3 logits ≥ 1.
+        // Row 1: all equal: every logprob is −ln 4, and every entry ties (rank 4).
+        let logits =
+            Tensor::new(&[[1f32, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0]], &Device::Cpu).unwrap();
+        let targets = [
+            PromptTarget { id: 0, top: 3 },
+            PromptTarget { id: 2, top: 0 },
+        ];
+        let got = prompt_logprobs_logits(&logits, &SingleRank, &targets).unwrap();
+        let lse = (1f64.exp() + 2.0 * 3f64.exp() + 1.0).ln();
+        let lp = |x: f64| (x - lse) as f32;
+        assert_eq!(got[0].id, 0);
+        assert!((got[0].logprob - lp(1.0)).abs() < 1e-6);
+        assert_eq!(got[0].rank, 3);
+        let ids: Vec<u32> = got[0].top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 3, 0], "value desc, then id asc");
+        assert!((got[0].top[0].1 - lp(3.0)).abs() < 1e-6);
+        assert!((got[1].logprob + 4f32.ln()).abs() < 1e-6);
+        assert_eq!((got[1].rank, got[1].top.len()), (4, 0));
+    }
+
+    #[test]
+    fn a_row_count_mismatch_is_an_error() {
+        let logits = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+        let one = [PromptTarget { id: 0, top: 1 }];
+        assert!(prompt_logprobs_logits(&logits, &SingleRank, &one).is_err());
+    }
+}
