@@ -12,7 +12,7 @@
 mod common;
 
 use common::python::python3;
-use common::reference::{log_softmax_rows, reference_model};
+use common::reference::{log_softmax_rows, log_softmax_rows_with_images, reference_model};
 use common::Server;
 use serde_json::{json, Value};
 
@@ -88,4 +88,47 @@ fn prompt_logprobs_at_tp2_match_the_reference() {
     ]);
     let reference = reference_file(&s, dir.path());
     run_script(&s, &reference, "scoring");
+}
+
+#[test]
+fn image_positions_get_prompt_logprobs_equal_to_the_reference() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    let model = reference_model(&model_dir);
+    let s = Server::start(&[]);
+    let uri = common::png_data_uri(40, 24, 3);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(uri.split_once(',').unwrap().1)
+        .unwrap();
+    let messages = json!([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": uri}},
+        {"type": "text", "text": "What is it?"}]}]);
+    let (status, t) = s.post("/tokenize", &json!({"model": "r4b", "messages": messages}));
+    assert_eq!(status, 200, "{t}");
+    let ids: Vec<u32> = t["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let body = json!({"model": "r4b", "messages": messages, "max_tokens": 1, "prompt_logprobs": 1});
+    let (status, r) = s.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{r}");
+    let plp = r["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(plp.len(), ids.len(), "one entry per prompt token, images expanded");
+    assert_eq!(r["usage"]["prompt_tokens"].as_u64(), Some(ids.len() as u64));
+    assert!(plp[0].is_null());
+    let rows = log_softmax_rows_with_images(&model, &ids, &[png], &model_dir);
+    let image_id = ids.iter().copied().max_by_key(|&id| ids.iter().filter(|&&x| x == id).count());
+    let mut image_positions = 0;
+    for t in 1..ids.len() {
+        let e = &plp[t][ids[t].to_string()];
+        let (got, want) = (e["logprob"].as_f64().unwrap(), rows[t - 1][ids[t] as usize]);
+        assert!((got - want).abs() < 1e-4, "position {t}: {got} vs reference {want}");
+        let rank = rows[t - 1].iter().filter(|&&x| x >= want).count() as u64;
+        assert_eq!(e["rank"].as_u64(), Some(rank), "position {t}");
+        image_positions += usize::from(Some(ids[t]) == image_id);
+    }
+    assert!(image_positions > 100, "{image_positions} image positions checked");
 }

@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use r4b_worker::checkpoint::Checkpoint;
 use r4b_worker::collective::SingleRank;
-use r4b_worker::config::RConfig;
-use r4b_worker::model::{OutputRows, R4bModel, SeqChunk};
+use r4b_worker::config::{ImagePreprocessing, RConfig};
+use r4b_worker::model::{anyres, OutputRows, R4bModel, SeqChunk};
 
 /// The reference model (the embedded default, written here, f32, world size 1).
 pub fn reference_model(dir: &std::path::Path) -> R4bModel {
@@ -20,6 +20,33 @@ pub fn reference_model(dir: &std::path::Path) -> R4bModel {
 
 /// Log-softmax (f64) of the logits at every position of `ids`, teacher-forced in one chunk.
 pub fn log_softmax_rows(model: &R4bModel, ids: &[u32]) -> Vec<Vec<f64>> {
+    log_softmax_rows_with_images(model, ids, &[], std::path::Path::new(""))
+}
+
+/// [`log_softmax_rows`] for a prompt whose `<image>` runs are `images` (PNG or JPEG bytes, in
+/// order), preprocessed with the checkpoint's `dir` settings and encoded by the reference vision
+/// tower.
+pub fn log_softmax_rows_with_images(
+    model: &R4bModel,
+    ids: &[u32],
+    images: &[Vec<u8>],
+    dir: &std::path::Path,
+) -> Vec<Vec<f64>> {
+    let image_rows = if images.is_empty() {
+        None
+    } else {
+        let pre = ImagePreprocessing::from_dir(dir).unwrap();
+        let geometry = model.config().image_geometry();
+        let rows: Vec<Tensor> = images
+            .iter()
+            .map(|bytes| {
+                let img = image::load_from_memory(bytes).unwrap().to_rgb8();
+                let views = anyres::preprocess(&img, &geometry, pre.resample, &pre.norm).unwrap();
+                model.encode_image(&views).unwrap()
+            })
+            .collect();
+        Some(Tensor::cat(&rows, 0).unwrap().into())
+    };
     let bs = 16;
     let blocks = ids.len().div_ceil(bs);
     let mut kv = model.new_kv_cache(blocks, bs).unwrap();
@@ -29,7 +56,7 @@ pub fn log_softmax_rows(model: &R4bModel, ids: &[u32]) -> Vec<Vec<f64>> {
         prompt_tokens: ids.len(),
         start_pos: 0,
         block_table: &table,
-        image_rows: None,
+        image_rows,
     };
     let hidden = model
         .forward_step(&[chunk], &mut kv, OutputRows::All)
