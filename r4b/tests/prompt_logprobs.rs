@@ -116,19 +116,88 @@ fn image_positions_get_prompt_logprobs_equal_to_the_reference() {
     let (status, r) = s.post("/v1/chat/completions", &body);
     assert_eq!(status, 200, "{r}");
     let plp = r["prompt_logprobs"].as_array().unwrap();
-    assert_eq!(plp.len(), ids.len(), "one entry per prompt token, images expanded");
+    assert_eq!(
+        plp.len(),
+        ids.len(),
+        "one entry per prompt token, images expanded"
+    );
     assert_eq!(r["usage"]["prompt_tokens"].as_u64(), Some(ids.len() as u64));
     assert!(plp[0].is_null());
     let rows = log_softmax_rows_with_images(&model, &ids, &[png], &model_dir);
-    let image_id = ids.iter().copied().max_by_key(|&id| ids.iter().filter(|&&x| x == id).count());
+    let image_id = ids
+        .iter()
+        .copied()
+        .max_by_key(|&id| ids.iter().filter(|&&x| x == id).count());
     let mut image_positions = 0;
     for t in 1..ids.len() {
         let e = &plp[t][ids[t].to_string()];
         let (got, want) = (e["logprob"].as_f64().unwrap(), rows[t - 1][ids[t] as usize]);
-        assert!((got - want).abs() < 1e-4, "position {t}: {got} vs reference {want}");
+        assert!(
+            (got - want).abs() < 1e-4,
+            "position {t}: {got} vs reference {want}"
+        );
         let rank = rows[t - 1].iter().filter(|&&x| x >= want).count() as u64;
         assert_eq!(e["rank"].as_u64(), Some(rank), "position {t}");
         image_positions += usize::from(Some(ids[t]) == image_id);
     }
-    assert!(image_positions > 100, "{image_positions} image positions checked");
+    assert!(
+        image_positions > 100,
+        "{image_positions} image positions checked"
+    );
+}
+
+#[test]
+fn a_preempted_scoring_request_keeps_one_entry_per_prompt_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = reference_model(&dir.path().join("model"));
+    // 5 KV blocks of 16 tokens, 32 tokens per step: two 50-token prompts (4 blocks each) cannot
+    // both be held, so one is preempted and recomputed, before or after its prompt entries went
+    // out.
+    let s = Server::start(&[
+        "--num-kv-blocks",
+        "5",
+        "--block-size",
+        "16",
+        "--max-model-len",
+        "64",
+        "--max-num-batched-tokens",
+        "32",
+    ]);
+    let prompts: Vec<Vec<u32>> = (0..2u32)
+        .map(|j| (0..50u32).map(|i| (i * 7 + j * 13) % 200 + 32).collect())
+        .collect();
+    let responses: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let s = &s;
+                scope.spawn(move || {
+                    let body = json!({"model": "r4b", "prompt": p, "max_tokens": 8, "echo": true,
+                        "logprobs": 1, "temperature": 0, "ignore_eos": true});
+                    let (status, r) = s.post("/v1/completions", &body);
+                    assert_eq!(status, 200, "{r}");
+                    r
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let preemptions = s.metric("vllm:num_preemptions_total").unwrap_or(0.0);
+    assert!(preemptions >= 1.0, "no preemption happened");
+    for (p, r) in prompts.iter().zip(&responses) {
+        let lp = r["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap();
+        assert_eq!(
+            lp.len(),
+            p.len() + 8,
+            "prompt entries once each, then 8 tokens"
+        );
+        assert!(lp[0].is_null());
+        let rows = log_softmax_rows(&model, p);
+        for t in 1..p.len() {
+            let (got, want) = (lp[t].as_f64().unwrap(), rows[t - 1][p[t] as usize]);
+            assert!((got - want).abs() < 1e-4, "position {t}: {got} vs {want}");
+        }
+    }
 }
