@@ -77,8 +77,17 @@ async fn run(state: AppState, batch: Batch) -> Result<Response, ApiError> {
     let (mut echo_lp, mut prompt_lp) = (BTreeMap::new(), BTreeMap::new());
     let scored = batch.prompt_logprobs;
     // Prompt i's choice j is choice i*n + j, as OpenAI numbers them.
-    for (i, prompt) in batch.prompts.iter().enumerate() {
-        let mut these = generate::submit(&state, prompt, &clock).await?;
+    // All prompts at once: `submit` waits for each choice's first message, which comes after
+    // its prefill, so one prompt after another would serialise a batch's prefills (lm-eval's
+    // scoring batches are nothing but prefills). A refusal drops, and so cancels, the others.
+    let submitted = futures::future::try_join_all(
+        batch
+            .prompts
+            .iter()
+            .map(|prompt| generate::submit(&state, prompt, &clock)),
+    )
+    .await?;
+    for (i, (prompt, mut these)) in batch.prompts.iter().zip(submitted).enumerate() {
         let (p, c) = generate::prompt_usage(&these, prompt);
         prompt_tokens += p;
         cached_tokens += c;
