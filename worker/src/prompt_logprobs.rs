@@ -12,10 +12,15 @@
 //! whose logit is `≥` the target's, the target itself included) needs the target's logit first,
 //! so each rank then counts its own entries and a third `all_gather` sums the counts. With world
 //! size 1 nothing is sent. TP = 1, 2, 4 therefore give the same values.
+//!
+//! The executor sees one chunk at a time: [`PromptJob::plan`] says which positions a chunk
+//! scores and from which hidden rows; the row that predicts the next chunk's first token is kept
+//! in the sequence's state (`carry`) until then.
 
 use candle_core::{DType, Tensor};
 
 use crate::collective::Collective;
+use crate::model::R4bModel;
 use crate::parallel::VocabParallelHead;
 use crate::sampling::{by_value_desc, exchange, max_sumexp, merge_lse, top_indices};
 use crate::{Error, Result};
@@ -40,6 +45,115 @@ pub struct PromptLogprob {
     pub rank: u32,
     /// The `top` most likely tokens, most likely first (ties: lower id first).
     pub top: Vec<(u32, f32)>,
+}
+
+/// Where a prompt position's predicting hidden state is.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum HiddenRow {
+    /// The sequence's carried row (the position before the chunk).
+    Carry,
+    /// This row of the step's hidden states (`[T, hidden]`, all chunks).
+    Step(usize),
+}
+
+/// The prompt positions one chunk scores (`prompt_logprobs`).
+pub(crate) struct PromptJob {
+    /// Index of the chunk in the step.
+    pub(crate) chunk: usize,
+    /// The carried row, when the first target uses it.
+    pub(crate) carry: Option<Tensor>,
+    /// `(prompt position, where its hidden state is, target)`, in position order.
+    pub(crate) targets: Vec<(u32, HiddenRow, PromptTarget)>,
+    /// Step row to carry into the sequence's next chunk (its last position, still in the prompt).
+    pub(crate) keep: Option<usize>,
+}
+
+/// One chunk of a step, as the prompt-logprob planner sees it.
+pub(crate) struct ChunkSpan<'a> {
+    /// Index of the chunk in the step.
+    pub(crate) index: usize,
+    /// Row of the chunk's first token among the step's hidden states.
+    pub(crate) row: usize,
+    /// Position of the chunk's first token.
+    pub(crate) start: usize,
+    /// The chunk's tokens.
+    pub(crate) tokens: &'a [u32],
+    /// The sequence's prompt length.
+    pub(crate) prompt_len: usize,
+}
+
+impl PromptJob {
+    /// What chunk `c` of a sequence asking for `k` alternatives scores: every prompt position
+    /// `t ≥ 1` it holds, predicted by the hidden state at `t − 1`: the sequence's `carry` (the
+    /// previous chunk's last row) for the chunk's first token (a first chunk after a preemption
+    /// has none and skips that position, which the coordinator already has), a row of this step
+    /// for the others. `None` when there is nothing to score and nothing to carry (a decode).
+    pub(crate) fn plan(c: &ChunkSpan, k: usize, carry: Option<&Tensor>) -> Option<PromptJob> {
+        let n = c.tokens.len();
+        let mut targets = Vec::new();
+        for t in c.start.max(1)..(c.start + n).min(c.prompt_len) {
+            let src = if t > c.start {
+                HiddenRow::Step(c.row + t - 1 - c.start)
+            } else if carry.is_some() {
+                HiddenRow::Carry
+            } else {
+                continue;
+            };
+            let target = PromptTarget {
+                id: c.tokens[t - c.start],
+                top: k,
+            };
+            targets.push((t as u32, src, target));
+        }
+        let keep = (c.start + n < c.prompt_len).then(|| c.row + n - 1);
+        (!targets.is_empty() || keep.is_some()).then(|| PromptJob {
+            chunk: c.index,
+            carry: carry.cloned(),
+            targets,
+            keep,
+        })
+    }
+}
+
+/// Scores every job's targets over the step's hidden states `[T, hidden]` (one vocab-parallel
+/// exchange for all of them) and picks the rows they carry on.
+pub(crate) fn score_prompts(
+    model: &R4bModel,
+    hidden: &Tensor,
+    jobs: &[PromptJob],
+) -> Result<Vec<(Vec<PromptLogprob>, Option<Tensor>)>> {
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for job in jobs {
+        for &(_, src, target) in &job.targets {
+            let row = match (src, &job.carry) {
+                (HiddenRow::Carry, Some(c)) => c.clone(),
+                (HiddenRow::Step(i), _) => hidden.narrow(0, i, 1)?,
+                (HiddenRow::Carry, None) => {
+                    return Err(Error::Step("prompt logprobs: no carried row".into()))
+                }
+            };
+            rows.push(row);
+            targets.push(target);
+        }
+    }
+    let scored = if rows.is_empty() {
+        Vec::new()
+    } else {
+        model.prompt_logprobs(&Tensor::cat(&rows, 0)?, &targets)?
+    };
+    let mut scored = scored.into_iter();
+    jobs.iter()
+        .map(|job| {
+            let entries: Vec<PromptLogprob> = scored.by_ref().take(job.targets.len()).collect();
+            // A copy, so the step's [T, hidden] buffer is not kept alive by one row.
+            let keep = job
+                .keep
+                .map(|i| hidden.narrow(0, i, 1).and_then(|r| r.copy()))
+                .transpose()?;
+            Ok((entries, keep))
+        })
+        .collect()
 }
 
 /// Scores one target per row of `hidden [R, hidden]` (every rank calls it with the same rows and
@@ -187,6 +301,42 @@ mod tests {
         assert!((got[0].top[0].1 - lp(3.0)).abs() < 1e-6);
         assert!((got[1].logprob + 4f32.ln()).abs() < 1e-6);
         assert_eq!((got[1].rank, got[1].top.len()), (4, 0));
+    }
+
+    #[test]
+    fn plans_cover_each_prompt_position_once_across_chunks() {
+        let carry = Tensor::zeros((1, 2), DType::F32, &Device::Cpu).unwrap();
+        let tokens = [10, 11, 12, 13];
+        let span = |start, prompt_len| ChunkSpan {
+            index: 1,
+            row: 5,
+            start,
+            tokens: &tokens,
+            prompt_len,
+        };
+        let positions = |j: &PromptJob| -> Vec<(u32, u32)> {
+            j.targets.iter().map(|&(t, _, g)| (t, g.id)).collect()
+        };
+        // First chunk (positions 0..4 of a 10-token prompt): targets 1..4, rows 5..8; the last
+        // row (8) is carried.
+        let j = PromptJob::plan(&span(0, 10), 2, None).unwrap();
+        assert_eq!(positions(&j), vec![(1, 11), (2, 12), (3, 13)]);
+        assert!(matches!(j.targets[0].1, HiddenRow::Step(5)));
+        assert_eq!((j.keep, j.chunk, j.targets[0].2.top), (Some(8), 1, 2));
+        // Middle chunk (4..8) with the carry: position 4 from it, 5..8 from rows 5..8.
+        let j = PromptJob::plan(&span(4, 10), 2, Some(&carry)).unwrap();
+        assert_eq!(positions(&j), vec![(4, 10), (5, 11), (6, 12), (7, 13)]);
+        assert!(matches!(j.targets[0].1, HiddenRow::Carry));
+        assert!(matches!(j.targets[3].1, HiddenRow::Step(7)));
+        // Last chunk (8..12 of a 10-token prompt, output after it): 8, 9; nothing carried.
+        let j = PromptJob::plan(&span(8, 10), 2, Some(&carry)).unwrap();
+        assert_eq!(positions(&j), vec![(8, 10), (9, 11)]);
+        assert_eq!(j.keep, None);
+        // After a preemption, no carry: the chunk's first position is skipped.
+        let j = PromptJob::plan(&span(4, 10), 2, None).unwrap();
+        assert_eq!(positions(&j)[0], (5, 11));
+        // A decode: nothing.
+        assert!(PromptJob::plan(&span(12, 10), 2, Some(&carry)).is_none());
     }
 
     #[test]

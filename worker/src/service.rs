@@ -29,7 +29,7 @@ use crate::config::{ImagePreprocessing, RConfig};
 use crate::kv::PagedKvCache;
 use crate::model::anyres::PixelViews;
 use crate::model::{ChunkImageRows, ImageRows, OutputRows, R4bModel, SeqChunk};
-use crate::prompt_logprobs::{PromptLogprob, PromptTarget};
+use crate::prompt_logprobs::{score_prompts, ChunkSpan, PromptJob, PromptLogprob};
 use crate::sampling::{SampleRow, SamplingParams, TokenHistory};
 use crate::{Error, Result};
 
@@ -82,27 +82,6 @@ struct SeqState {
     /// With `prompt_logprobs`: the final hidden state `[1, hidden]` of the previous chunk's last
     /// position, which predicts this chunk's first token (the worker sees one chunk at a time).
     carry: Option<Tensor>,
-}
-
-/// Where a prompt position's predicting hidden state is.
-#[derive(Clone, Copy, Debug)]
-enum HiddenRow {
-    /// The sequence's carried row (the position before the chunk).
-    Carry,
-    /// This row of the step's hidden states (`[T, hidden]`, all chunks).
-    Step(usize),
-}
-
-/// The prompt positions one chunk scores (`prompt_logprobs`).
-struct PromptJob {
-    /// Index of the chunk in the step.
-    chunk: usize,
-    /// The carried row, when the first target uses it.
-    carry: Option<Tensor>,
-    /// `(prompt position, where its hidden state is, target)`, in position order.
-    targets: Vec<(u32, HiddenRow, PromptTarget)>,
-    /// Step row to carry into the sequence's next chunk (its last position, still in the prompt).
-    keep: Option<usize>,
 }
 
 /// What a step computed for the sampling rows and the prompt jobs.
@@ -226,47 +205,6 @@ impl Backend {
     fn has_prompt_logprobs(&self) -> bool {
         matches!(self, Backend::Cpu { .. })
     }
-}
-
-/// Scores every job's targets over the step's hidden states `[T, hidden]` (one vocab-parallel
-/// exchange for all of them) and picks the rows they carry on.
-fn score_prompts(
-    model: &R4bModel,
-    hidden: &Tensor,
-    jobs: &[PromptJob],
-) -> Result<Vec<(Vec<PromptLogprob>, Option<Tensor>)>> {
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
-    for job in jobs {
-        for &(_, src, target) in &job.targets {
-            let row = match (src, &job.carry) {
-                (HiddenRow::Carry, Some(c)) => c.clone(),
-                (HiddenRow::Step(i), _) => hidden.narrow(0, i, 1)?,
-                (HiddenRow::Carry, None) => {
-                    return Err(Error::Step("prompt logprobs: no carried row".into()))
-                }
-            };
-            rows.push(row);
-            targets.push(target);
-        }
-    }
-    let scored = if rows.is_empty() {
-        Vec::new()
-    } else {
-        model.prompt_logprobs(&Tensor::cat(&rows, 0)?, &targets)?
-    };
-    let mut scored = scored.into_iter();
-    jobs.iter()
-        .map(|job| {
-            let entries: Vec<PromptLogprob> = scored.by_ref().take(job.targets.len()).collect();
-            // A copy, so the step's [T, hidden] buffer is not kept alive by one row.
-            let keep = job
-                .keep
-                .map(|i| hidden.narrow(0, i, 1).and_then(|r| r.copy()))
-                .transpose()?;
-            Ok((entries, keep))
-        })
-        .collect()
 }
 
 /// Executes steps for one rank.
@@ -740,50 +678,28 @@ impl StepExecutor {
     }
 }
 
-/// The prompt positions each chunk of `run` scores, for sequences with `prompt_logprobs`: every
-/// prompt position `t ≥ 1` the chunk holds, predicted by the hidden state at `t − 1` (the
-/// carried row of the previous chunk for the chunk's first token; a first chunk after a
-/// preemption has none and skips that position, which the coordinator already has).
+/// The prompt positions each chunk of `run` scores (sequences with `prompt_logprobs`; see
+/// [`PromptJob::plan`]).
 fn prompt_jobs(run: &[&pb::SeqStep], seqs: &HashMap<u64, SeqState>) -> Vec<PromptJob> {
     let mut jobs = Vec::new();
     let mut offset = 0;
     for (i, s) in run.iter().enumerate() {
-        let (start, n) = (s.start_pos as usize, s.tokens.len());
         let base = offset;
-        offset += n;
+        offset += s.tokens.len();
         let Some(st) = seqs.get(&s.seq_id) else {
             continue;
         };
         let Some(k) = st.prompt_logprobs else {
             continue;
         };
-        let prompt_len = st.prompt_len;
-        let mut targets = Vec::new();
-        for t in start.max(1)..(start + n).min(prompt_len) {
-            let src = if t == start {
-                if st.carry.is_none() {
-                    continue;
-                }
-                HiddenRow::Carry
-            } else {
-                HiddenRow::Step(base + t - 1 - start)
-            };
-            let target = PromptTarget {
-                id: s.tokens[t - start],
-                top: k as usize,
-            };
-            targets.push((t as u32, src, target));
-        }
-        let keep = (start + n < prompt_len).then(|| base + n - 1);
-        if targets.is_empty() && keep.is_none() {
-            continue;
-        }
-        jobs.push(PromptJob {
-            chunk: i,
-            carry: st.carry.clone(),
-            targets,
-            keep,
-        });
+        let chunk = ChunkSpan {
+            index: i,
+            row: base,
+            start: s.start_pos as usize,
+            tokens: &s.tokens,
+            prompt_len: st.prompt_len,
+        };
+        jobs.extend(PromptJob::plan(&chunk, k as usize, st.carry.as_ref()));
     }
     jobs
 }
