@@ -25,6 +25,9 @@ use crate::parallel::VocabParallelHead;
 use crate::sampling::{by_value_desc, exchange, max_sumexp, merge_lse, top_indices};
 use crate::{Error, Result};
 
+/// Prompt positions scored per pass of the head (bounds the logits held at once).
+const ROWS_PER_PASS: usize = 256;
+
 /// One prompt position to score: the row's hidden state predicts `id`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PromptTarget {
@@ -137,11 +140,15 @@ pub(crate) fn score_prompts(
             targets.push(target);
         }
     }
-    let scored = if rows.is_empty() {
-        Vec::new()
-    } else {
-        model.prompt_logprobs(&Tensor::cat(&rows, 0)?, &targets)?
-    };
+    // In slices of rows, so a long prefill never holds [T, V / world] logits at once (R-4B: a
+    // 2048-token chunk would be 1.2 GB at TP = 1); every rank slices alike.
+    let mut scored = Vec::with_capacity(rows.len());
+    for (rows, targets) in rows
+        .chunks(ROWS_PER_PASS)
+        .zip(targets.chunks(ROWS_PER_PASS))
+    {
+        scored.extend(model.prompt_logprobs(&Tensor::cat(rows, 0)?, targets)?);
+    }
     let mut scored = scored.into_iter();
     jobs.iter()
         .map(|job| {
