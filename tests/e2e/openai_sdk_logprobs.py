@@ -134,6 +134,17 @@ def full(client, ref):
     check("echo stream: same tokens", toks == c.logprobs.tokens, (toks, c.logprobs.tokens))
     check("echo stream: same logprobs", lps[0] is None and all(close(a, b) for a, b in zip(lps[1:], c.logprobs.token_logprobs[1:])))
 
+    # Streamed scoring (max_tokens 0): the prompt text and its entries, finish_reason length.
+    text, toks, reasons = "", [], []
+    for chunk in client.completions.create(prompt=ids, max_tokens=0, echo=True, logprobs=1, stream=True, **greedy):
+        for ch in chunk.choices:
+            text += ch.text
+            toks += ch.logprobs.tokens if ch.logprobs else []
+            reasons.append(ch.finish_reason)
+    check("score stream: the prompt text", text == "Hello world", text)
+    check("score stream: prompt entries only", toks == [key(i) for i in ids], toks)
+    check("score stream: finish_reason length", reasons[-1] == "length", reasons)
+
     # 3. prompt_logprobs on chat (top level, as vLLM), over the chat template's ids.
     chat = ref["chat"]
     r = client.chat.completions.create(
