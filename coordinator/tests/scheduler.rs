@@ -31,6 +31,7 @@ fn req(id: u64, prompt: Vec<u32>, max_new: usize) -> SeqRequest {
         prompt_ids: prompt,
         images: vec![],
         stopping: stopping(max_new),
+        score_prompt: false,
     }
 }
 
@@ -266,6 +267,7 @@ fn image_req(id: u64, digest: u8) -> SeqRequest {
             encode_cost: 3,
         }],
         stopping: stopping(1),
+        score_prompt: false,
     }
 }
 
@@ -592,4 +594,29 @@ fn a_missing_sample_reruns_the_last_position() {
         (c.start_pos, c.tokens.clone(), c.sample, c.first_chunk),
         (2, vec![7], true, false)
     );
+}
+
+#[test]
+fn a_scoring_request_skips_the_prefix_cache_and_max_new_0_ends_after_the_prefill() {
+    let mut s = sched(config(64, 4, 64));
+    // A: 10 tokens; its two full blocks are cached once computed.
+    let prompt = text(100, 10);
+    s.submit(req(1, prompt.clone(), 10)).unwrap();
+    step(&mut s, 5);
+    // B: the same prompt, scored (prompt logprobs) with max_new_tokens = 0. Without the flag
+    // (10-1)/4 = 2 blocks would hit; with it every position is computed from 0.
+    let mut b = req(2, prompt.clone(), 0);
+    b.score_prompt = true;
+    s.submit(b).unwrap();
+    let (p, events) = step(&mut s, 6);
+    let c = chunk_of(&p, 2);
+    assert_eq!((c.start_pos, c.tokens.clone()), (0, prompt.clone()));
+    assert!(c.history.is_empty() && c.sample);
+    // Its sampled token is dropped: no tokens, finished by length, nothing cached reported.
+    let e = events.iter().find(|e| e.seq_id == SeqId(2)).unwrap();
+    assert_eq!(
+        (e.tokens.clone(), e.finish, e.cached_tokens),
+        (vec![], Some(Finish::Length), Some(0))
+    );
+    assert!(!s.snapshot().seqs.iter().any(|q| q.id == SeqId(2)));
 }

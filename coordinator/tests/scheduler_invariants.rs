@@ -163,6 +163,7 @@ impl Harness {
                 })
                 .collect(),
             stopping: stopping.clone(),
+            score_prompt: false,
         };
         let model = Model {
             prompt,

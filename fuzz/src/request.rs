@@ -40,7 +40,6 @@ const OTHER_FIELDS: &[&str] = &[
     "modalities",
     "guided_json",
     "structured_outputs",
-    "prompt_logprobs",
     "reasoning_effort",
     "truncate_prompt_tokens",
     "bad_words",

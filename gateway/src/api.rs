@@ -26,6 +26,8 @@ pub enum StopField {
 pub struct StreamOptions {
     /// Send a final chunk with the usage.
     pub include_usage: Option<bool>,
+    /// vLLM: every chunk carries the usage so far (prompt, completion so far, total).
+    pub continuous_usage_stats: Option<bool>,
 }
 
 /// Generation fields shared by chat and completions (OpenAI plus vLLM extensions).
@@ -92,6 +94,10 @@ pub struct ChatBody {
     pub tool_choice: Option<Value>,
     /// Allow several calls in one answer (default true).
     pub parallel_tool_calls: Option<Value>,
+    /// vLLM: the log-probability of every prompt token with this many alternatives.
+    pub prompt_logprobs: Option<i64>,
+    /// vLLM: name tokens `token_id:N` in logprobs instead of their text.
+    pub return_tokens_as_token_ids: Option<bool>,
 }
 
 /// One message as sent.
@@ -119,8 +125,13 @@ pub struct CompletionBody {
     pub prompt: Option<Value>,
     /// Return this many alternatives per position (with the chosen token's log-probability).
     pub logprobs: Option<i64>,
-    /// Put the prompt text before each completion.
+    /// Put the prompt text before each completion (and its tokens' logprobs with `logprobs`).
     pub echo: Option<bool>,
+    /// vLLM: the log-probability of every prompt token with this many alternatives.
+    pub prompt_logprobs: Option<i64>,
+    /// vLLM: name tokens `token_id:N` in logprobs instead of their text (so alternatives whose
+    /// text is the same keep distinct keys).
+    pub return_tokens_as_token_ids: Option<bool>,
 }
 
 /// Fields of `/tokenize` (vLLM): a chat body (`messages`) or a completion body (`prompt`).
@@ -326,6 +337,24 @@ pub struct ChatCompletion {
     pub choices: Vec<ChatChoice>,
     /// Usage.
     pub usage: Usage,
+    /// vLLM's `prompt_logprobs` (at the top level in chat, as vLLM has it), when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<PromptLogprobs>>>,
+}
+
+/// One prompt position of vLLM's `prompt_logprobs`: token id (as a string key) → entry; the
+/// prompt token and its `prompt_logprobs` most likely alternatives.
+pub type PromptLogprobs = BTreeMap<String, PromptLogprobEntry>;
+
+/// vLLM's `Logprob` as its API serialises it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PromptLogprobEntry {
+    /// Log-probability (`-9999.0` for `-inf`, as vLLM clamps it).
+    pub logprob: f32,
+    /// 1 + the number of tokens at least as likely (the token itself excluded).
+    pub rank: u32,
+    /// The token's text.
+    pub decoded_token: String,
 }
 
 /// Delta of one streamed chat chunk.
@@ -379,12 +408,14 @@ pub struct ChatCompletionChunk {
 /// Legacy completions logprobs.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CompletionLogprobs {
-    /// Token texts.
+    /// Token texts (`token_id:N` with `return_tokens_as_token_ids`).
     pub tokens: Vec<String>,
-    /// Their log-probabilities.
-    pub token_logprobs: Vec<f32>,
-    /// Alternatives per position, token text → log-probability.
-    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    /// Their log-probabilities (`null` for the first echoed prompt token).
+    pub token_logprobs: Vec<Option<f32>>,
+    /// Alternatives per position, token text → log-probability (`null` for the first echoed
+    /// prompt token). Alternatives with the same text share one key, as in vLLM; ask for
+    /// `return_tokens_as_token_ids` to keep them apart.
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
     /// Character offset of each token in the choice text.
     pub text_offset: Vec<usize>,
 }
@@ -400,6 +431,10 @@ pub struct CompletionChoice {
     pub logprobs: Option<CompletionLogprobs>,
     /// `stop` or `length`; null in intermediate chunks.
     pub finish_reason: Option<&'static str>,
+    /// vLLM's `prompt_logprobs`: `null` for the first prompt token, then one entry per prompt
+    /// token (when asked for, or with `echo` and `logprobs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<Option<PromptLogprobs>>>,
 }
 
 /// `text_completion` (whole response or one streamed chunk).

@@ -39,24 +39,36 @@ async fn create(
 ) -> Result<Response, ApiError> {
     let span = crate::telemetry::request_span("chat", &headers);
     async move {
-        let (req, tools) = parse(&state, &body).await?;
+        let (req, tools, as_ids) = parse(&state, &body).await?;
         crate::telemetry::record_request(&req);
-        run(state, req, tools).await
+        run(state, req, tools, as_ids).await
     }
     .instrument(span)
     .await
 }
 
-/// Submits a validated request and answers with SSE or one JSON body.
+/// Submits a validated request and answers with SSE or one JSON body (`as_ids`:
+/// `return_tokens_as_token_ids`).
 async fn run(
     state: AppState,
     req: ValidatedRequest,
     tools: Option<ToolRequest>,
+    as_ids: bool,
 ) -> Result<Response, ApiError> {
     let clock = RequestClock::start(state.metrics(), Operation::Chat);
     let runs = generate::submit(&state, &req, &clock).await?;
     let (prompt_tokens, cached_tokens) = generate::prompt_usage(&runs, &req);
+    let tok = state.files().tokenizer();
+    // Every choice scores the same prompt: the first one's entries are the request's.
+    let prompt_logprobs = req.params.sampling.prompt_logprobs.map(|k| {
+        let entries = runs.first().map_or(&[][..], |r| &r.prompt_logprobs[..]);
+        crate::logprobs::vllm_prompt_logprobs(tok, entries, k as usize)
+    });
     let mut format = ChatFormat {
+        as_ids,
+        continuous_usage: req.params.continuous_usage,
+        generated: std::collections::BTreeMap::new(),
+        prompt_logprobs,
         id: req.id.clone(),
         created: unix_now(),
         model: state.config().served_model_name.clone(),
@@ -81,12 +93,12 @@ async fn run(
     Ok(Json(format.completion(outputs)).into_response())
 }
 
-/// Parses and validates a chat body into a [`ValidatedRequest`] (images fetched and expanded)
-/// and its tool fields.
+/// Parses and validates a chat body into a [`ValidatedRequest`] (images fetched and expanded),
+/// its tool fields and `return_tokens_as_token_ids`.
 async fn parse(
     state: &AppState,
     body: &JsonBody,
-) -> Result<(ValidatedRequest, Option<ToolRequest>), ApiError> {
+) -> Result<(ValidatedRequest, Option<ToolRequest>, bool), ApiError> {
     crate::fields::check(&body.0, crate::fields::Endpoint::Chat)?;
     let chat: ChatBody = body.parse()?;
     let common: CommonParams = body.parse()?;
@@ -113,6 +125,12 @@ async fn parse(
         }
         params.grammar = Some(grammar);
     }
+    params.sampling.prompt_logprobs = crate::logprobs::prompt_logprobs_param(
+        chat.prompt_logprobs,
+        config.max_top_logprobs,
+        params.stream,
+    )?;
+    let as_ids = chat.return_tokens_as_token_ids.unwrap_or(false);
     let (messages, kwargs) = (chat.messages, chat.chat_template_kwargs);
     let tool_list = tools.as_ref().map(|t| t.tools.clone()).unwrap_or_default();
     let add_generation_prompt = chat.add_generation_prompt.unwrap_or(true);
@@ -131,12 +149,17 @@ async fn parse(
         split_reasoning: true,
         thinking_auto: rendered.thinking_auto,
     };
-    Ok((prompt::finish_prompt(state, parts)?, tools))
+    Ok((prompt::finish_prompt(state, parts)?, tools, as_ids))
 }
 
-/// Chat logprobs of some tokens.
-fn chat_logprobs(tok: &TextTokenizer, items: &[TokenLogprob]) -> ChatLogprobs {
-    let entry = |id: u32| (tok.token_text(id), tok.token_bytes(id));
+/// Chat logprobs of some tokens (`as_ids`: tokens named `token_id:N`).
+fn chat_logprobs(tok: &TextTokenizer, items: &[TokenLogprob], as_ids: bool) -> ChatLogprobs {
+    let entry = |id: u32| {
+        (
+            crate::logprobs::token_key(tok, id, as_ids),
+            tok.token_bytes(id),
+        )
+    };
     let content = items
         .iter()
         .map(|t| {
@@ -148,14 +171,14 @@ fn chat_logprobs(tok: &TextTokenizer, items: &[TokenLogprob]) -> ChatLogprobs {
                     let (token, bytes) = entry(id);
                     TopLogprobEntry {
                         token,
-                        logprob,
+                        logprob: crate::logprobs::clamp(logprob),
                         bytes,
                     }
                 })
                 .collect();
             ChatTokenLogprob {
                 token,
-                logprob: t.logprob,
+                logprob: crate::logprobs::clamp(t.logprob),
                 bytes,
                 top_logprobs,
             }
@@ -222,6 +245,14 @@ struct ChatFormat {
     parsers: Vec<Option<ToolCallParser>>,
     /// Per choice: calls streamed so far.
     calls_sent: Vec<u32>,
+    /// `return_tokens_as_token_ids`.
+    as_ids: bool,
+    /// `stream_options.continuous_usage_stats`: usage in every chunk.
+    continuous_usage: bool,
+    /// Tokens generated so far per choice (continuous usage).
+    generated: std::collections::BTreeMap<u32, u32>,
+    /// vLLM's `prompt_logprobs` (whole responses only).
+    prompt_logprobs: Option<Vec<Option<crate::api::PromptLogprobs>>>,
 }
 
 impl ChatFormat {
@@ -235,6 +266,17 @@ impl ChatFormat {
                 cached_tokens: self.cached_tokens,
             },
         }
+    }
+
+    /// The usage so far of choice `index`, when `continuous_usage_stats` asks for it.
+    fn running_usage(&self, index: u32) -> Option<Usage> {
+        self.continuous_usage.then(|| {
+            let so_far = self.generated.get(&index).copied().unwrap_or(0);
+            Usage {
+                completion_tokens_details: None,
+                ..self.usage_of(so_far, 0)
+            }
+        })
     }
 
     fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> String {
@@ -254,7 +296,7 @@ impl ChatFormat {
     fn delta_chunks(&mut self, index: u32, delta: Delta, last: bool) -> Vec<String> {
         let logprobs = self
             .logprobs
-            .then(|| chat_logprobs(&self.tok, &delta.logprobs));
+            .then(|| chat_logprobs(&self.tok, &delta.logprobs, self.as_ids));
         let pieces = match self.parsers.get_mut(index as usize) {
             Some(Some(parser)) => {
                 let mut pieces = parser.push(&delta.content);
@@ -307,7 +349,7 @@ impl ChatFormat {
                     logprobs: lp.or_else(|| self.logprobs.then(ChatLogprobs::default)),
                     finish_reason: None,
                 };
-                Some(self.chunk(vec![choice], None))
+                Some(self.chunk(vec![choice], self.running_usage(index)))
             })
             .collect()
     }
@@ -346,7 +388,9 @@ impl ChatFormat {
                         reasoning_content: non_empty(o.reasoning),
                         tool_calls,
                     },
-                    logprobs: self.logprobs.then(|| chat_logprobs(&self.tok, &o.logprobs)),
+                    logprobs: self
+                        .logprobs
+                        .then(|| chat_logprobs(&self.tok, &o.logprobs, self.as_ids)),
                 }
             })
             .collect();
@@ -357,6 +401,7 @@ impl ChatFormat {
             model: self.model.clone(),
             choices,
             usage: self.usage_of(generated, reasoning),
+            prompt_logprobs: self.prompt_logprobs.clone(),
         }
     }
 }
@@ -377,17 +422,23 @@ impl ChunkFormat for ChatFormat {
                         logprobs: None,
                         finish_reason: None,
                     }],
-                    None,
+                    self.running_usage(index),
                 )
             })
             .collect()
     }
 
     fn delta(&mut self, index: u32, delta: Delta) -> Vec<String> {
+        *self.generated.entry(index).or_insert(0) += delta.tokens;
         self.delta_chunks(index, delta, false)
     }
 
+    fn quiet(&mut self, index: u32, delta: Delta) {
+        *self.generated.entry(index).or_insert(0) += delta.tokens;
+    }
+
     fn finish(&mut self, index: u32, delta: Delta, reason: FinishReason) -> Vec<String> {
+        *self.generated.entry(index).or_insert(0) += delta.tokens;
         let mut out = self.delta_chunks(index, delta, true);
         let called = self.calls_sent.get(index as usize).is_some_and(|&n| n > 0);
         let last = ChatChunkChoice {
@@ -396,7 +447,7 @@ impl ChunkFormat for ChatFormat {
             logprobs: None,
             finish_reason: Some(finish_reason(reason, called)),
         };
-        out.push(self.chunk(vec![last], None));
+        out.push(self.chunk(vec![last], self.running_usage(index)));
         out
     }
 

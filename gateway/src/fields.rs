@@ -49,10 +49,18 @@ const CHAT: &[&str] = &[
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "prompt_logprobs",
+    "return_tokens_as_token_ids",
 ];
 
 /// Completions-only fields honoured.
-const COMPLETIONS: &[&str] = &["prompt", "logprobs", "echo"];
+const COMPLETIONS: &[&str] = &[
+    "prompt",
+    "logprobs",
+    "echo",
+    "prompt_logprobs",
+    "return_tokens_as_token_ids",
+];
 
 /// Every field either endpoint honours or accepts (for the fuzz harness's mutations).
 pub fn honoured() -> impl Iterator<Item = &'static str> {
@@ -82,8 +90,7 @@ fn neutral(field: &str, v: &Value) -> Option<bool> {
             "suffix" => v == "",
             "service_tier" => v == "auto" || v == "default",
             "modalities" => v.as_array().is_some_and(|m| m.iter().all(|x| x == "text")),
-            "prompt_logprobs"
-            | "audio"
+            "audio"
             | "prediction"
             | "web_search_options"
             | "reasoning_effort"
@@ -153,9 +160,12 @@ pub fn check(body: &Value, endpoint: Endpoint) -> Result<(), ValidationError> {
         }
     }
     if let Some(Value::Object(opts)) = obj.get("stream_options") {
-        check_object(opts, "stream_options", &["include_usage"], |k, v| {
-            k == "continuous_usage_stats" && (v.is_null() || v == &Value::Bool(false))
-        })?;
+        check_object(
+            opts,
+            "stream_options",
+            &["include_usage", "continuous_usage_stats"],
+            |_, _| false,
+        )?;
     }
     if let Some(Value::Array(messages)) = obj.get("messages") {
         for (i, m) in messages.iter().enumerate() {
@@ -247,9 +257,15 @@ mod tests {
             chat(json!({"logit_bias": {"5": 3}})),
             unsupported("logit_bias")
         );
+        for honoured in [
+            json!({"stream_options": {"include_usage": true, "continuous_usage_stats": true}}),
+            json!({"prompt_logprobs": 2, "return_tokens_as_token_ids": true}),
+        ] {
+            assert_eq!(chat(honoured.clone()), None, "{honoured}");
+        }
         assert_eq!(
-            chat(json!({"stream_options": {"continuous_usage_stats": true}})),
-            unsupported("stream_options.continuous_usage_stats")
+            chat(json!({"stream_options": {"include_obfuscation": true}})),
+            unsupported("stream_options.include_obfuscation")
         );
         assert_eq!(
             chat(json!({"messages": [{"role": "user", "content": "x", "name": "bob"}]})),
@@ -273,6 +289,10 @@ mod tests {
         };
         assert_eq!(completion(json!({"echo": false, "best_of": 1})), None);
         assert_eq!(completion(json!({"echo": true})), None);
+        assert_eq!(
+            completion(json!({"prompt_logprobs": 1, "return_tokens_as_token_ids": true})),
+            None
+        );
         assert_eq!(chat(json!({"echo": true})), unsupported("echo"));
         assert_eq!(completion(json!({"suffix": "end"})), unsupported("suffix"));
         assert_eq!(

@@ -109,6 +109,8 @@ pub struct ChoiceRun {
     pub prompt_tokens: u32,
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: u32,
+    /// The prompt's log-probabilities (positions 1.., when the request asked for them).
+    pub prompt_logprobs: Vec<pb::PromptLogprob>,
     stream: Option<Streaming<pb::GenerateResponse>>,
     /// Counts the choice against its replica (least-loaded routing) while it runs.
     inflight: Option<crate::replica::InFlight>,
@@ -246,7 +248,8 @@ async fn start_choice(
         .start(proto, &keys)
         .await
         .map_err(|s| ApiError::from_status(&s))?;
-    let (stream, first) = (started.stream, started.first);
+    let (stream, mut first) = (started.stream, started.first);
+    let prompt_logprobs = std::mem::take(&mut first.prompt_logprobs);
     // Where a request's time to first token goes, gateway side (the coordinator logs its part).
     tracing::debug!(
         index,
@@ -258,6 +261,7 @@ async fn start_choice(
         index,
         prompt_tokens: first.prompt_tokens,
         cached_tokens: first.cached_tokens,
+        prompt_logprobs,
         stream: Some(stream),
         inflight: Some(started.inflight),
         first: Some(first),

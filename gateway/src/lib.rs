@@ -38,6 +38,7 @@ pub mod fields;
 pub mod generate;
 pub mod health;
 pub mod images;
+pub mod logprobs;
 pub mod metrics;
 pub mod model_files;
 pub mod models;

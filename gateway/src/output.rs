@@ -41,6 +41,8 @@ pub struct Delta {
     pub content: String,
     /// Log-probabilities of the tokens (when asked for).
     pub logprobs: Vec<TokenLogprob>,
+    /// Generated tokens this output covers (`continuous_usage_stats`).
+    pub tokens: u32,
 }
 
 impl Delta {
@@ -54,6 +56,7 @@ impl Delta {
         self.reasoning.push_str(&other.reasoning);
         self.content.push_str(&other.content);
         self.logprobs.extend(other.logprobs);
+        self.tokens += other.tokens;
     }
 }
 
@@ -148,6 +151,7 @@ impl OutputPipeline {
                 break;
             }
             self.generated += 1;
+            delta.tokens += 1;
             if self.logprobs && !token.forced {
                 delta.logprobs.push(TokenLogprob {
                     id: token.id,

@@ -28,6 +28,9 @@ pub trait ChunkFormat: Send + 'static {
     fn finish(&mut self, index: u32, delta: Delta, reason: FinishReason) -> Vec<String>;
     /// The usage chunk, if the client asked for one.
     fn usage(&mut self, completion_tokens: u32, reasoning_tokens: u32) -> Option<String>;
+    /// Output of choice `index` that makes no chunk (no text, no logprobs: an EOS, text held
+    /// back by the stop matcher): its tokens still count for `continuous_usage_stats`.
+    fn quiet(&mut self, _index: u32, _delta: Delta) {}
 }
 
 /// JSON text of a chunk (serialisation of our own types cannot fail; an empty object if it did).
@@ -57,6 +60,8 @@ impl<F: ChunkFormat> Driver<F> {
             Some((index, ChoiceEvent::Delta(delta))) => {
                 if !delta.is_empty() {
                     self.queue.extend(self.format.delta(index, delta));
+                } else {
+                    self.format.quiet(index, delta);
                 }
             }
             Some((

@@ -183,6 +183,9 @@ pub struct GenerationParams {
     pub stream: bool,
     /// Send a usage chunk at the end of the stream.
     pub include_usage: bool,
+    /// With `include_usage`: every chunk carries the usage so far (vLLM's
+    /// `stream_options.continuous_usage_stats`).
+    pub continuous_usage: bool,
     /// Structured output (`response_format`, `guided_*`, a forced tool call); None = free.
     pub grammar: Option<Grammar>,
 }
@@ -323,6 +326,9 @@ pub fn validate_params(
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        continuous_usage: raw.stream_options.as_ref().is_some_and(|o| {
+            o.include_usage.unwrap_or(false) && o.continuous_usage_stats.unwrap_or(false)
+        }),
         grammar: None,
     })
 }

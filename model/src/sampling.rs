@@ -156,6 +156,13 @@ pub fn check_sampling(p: &pb::SamplingParams) -> Result<(), SamplingError> {
             value: p.top_logprobs.to_string(),
         });
     }
+    if let Some(k) = p.prompt_logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+        return Err(SamplingError {
+            field: "prompt_logprobs",
+            bound: "in [0, 20]",
+            value: k.to_string(),
+        });
+    }
     Ok(())
 }
 
@@ -235,6 +242,11 @@ mod tests {
         let mut p = neutral();
         p.top_logprobs = 21;
         assert_eq!(check_sampling(&p).expect_err("21").field, "top_logprobs");
+        p.top_logprobs = 0;
+        p.prompt_logprobs = Some(21);
+        assert_eq!(check_sampling(&p).expect_err("21").field, "prompt_logprobs");
+        p.prompt_logprobs = Some(20);
+        assert!(check_sampling(&p).is_ok());
         let mut p = neutral();
         p.temperature = 2.0;
         p.presence_penalty = -2.0;

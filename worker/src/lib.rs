@@ -30,6 +30,7 @@ pub mod kv;
 pub mod model;
 pub mod parallel;
 pub mod placement;
+pub mod prompt_logprobs;
 pub mod sampling;
 pub mod service;
 pub mod shard;

@@ -497,7 +497,7 @@ fn apply_penalties(row: &mut [f32], start: u32, p: &SamplingParams, h: &TokenHis
 }
 
 /// `(max, Σ exp(x − max))` of a slice (sum accumulated in f64); `(−∞, 0)` if all are `−∞`.
-fn max_sumexp(row: &[f32]) -> (f32, f32) {
+pub(crate) fn max_sumexp(row: &[f32]) -> (f32, f32) {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if m == f32::NEG_INFINITY {
         return (m, 0.0);
@@ -507,7 +507,7 @@ fn max_sumexp(row: &[f32]) -> (f32, f32) {
 }
 
 /// Global log-sum-exp from per-rank `(max, sumexp)` pairs: `M + ln Σ_r s_r e^{m_r − M}`.
-fn merge_lse(parts: &[(f32, f32)]) -> f64 {
+pub(crate) fn merge_lse(parts: &[(f32, f32)]) -> f64 {
     let m = parts
         .iter()
         .map(|p| f64::from(p.0))
@@ -524,14 +524,14 @@ fn merge_lse(parts: &[(f32, f32)]) -> f64 {
 }
 
 /// Orders (value, id) pairs: value descending, then id ascending (NaN compares equal).
-fn by_value_desc(a: (f32, u32), b: (f32, u32)) -> Ordering {
+pub(crate) fn by_value_desc(a: (f32, u32), b: (f32, u32)) -> Ordering {
     b.0.partial_cmp(&a.0)
         .unwrap_or(Ordering::Equal)
         .then(a.1.cmp(&b.1))
 }
 
 /// Indices of the `k` largest values, sorted (value desc, index asc).
-fn top_indices(row: &[f32], k: usize) -> Vec<u32> {
+pub(crate) fn top_indices(row: &[f32], k: usize) -> Vec<u32> {
     let cmp = |a: &u32, b: &u32| by_value_desc((row[*a as usize], *a), (row[*b as usize], *b));
     if k == 0 {
         return Vec::new();
@@ -546,7 +546,7 @@ fn top_indices(row: &[f32], k: usize) -> Vec<u32> {
 }
 
 /// All-gathers the packed rows (2 calls), or keeps them as they are on a single rank.
-fn exchange(
+pub(crate) fn exchange(
     comm: &dyn Collective,
     like: &Tensor,
     f: Vec<f32>,

@@ -33,6 +33,7 @@ use crate::config::{ImagePreprocessing, RConfig};
 use crate::kv::PagedKvCache;
 use crate::model::anyres::PixelViews;
 use crate::model::{ChunkImageRows, ImageRows, OutputRows, R4bModel, SeqChunk};
+use crate::prompt_logprobs::{score_prompts, ChunkSpan, PromptJob, PromptLogprob};
 use crate::sampling::{SampleRow, SamplingParams, ShardMask, TokenHistory};
 use crate::{Error, Result};
 use r4b_model::grammar::{GrammarCompiler, SeqConstraint};
@@ -81,6 +82,18 @@ struct SeqState {
     history: TokenHistory,
     seed: u64,
     prompt_len: usize,
+    /// `prompt_logprobs = k`: score every prompt position after the first.
+    prompt_logprobs: Option<u32>,
+    /// With `prompt_logprobs`: the final hidden state `[1, hidden]` of the previous chunk's last
+    /// position, which predicts this chunk's first token (the worker sees one chunk at a time).
+    carry: Option<Tensor>,
+}
+
+/// What a step computed for the sampling rows and the prompt jobs.
+struct StepOutput {
+    tokens: Vec<crate::sampling::SampledToken>,
+    /// Per job: the entries, and the row it carries on.
+    prompt: Vec<(Vec<PromptLogprob>, Option<Tensor>)>,
 }
 
 /// Where the model runs.
@@ -131,35 +144,77 @@ impl Backend {
         }
     }
 
-    /// Runs the step and samples one token per `(chunk index, row)`; `masks` (when some row is
-    /// constrained) computes the rows' token masks (structured output) while the forward runs.
+    /// Runs the step, samples one token per `(chunk index, row)` and scores the prompt jobs;
+    /// `masks` (when some row is constrained) computes the rows' token masks (structured output)
+    /// while the forward runs.
     fn step(
         &mut self,
         chunks: &[SeqChunk],
         rows: &[(usize, SampleRow)],
         masks: Option<&mut MaskFn>,
-    ) -> Result<Vec<crate::sampling::SampledToken>> {
+        jobs: &[PromptJob],
+    ) -> Result<StepOutput> {
         match self {
             Backend::Cpu { model, kv } => {
+                let all = if jobs.is_empty() {
+                    OutputRows::Last
+                } else {
+                    OutputRows::All
+                };
+                let hidden = model.forward_step(chunks, kv, all)?;
+                let prompt = if jobs.is_empty() {
+                    Vec::new()
+                } else {
+                    score_prompts(model, &hidden, jobs)?
+                };
                 // The CPU forward already keeps every core busy: the masks (rayon over
                 // sequences) follow it instead of contending with it from another thread.
-                let hidden = model.forward_step(chunks, kv, OutputRows::Last)?;
                 let masks = masks.map(|f| f()).unwrap_or_default();
                 if rows.is_empty() {
-                    return Ok(Vec::new());
+                    return Ok(StepOutput {
+                        tokens: Vec::new(),
+                        prompt,
+                    });
                 }
-                let idx = Tensor::from_vec(
-                    rows.iter().map(|&(i, _)| i as u32).collect::<Vec<_>>(),
-                    rows.len(),
-                    hidden.device(),
-                )?;
+                // Row of each sampling chunk: its index (Last), or its last token (All).
+                let mut ends = Vec::with_capacity(chunks.len());
+                let mut end = 0;
+                for c in chunks {
+                    end += c.tokens.len();
+                    ends.push(end - 1);
+                }
+                let idx: Vec<u32> = rows
+                    .iter()
+                    .map(|&(i, _)| match all {
+                        OutputRows::Last => i as u32,
+                        OutputRows::All => ends[i] as u32,
+                    })
+                    .collect();
+                let idx = Tensor::from_vec(idx, rows.len(), hidden.device())?;
                 let hidden = hidden.index_select(&idx, 0)?;
                 let srows: Vec<SampleRow> = rows.iter().map(|(_, r)| *r).collect();
-                model.sample_masked(&hidden, &srows, &masks)
+                Ok(StepOutput {
+                    tokens: model.sample_masked(&hidden, &srows, &masks)?,
+                    prompt,
+                })
             }
             #[cfg(feature = "cuda")]
-            Backend::Gpu(m) => m.step(chunks, rows, masks),
+            Backend::Gpu(m) => {
+                if !jobs.is_empty() {
+                    // Admission refuses such sequences on the GPU engine (see `admit`).
+                    return Err(Error::Step("prompt logprobs reached the GPU engine".into()));
+                }
+                Ok(StepOutput {
+                    tokens: m.step(chunks, rows, masks)?,
+                    prompt: Vec::new(),
+                })
+            }
         }
+    }
+
+    /// Whether this engine computes prompt log-probabilities (the GPU engine does not yet).
+    fn has_prompt_logprobs(&self) -> bool {
+        matches!(self, Backend::Cpu { .. })
     }
 }
 
@@ -474,7 +529,7 @@ impl StepExecutor {
             })
             .collect();
         let (start, width) = self.vocab_shard();
-        let mut jobs: Vec<(usize, &mut SeqConstraint)> = Vec::new();
+        let mut cjobs: Vec<(usize, &mut SeqConstraint)> = Vec::new();
         let mut wanted: HashMap<u64, usize> = rows
             .iter()
             .enumerate()
@@ -482,16 +537,16 @@ impl StepExecutor {
             .collect();
         for (id, c) in self.constraints.iter_mut() {
             if let Some(r) = wanted.remove(id) {
-                jobs.push((r, c));
+                cjobs.push((r, c));
             }
         }
         let n_rows = rows.len();
-        let jobs_empty = jobs.is_empty();
+        let jobs_empty = cjobs.is_empty();
         let mut failed: Vec<(usize, String)> = Vec::new();
         let failed_ref = &mut failed;
         let mut masks = move || -> Vec<ShardMask> {
             use rayon::prelude::*;
-            let done: Vec<(usize, std::result::Result<ShardMask, String>)> = jobs
+            let done: Vec<(usize, std::result::Result<ShardMask, String>)> = cjobs
                 .par_iter_mut()
                 .map(|(r, c)| {
                     let m = c.mask().map(|m| m.shard_bits(start, width));
@@ -509,9 +564,10 @@ impl StepExecutor {
         };
         let t_fwd = Instant::now();
         let constrained = !jobs_empty;
-        let tokens = self
-            .model
-            .step(&chunks, &rows, constrained.then_some(&mut masks))?;
+        let pjobs = prompt_jobs(&run, &self.seqs);
+        let StepOutput { tokens, prompt } =
+            self.model
+                .step(&chunks, &rows, constrained.then_some(&mut masks), &pjobs)?;
         drop(masks);
         let n_tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         if n_tokens > chunks.len() {
@@ -561,6 +617,33 @@ impl StepExecutor {
             self.seqs.remove(&id);
             self.constraints.remove(&id);
         }
+        for (job, (entries, keep)) in pjobs.iter().zip(prompt) {
+            let seq_id = run[job.chunk].seq_id;
+            if let Some(st) = self.seqs.get_mut(&seq_id) {
+                st.carry = keep;
+            }
+            if self.model.shard().rank == 0 && !entries.is_empty() {
+                resp.prompt_logprobs.push(pb::SeqPromptLogprobs {
+                    seq_id,
+                    entries: job
+                        .targets
+                        .iter()
+                        .zip(entries)
+                        .map(|(&(position, _, _), e)| pb::PromptLogprob {
+                            position,
+                            id: e.id,
+                            logprob: e.logprob,
+                            rank: e.rank,
+                            top: e
+                                .top
+                                .into_iter()
+                                .map(|(id, logprob)| pb::TopLogprob { id, logprob })
+                                .collect(),
+                        })
+                        .collect(),
+                });
+            }
+        }
         resp.forward_ns = t0.elapsed().as_nanos() as u64;
         resp.collective_ns = self.comm.ns.load(Ordering::Relaxed);
         Ok(resp)
@@ -573,6 +656,13 @@ impl StepExecutor {
         if let Some(p) = &s.sampling {
             if let Err(reason) = self.limits.check_first_chunk(s, p) {
                 return Ok(Err(reason));
+            }
+            if p.prompt_logprobs.is_some() && !self.model.has_prompt_logprobs() {
+                return Ok(Err(
+                    "prompt_logprobs (and echo with logprobs) are not supported by \
+                               the GPU engine yet; serve on the CPU engine for prompt scoring"
+                        .into(),
+                ));
             }
             let params = sampling_from_proto(p);
             let prompt_len = s.prompt_len as usize;
@@ -603,6 +693,8 @@ impl StepExecutor {
                     history,
                     seed,
                     prompt_len,
+                    prompt_logprobs: p.prompt_logprobs,
+                    carry: None,
                 },
             );
         }
@@ -711,6 +803,32 @@ impl StepExecutor {
         }
         Ok(rows)
     }
+}
+
+/// The prompt positions each chunk of `run` scores (sequences with `prompt_logprobs`; see
+/// [`PromptJob::plan`]).
+fn prompt_jobs(run: &[&pb::SeqStep], seqs: &HashMap<u64, SeqState>) -> Vec<PromptJob> {
+    let mut jobs = Vec::new();
+    let mut offset = 0;
+    for (i, s) in run.iter().enumerate() {
+        let base = offset;
+        offset += s.tokens.len();
+        let Some(st) = seqs.get(&s.seq_id) else {
+            continue;
+        };
+        let Some(k) = st.prompt_logprobs else {
+            continue;
+        };
+        let chunk = ChunkSpan {
+            index: i,
+            row: base,
+            start: s.start_pos as usize,
+            tokens: &s.tokens,
+            prompt_len: st.prompt_len,
+        };
+        jobs.extend(PromptJob::plan(&chunk, k as usize, st.carry.as_ref()));
+    }
+    jobs
 }
 
 /// The chunk of `s` over its sequence's state in `seqs` (the chunk borrows the image rows).

@@ -193,6 +193,9 @@ struct Active {
     req: Box<pb::GenerateRequest>,
     sampling: pb::SamplingParams,
     first_sent: bool,
+    /// Prompt log-probabilities received so far (positions 1, 2, ... in order; a recompute's
+    /// repeats are dropped), sent with the first message.
+    prompt_logprobs: Vec<pb::PromptLogprob>,
     /// Times it was queued again after a group failure.
     retries: u32,
     /// When the request arrived, and when its first step was sent (time-to-first-token log).
@@ -285,6 +288,10 @@ fn seq_request(
         prompt_ids: ids.clone(),
         images: spans,
         stopping,
+        score_prompt: req
+            .sampling
+            .as_ref()
+            .is_some_and(|s| s.prompt_logprobs.is_some()),
     })
 }
 
@@ -521,6 +528,7 @@ impl Engine {
                 req,
                 sampling,
                 first_sent: false,
+                prompt_logprobs: Vec::new(),
                 retries: 0,
                 arrived: Instant::now(),
                 first_step: None,
@@ -637,6 +645,17 @@ impl Engine {
         for r in &resp.rejected {
             self.refuse(SeqId(r.seq_id), &r.reason);
         }
+        for p in resp.prompt_logprobs {
+            let Some(a) = self.active.get_mut(&SeqId(p.seq_id)) else {
+                continue;
+            };
+            for e in p.entries {
+                // Positions start at 1; a recompute after preemption sends known ones again.
+                if !a.first_sent && e.position as usize == a.prompt_logprobs.len() + 1 {
+                    a.prompt_logprobs.push(e);
+                }
+            }
+        }
         let mut tokens_by_seq: HashMap<u64, pb::Token> = HashMap::new();
         let sampled: Vec<(SeqId, u32)> = resp
             .sampled
@@ -678,7 +697,10 @@ impl Engine {
             if !a.first_sent {
                 msg.prompt_tokens = a.req.prompt_ids.len() as u32;
                 msg.cached_tokens = ev.cached_tokens.unwrap_or(0) as u32;
+                msg.prompt_logprobs = std::mem::take(&mut a.prompt_logprobs);
                 a.first_sent = true;
+                // All of them are out: a recompute after a preemption need not score again.
+                a.sampling.prompt_logprobs = None;
                 let ms = |d: Duration| d.as_secs_f64() * 1e3;
                 let started = a.first_step.unwrap_or(a.arrived);
                 tracing::debug!(

@@ -61,11 +61,6 @@ pub(super) fn validate_request(req: &SeqRequest, max_model_len: usize) -> Result
         end = s.start + s.len;
     }
     let st = &req.stopping;
-    if st.max_new_tokens == 0 {
-        return Err(SubmitError::BadStopping(
-            "max_new_tokens must be at least 1",
-        ));
-    }
     if st.max_thinking_tokens.is_some() && st.think_close_ids.is_empty() {
         return Err(SubmitError::BadStopping(
             "max_thinking_tokens needs think_close_ids",
@@ -113,6 +108,8 @@ pub(super) struct Sequence {
     pub(super) unreported_hit: Option<usize>,
     /// Admissions so far.
     pub(super) admissions: u32,
+    /// Never admitted on a prefix-cache hit (prompt log-probabilities need every position).
+    pub(super) score_prompt: bool,
 }
 
 impl Sequence {
@@ -138,6 +135,7 @@ impl Sequence {
             image_row_base: 0,
             unreported_hit: None,
             admissions: 0,
+            score_prompt: req.score_prompt,
         }
     }
 
@@ -216,6 +214,10 @@ impl Sequence {
         token: u32,
         max_model_len: usize,
     ) -> (Vec<(u32, bool)>, Option<Finish>) {
+        if self.stopping.max_new_tokens == 0 {
+            // Scoring only: the prefill is done, the sampled token is not part of the output.
+            return (Vec::new(), Some(Finish::Length));
+        }
         let before = self.generated();
         self.tokens.push(token);
         let mut out = vec![(token, false)];
@@ -267,6 +269,7 @@ mod tests {
             prompt_ids: prompt.to_vec(),
             images: vec![],
             stopping,
+            score_prompt: false,
         })
     }
 
@@ -398,12 +401,20 @@ mod tests {
     }
 
     #[test]
+    fn max_new_tokens_0_ends_at_the_prefill_with_no_token() {
+        let mut s = seq(&[5, 6, 7], stop(0));
+        assert_eq!(s.append_sampled(EOS, 64), (vec![], Some(Finish::Length)));
+        assert_eq!((s.tokens.len(), s.generated()), (3, 0));
+    }
+
+    #[test]
     fn validation() {
         let req = |prompt: Vec<u32>, images: Vec<ImageSpan>, stopping: Stopping| SeqRequest {
             id: SeqId(1),
             prompt_ids: prompt,
             images,
             stopping,
+            score_prompt: false,
         };
         let span = |start, len| ImageSpan {
             start,
@@ -435,10 +446,8 @@ mod tests {
             validate_request(&req(vec![1; 4], vec![span(3, 2)], ok.clone()), 8),
             Err(SubmitError::BadImageSpan { index: 0 })
         );
-        assert!(matches!(
-            validate_request(&req(vec![1], vec![], stop(0)), 8),
-            Err(SubmitError::BadStopping(_))
-        ));
+        // max_new_tokens = 0 scores the prompt only.
+        assert_eq!(validate_request(&req(vec![1], vec![], stop(0)), 8), Ok(()));
         let no_close = Stopping {
             think_close_ids: vec![],
             ..thinking(3, true)

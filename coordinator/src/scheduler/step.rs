@@ -216,7 +216,7 @@ impl Scheduler {
         // 1. Longest run of cached leading blocks (never the whole prompt).
         let mut hits = 0;
         let mut idle_hits = 0;
-        if self.cfg.enable_prefix_caching {
+        if self.cfg.enable_prefix_caching && !seq.score_prompt {
             for h in seq.hashes_upto(max_prefix_blocks(len, bs), bs) {
                 let Some(block) = self.blocks.lookup(h) else {
                     break;

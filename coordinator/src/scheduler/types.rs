@@ -131,7 +131,8 @@ pub struct ImageSpan {
 /// When generation ends, and the thinking budget (the proto's `StoppingParams`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stopping {
-    /// Most tokens to generate, forced tokens included. At least 1.
+    /// Most tokens to generate, forced tokens included. 0 scores the prompt only: the sequence
+    /// ends (`Length`, no token) when its prefill is done.
     pub max_new_tokens: usize,
     /// Token ids that end generation; the stop token itself is reported.
     pub stop_token_ids: Vec<u32>,
@@ -167,6 +168,9 @@ pub struct SeqRequest {
     pub images: Vec<ImageSpan>,
     /// Stopping rules.
     pub stopping: Stopping,
+    /// Every prompt position must be computed (prompt log-probabilities): no prefix-cache hit
+    /// at admission.
+    pub score_prompt: bool,
 }
 
 /// Why [`Scheduler::submit`](super::Scheduler::submit) refused a request.

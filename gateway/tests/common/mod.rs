@@ -99,6 +99,7 @@ pub fn reply_ids(
                 0
             },
             cached_tokens: if i == 0 { 3 } else { 0 },
+            prompt_logprobs: Vec::new(),
         })
         .collect();
     Script::Reply {
@@ -171,6 +172,7 @@ impl Coordinator for Fake {
                             finish_reason: 0,
                             prompt_tokens: if first { 1 } else { 0 },
                             cached_tokens: 0,
+                            prompt_logprobs: Vec::new(),
                         };
                         first = false;
                         if !send(&tx, Ok(msg), delay, &cancelled).await {

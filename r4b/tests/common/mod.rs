@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod procs;
 pub mod python;
+pub mod reference;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

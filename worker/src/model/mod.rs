@@ -297,6 +297,16 @@ impl R4bModel {
         crate::sampling::sample_masked(&self.lm_head, self.comm.as_ref(), hidden, rows, masks)
     }
 
+    /// The raw log-probability (rank, top alternatives) of one target token per row of
+    /// `hidden [R, hidden]` (prompt logprobs; vocab-parallel, every rank gets the same result).
+    pub fn prompt_logprobs(
+        &self,
+        hidden: &Tensor,
+        targets: &[crate::prompt_logprobs::PromptTarget],
+    ) -> Result<Vec<crate::prompt_logprobs::PromptLogprob>> {
+        crate::prompt_logprobs::prompt_logprobs(&self.lm_head, self.comm.as_ref(), hidden, targets)
+    }
+
     /// Full logits `[B, vocab]` gathered over ranks: tests and diagnostics only.
     pub fn full_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.full_logits(hidden)
