@@ -3,16 +3,11 @@
 
 mod common;
 
-use common::python::python3;
+use common::python::run_e2e;
 use common::Server;
 
 #[test]
 fn every_openai_request_field_is_honoured_or_refused_by_name() {
     let s = Server::start(&[]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/field_sweep.py");
-    let out = python3().arg(script).arg(&s.base).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "field sweep failed:\n{stdout}");
-    assert!(stdout.contains("all passed"));
+    run_e2e("field_sweep.py", &[&s.base], "field sweep");
 }

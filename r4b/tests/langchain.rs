@@ -4,28 +4,15 @@
 
 mod common;
 
-use common::python::python3;
+use common::python::run_e2e;
 use common::Server;
 
 fn run_script(modes: &[&str]) {
     let s = Server::start(&[]);
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/e2e/langchain_client.py"
-    );
-    let out = python3()
-        .arg(script)
-        .arg(&s.base)
-        .args(modes)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "langchain-openai checks failed:\n{stdout}"
-    );
-    assert!(stdout.contains("all passed"));
+    let args: Vec<&str> = std::iter::once(s.base.as_str())
+        .chain(modes.iter().copied())
+        .collect();
+    run_e2e("langchain_client.py", &args, "langchain-openai checks");
 }
 
 #[test]

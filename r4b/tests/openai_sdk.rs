@@ -5,16 +5,11 @@
 
 mod common;
 
-use common::python::python3;
+use common::python::run_e2e;
 use common::Server;
 
 #[test]
 fn the_openai_python_sdk_works_against_r4b_serve() {
     let s = Server::start(&["--allow-private-image-urls"]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/openai_sdk.py");
-    let out = python3().arg(script).arg(&s.base).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "openai SDK checks failed:\n{stdout}");
-    assert!(stdout.contains("all passed"));
+    run_e2e("openai_sdk.py", &[&s.base], "openai SDK checks");
 }

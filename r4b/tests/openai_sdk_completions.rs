@@ -5,22 +5,15 @@
 
 mod common;
 
-use common::python::python3;
+use common::python::run_e2e;
 use common::Server;
 
 #[test]
 fn completions_batches_echo_and_tokenizer_info_through_the_openai_sdk() {
     let s = Server::start(&[]);
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/e2e/openai_sdk_completions.py"
+    run_e2e(
+        "openai_sdk_completions.py",
+        &[&s.base],
+        "completions SDK checks",
     );
-    let out = python3().arg(script).arg(&s.base).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "completions SDK checks failed:\n{stdout}"
-    );
-    assert!(stdout.contains("all passed"));
 }

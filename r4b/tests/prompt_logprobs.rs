@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::python::python3;
+use common::python::run_e2e;
 use common::reference::{log_softmax_rows, log_softmax_rows_with_images, reference_model};
 use common::Server;
 use serde_json::{json, Value};
@@ -48,24 +48,8 @@ fn reference_file(s: &Server, dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 fn run_script(s: &Server, reference: &std::path::Path, mode: &str) {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/e2e/openai_sdk_logprobs.py"
-    );
-    let out = python3()
-        .arg(script)
-        .arg(&s.base)
-        .arg(reference)
-        .arg(mode)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "logprobs SDK checks failed:\n{stdout}"
-    );
-    assert!(stdout.contains("all passed"));
+    let args = [s.base.as_ref(), reference.as_os_str(), mode.as_ref()];
+    run_e2e("openai_sdk_logprobs.py", &args, "logprobs SDK checks");
 }
 
 #[test]

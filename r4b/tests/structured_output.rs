@@ -7,23 +7,16 @@
 
 mod common;
 
-use common::python::python3;
+use common::python::run_e2e;
 use common::Server;
 
 fn run(args: &[&str]) {
     let s = Server::start(args);
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/e2e/structured_output.py"
+    run_e2e(
+        "structured_output.py",
+        &[&s.base],
+        "structured output checks",
     );
-    let out = python3().arg(script).arg(&s.base).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "structured output checks failed:\n{stdout}"
-    );
-    assert!(stdout.contains("all passed"));
 }
 
 #[test]

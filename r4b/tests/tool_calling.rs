@@ -6,24 +6,14 @@
 
 mod common;
 
-use common::python::python3;
+use common::python::run_e2e;
 use common::Server;
 
 fn run_script(s: &Server, args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/tool_calling.py");
-    let out = python3()
-        .arg(script)
-        .arg(&s.base)
-        .args(args)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "tool-calling checks failed:\n{stdout}"
-    );
-    assert!(stdout.contains("all passed"));
+    let all: Vec<&str> = std::iter::once(s.base.as_str())
+        .chain(args.iter().copied())
+        .collect();
+    run_e2e("tool_calling.py", &all, "tool-calling checks");
 }
 
 #[test]

@@ -70,3 +70,21 @@ fn ensure_installed(requirements: &str, dir: &str) -> PathBuf {
     fs::write(&stamp, &wanted).expect("writing the install stamp");
     site
 }
+
+/// Runs `tests/e2e/<script>` under [`python3`] with `args` (the server's base URL first, by
+/// convention); fails the test, printing the script's output, unless it exits 0 having printed
+/// "all passed". `what` names the checks in the failure message.
+pub fn run_e2e<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S], what: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/e2e")
+        .join(script);
+    let out = python3()
+        .arg(path)
+        .args(args)
+        .output()
+        .expect("running python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{what} failed:\n{stdout}");
+    assert!(stdout.contains("all passed"), "{what}: no \"all passed\"");
+}
