@@ -413,7 +413,9 @@ pub struct CompletionLogprobs {
     /// Their log-probabilities (`null` for the first echoed prompt token).
     pub token_logprobs: Vec<Option<f32>>,
     /// Alternatives per position, token text → log-probability (`null` for the first echoed
-    /// prompt token). Alternatives with the same text share one key, as in vLLM; ask for
+    /// prompt token): the `logprobs` most likely plus the position's own token when it is not
+    /// among them (OpenAI's "up to logprobs+1"). Alternatives with the same text share one key,
+    /// as in vLLM; ask for
     /// `return_tokens_as_token_ids` to keep them apart.
     pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
     /// Character offset of each token in the choice text.

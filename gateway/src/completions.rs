@@ -348,7 +348,8 @@ impl CompletionFormat {
         for t in items {
             let token = key(t.id);
             out.text_offset.push(*offset);
-            *offset += token.len();
+            // OpenAI's (and vLLM's) offsets count characters of the text, not bytes.
+            *offset += token.chars().count();
             match &t.scored {
                 None => {
                     out.token_logprobs.push(None);
@@ -356,9 +357,15 @@ impl CompletionFormat {
                 }
                 Some((logprob, top)) => {
                     out.token_logprobs.push(Some(lp::clamp(*logprob)));
-                    out.top_logprobs.push(Some(
-                        top.iter().map(|&(id, l)| (key(id), lp::clamp(l))).collect(),
-                    ));
+                    let mut alternatives: Vec<(String, f32)> =
+                        top.iter().map(|&(id, l)| (key(id), lp::clamp(l))).collect();
+                    // "The API will always return the logprob of the sampled token, so there
+                    // may be up to logprobs+1 elements" (OpenAI); vLLM does the same.
+                    if !alternatives.iter().any(|(k, _)| k == &token) {
+                        alternatives.push((token.clone(), lp::clamp(*logprob)));
+                    }
+                    out.top_logprobs
+                        .push(Some(alternatives.into_iter().collect()));
                 }
             }
             out.tokens.push(token);

@@ -201,6 +201,27 @@ def full(client, ref):
             check("chat continuous usage: completion so far", chunk.usage.completion_tokens == n_chat, (chunk.usage, n_chat))
     check("chat continuous usage: ends at 4", chunk.usage.completion_tokens == 4, chunk.usage)
 
+    # 7. Sampled tokens (OpenAI: "up to logprobs+1 elements"): every position's dict holds the
+    #    sampled token itself, with its own logprob, even when it is not among the top 1; and
+    #    text_offset counts characters (Python's len) of the tokens before it.
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, logprobs=1, temperature=1.5, seed=3,
+                                  extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    lp = r.choices[0].logprobs
+    outside = 0
+    for tok, l, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        check("sampled: its own token is in top_logprobs", tok in top and close(top[tok], l), (tok, l, top))
+        check("sampled: at most logprobs + 1 entries", len(top) <= 2, top)
+        outside += len(top) == 2
+    first = int(lp.tokens[0].split(":")[1])
+    check("sampled: first token's logprob is the reference's", close(lp.token_logprobs[0], rows[-1][first]))
+    print(f"     ({outside} of 8 sampled tokens were outside the top 1)", flush=True)
+    r = client.completions.create(model=MODEL, prompt="h\u00e9llo w\u00f6rld \u2713", max_tokens=4, echo=True,
+                                  logprobs=1, temperature=0, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    want = [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    check("text_offset counts characters", lp.text_offset == want, (lp.text_offset, want, lp.tokens))
+    check("text_offset: the text is the tokens joined", "".join(lp.tokens) == r.choices[0].text or "\ufffd" in "".join(lp.tokens))
+
     # 6. Refusals name the field.
     refused("max_tokens 0 without echo", lambda: client.completions.create(model=MODEL, prompt=ids, max_tokens=0), "max_tokens")
     refused("prompt_logprobs 21", lambda: client.completions.create(model=MODEL, prompt=ids, max_tokens=1, extra_body={"prompt_logprobs": 21}), "prompt_logprobs")
