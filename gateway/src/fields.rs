@@ -33,9 +33,11 @@ const COMMON: &[&str] = &[
     "ignore_eos",
     "max_thinking_tokens",
     "thinking_token_budget",
-    // Informational: accepted, nothing to do.
+    // Informational: accepted, nothing to do (OpenAI uses them for abuse monitoring and
+    // dashboards; they change nothing it returns).
     "user",
     "metadata",
+    "safety_identifier",
 ];
 
 /// Chat-only fields honoured.
@@ -95,7 +97,6 @@ fn neutral(field: &str, v: &Value) -> Option<bool> {
             | "web_search_options"
             | "reasoning_effort"
             | "verbosity"
-            | "safety_identifier"
             | "prompt_cache_key"
             | "response_format_options"
             | "truncate_prompt_tokens"

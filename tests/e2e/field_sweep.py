@@ -84,6 +84,7 @@ HONOURED = {
         "messages": "every chat test",
         "max_completion_tokens": "openai_sdk_completions.rs",
         "metadata": "informational; openai_sdk_completions.rs",
+        "safety_identifier": "informational, like user (this sweep: 200)",
         "top_logprobs": "openai_sdk.rs",
         "tools": "tool_calling.rs (rendered, parsed into tool_calls), langchain.rs",
         "tool_choice": "tool_calling.rs (none/auto/required/named), langchain.rs",
