@@ -26,20 +26,14 @@ use crate::Target;
 /// Field names the gateway refuses or does not know, and nested keys, for mutations; the honoured
 /// ones come from `fields::honoured`.
 const OTHER_FIELDS: &[&str] = &[
-    "tools",
     "functions",
     "logit_bias",
-    "tool_choice",
     "function_call",
-    "parallel_tool_calls",
-    "response_format",
     "store",
     "best_of",
     "suffix",
     "service_tier",
     "modalities",
-    "guided_json",
-    "structured_outputs",
     "reasoning_effort",
     "truncate_prompt_tokens",
     "bad_words",
