@@ -84,8 +84,9 @@ struct SeqState {
     prompt_len: usize,
     /// `prompt_logprobs = k`: score every prompt position after the first.
     prompt_logprobs: Option<u32>,
-    /// With `prompt_logprobs`: the final hidden state `[1, hidden]` of the previous chunk's last
-    /// position, which predicts this chunk's first token (the worker sees one chunk at a time).
+    /// With `prompt_logprobs`: what predicts this chunk's first token from the previous chunk's
+    /// last position (the worker sees one chunk at a time): its final hidden state `[1, hidden]`
+    /// on the CPU engine, this rank's logits `[1, V / world]` (host) on the GPU engine.
     carry: Option<Tensor>,
 }
 
@@ -200,21 +201,10 @@ impl Backend {
             }
             #[cfg(feature = "cuda")]
             Backend::Gpu(m) => {
-                if !jobs.is_empty() {
-                    // Admission refuses such sequences on the GPU engine (see `admit`).
-                    return Err(Error::Step("prompt logprobs reached the GPU engine".into()));
-                }
-                Ok(StepOutput {
-                    tokens: m.step(chunks, rows, masks)?,
-                    prompt: Vec::new(),
-                })
+                let (tokens, prompt) = m.step_scored(chunks, rows, masks, jobs)?;
+                Ok(StepOutput { tokens, prompt })
             }
         }
-    }
-
-    /// Whether this engine computes prompt log-probabilities (the GPU engine does not yet).
-    fn has_prompt_logprobs(&self) -> bool {
-        matches!(self, Backend::Cpu { .. })
     }
 }
 
@@ -656,13 +646,6 @@ impl StepExecutor {
         if let Some(p) = &s.sampling {
             if let Err(reason) = self.limits.check_first_chunk(s, p) {
                 return Ok(Err(reason));
-            }
-            if p.prompt_logprobs.is_some() && !self.model.has_prompt_logprobs() {
-                return Ok(Err(
-                    "prompt_logprobs (and echo with logprobs) are not supported by \
-                               the GPU engine yet; serve on the CPU engine for prompt scoring"
-                        .into(),
-                ));
             }
             let params = sampling_from_proto(p);
             let prompt_len = s.prompt_len as usize;

@@ -51,6 +51,7 @@ use crate::model::anyres::PixelViews;
 use crate::model::SeqChunk;
 use crate::parallel::Shard;
 pub use crate::placement::Placement;
+use crate::prompt_logprobs::{PromptJob, PromptLogprob};
 use crate::sampling::{SampleRow, SampledToken};
 use crate::{Error, Result};
 
@@ -325,18 +326,38 @@ impl GpuModel {
         rows: &[(usize, SampleRow)],
         masks: Option<&mut crate::service::MaskFn>,
     ) -> Result<Vec<SampledToken>> {
+        Ok(self.step_scored(chunks, rows, masks, &[])?.0)
+    }
+
+    /// [`GpuModel::step`], then the prompt jobs scored (per job: the entries, and this rank's
+    /// logits row it carries on).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn step_scored(
+        &mut self,
+        chunks: &[SeqChunk],
+        rows: &[(usize, SampleRow)],
+        masks: Option<&mut crate::service::MaskFn>,
+        jobs: &[PromptJob],
+    ) -> Result<(Vec<SampledToken>, Vec<(Vec<PromptLogprob>, Option<Tensor>)>)> {
         let ctx = Ctx {
             gpu: &self.gpu,
             comm: self.comm.as_ref(),
         };
-        self.runner.step(
+        let tokens = self.runner.step(
             &ctx,
             (&self.model, &self.cfg),
             self.host_comm.as_ref(),
             chunks,
             rows,
             masks,
-        )
+        )?;
+        let prompt = self.runner.score_prompts(
+            &ctx,
+            &self.model,
+            self.host_comm.as_ref(),
+            (jobs, chunks),
+        )?;
+        Ok((tokens, prompt))
     }
 
     /// Records a timeline of the following eager steps (per-op GPU time, see

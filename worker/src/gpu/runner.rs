@@ -27,6 +27,7 @@ use crate::collective::Collective;
 use crate::config::RConfig;
 use crate::model::anyres::PixelViews;
 use crate::model::SeqChunk;
+use crate::prompt_logprobs::{prompt_logprobs_logits, HiddenRow, PromptJob, PromptLogprob};
 use crate::sampling::{self, SampleRow, SampledToken};
 use crate::{Error, Result};
 
@@ -42,6 +43,9 @@ pub struct Runner {
     host_sampling: bool,
     /// The budget of the image rows live sequences hold (see `images`).
     images: ImageMemory,
+    /// Row of each chunk's first token in the last forward (by original chunk index): the plan
+    /// runs the chunks in its own order (paged first), not the step's.
+    chunk_rows: Vec<usize>,
 }
 
 impl Runner {
@@ -77,6 +81,7 @@ impl Runner {
             sampler,
             host_sampling,
             images,
+            chunk_rows: Vec::new(),
         })
     }
 
@@ -273,6 +278,12 @@ impl Runner {
     ) -> Result<()> {
         ctx.gpu.bind().map_err(gpu_err)?;
         let p = self.plan(cfg, chunks)?;
+        self.chunk_rows = p
+            .last_rows
+            .iter()
+            .zip(chunks)
+            .map(|(&last, c)| (last as usize + 1).saturating_sub(c.tokens.len()))
+            .collect();
         // Programmatic dependent launch pays for small steps only (measured, see Gpu::set_pdl).
         ctx.gpu.set_pdl(p.tokens <= PDL_MAX_TOKENS);
         let graphable = !self.limits.enforce_eager && p.decode_only && p.tokens > 0;
@@ -436,6 +447,167 @@ impl Runner {
                 sampling::sample_logits(&t, host_comm, &srows)
             }
         }
+    }
+
+    /// Scores the step's prompt jobs (`prompt_logprobs`), after its sampling: the forward left
+    /// the final-normed hidden state of every row in `normed [T, H]` (the head only reads each
+    /// chunk's last row), so the head runs again over the rows the jobs need, in blocks of the
+    /// logits buffer (`max_seqs` rows: no new device memory), each block downloaded and scored
+    /// on the host exactly as on the CPU engine ([`prompt_logprobs_logits`], vocab-parallel
+    /// through the host collective). A job's carried row is this rank's host logits `[1, V/w]`
+    /// of the previous chunk's last position (not its hidden state); its kept row likewise.
+    pub(crate) fn score_prompts(
+        &mut self,
+        ctx: &Ctx,
+        model: &R4b,
+        host_comm: &dyn Collective,
+        (jobs, chunks): (&[PromptJob], &[SeqChunk]),
+    ) -> Result<Vec<(Vec<PromptLogprob>, Option<Tensor>)>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let width = model.llm.lm_head.vocab_local();
+        let block = self.bufs.max_seqs.max(1);
+        let tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        // The jobs name rows in the step's chunk order; the forward ran the plan's order.
+        let mut step_start = Vec::with_capacity(chunks.len());
+        let mut at = 0;
+        for c in chunks {
+            step_start.push(at);
+            at += c.tokens.len();
+        }
+        let to_gpu_row = |ci: usize, row: usize| -> Result<usize> {
+            match (step_start.get(ci), self.chunk_rows.get(ci), chunks.get(ci)) {
+                (Some(&s), Some(&g), Some(c)) if (s..s + c.tokens.len()).contains(&row) => {
+                    Ok(g + row - s)
+                }
+                _ => Err(Error::Step(format!(
+                    "prompt logprobs: row {row} is not in chunk {ci} of the step"
+                ))),
+            }
+        };
+        let mut srcs = Vec::new();
+        let mut targets = Vec::new();
+        for job in jobs {
+            for &(_, src, target) in &job.targets {
+                let src = match src {
+                    HiddenRow::Step(i) => HiddenRow::Step(to_gpu_row(job.chunk, i)?),
+                    HiddenRow::Carry => HiddenRow::Carry,
+                };
+                srcs.push((src, job.carry.as_ref()));
+                targets.push(target);
+            }
+        }
+        // In slices of one logits buffer; every rank slices alike (the same jobs), so the
+        // collective calls pair up.
+        let mut scored = Vec::with_capacity(targets.len());
+        for (srcs, targets) in srcs.chunks(block).zip(targets.chunks(block)) {
+            let step_rows: Vec<usize> = srcs
+                .iter()
+                .filter_map(|&(s, _)| match s {
+                    HiddenRow::Step(i) => Some(i),
+                    HiddenRow::Carry => None,
+                })
+                .collect();
+            let fresh = self.row_logits(ctx, model, &step_rows, tokens)?;
+            let mut fresh = fresh.chunks_exact(width);
+            let mut host = Vec::with_capacity(srcs.len() * width);
+            for &(src, carry) in srcs {
+                match (src, carry) {
+                    (HiddenRow::Step(_), _) => {
+                        host.extend_from_slice(fresh.next().ok_or_else(|| {
+                            Error::Step("prompt logprobs: missing logits row".into())
+                        })?)
+                    }
+                    (HiddenRow::Carry, Some(c)) => {
+                        let row = c.flatten_all()?.to_vec1::<f32>()?;
+                        if row.len() != width {
+                            return Err(Error::Step(format!(
+                                "prompt logprobs: carried row of {} logits, expected {width}",
+                                row.len()
+                            )));
+                        }
+                        host.extend(row);
+                    }
+                    (HiddenRow::Carry, None) => {
+                        return Err(Error::Step("prompt logprobs: no carried row".into()))
+                    }
+                }
+            }
+            let t = Tensor::from_vec(host, (srcs.len(), width), &Device::Cpu)?;
+            scored.extend(prompt_logprobs_logits(&t, host_comm, targets)?);
+        }
+        // The rows carried into each sequence's next chunk (at most one per job).
+        let keep_rows = jobs
+            .iter()
+            .filter_map(|j| j.keep.map(|i| to_gpu_row(j.chunk, i)))
+            .collect::<Result<Vec<usize>>>()?;
+        let kept = self.row_logits(ctx, model, &keep_rows, tokens)?;
+        let mut kept = kept.chunks_exact(width);
+        let mut scored = scored.into_iter();
+        jobs.iter()
+            .map(|job| {
+                let entries: Vec<PromptLogprob> = scored.by_ref().take(job.targets.len()).collect();
+                let keep = match job.keep {
+                    Some(_) => {
+                        let row = kept.next().ok_or_else(|| {
+                            Error::Step("prompt logprobs: missing kept row".into())
+                        })?;
+                        Some(Tensor::from_slice(row, (1, width), &Device::Cpu)?)
+                    }
+                    None => None,
+                };
+                Ok((entries, keep))
+            })
+            .collect()
+    }
+
+    /// This rank's f32 logits `[rows, V/w]` of the given rows of the last forward's `normed`
+    /// (each < `tokens`, the step's rows), downloaded; through `last` and `logits` in blocks of
+    /// `max_seqs` rows (the next step uploads its own `last_rows`).
+    fn row_logits(
+        &self,
+        ctx: &Ctx,
+        model: &R4b,
+        rows: &[usize],
+        tokens: usize,
+    ) -> Result<Vec<f32>> {
+        let b = &self.bufs;
+        let head = &model.llm.lm_head;
+        let (width, hidden) = (head.vocab_local(), model.llm.dims.hidden);
+        if tokens > b.max_tokens || rows.iter().any(|&r| r >= tokens) {
+            return Err(Error::Step(format!(
+                "prompt logprobs: a row outside the step's {tokens} rows"
+            )));
+        }
+        let mut out = vec![0f32; rows.len() * width];
+        let block = b.max_seqs.max(1);
+        for (k, blk) in rows.chunks(block).enumerate() {
+            let idx: Vec<i32> = blk.iter().map(|&r| r as i32).collect();
+            let r0 = k * block;
+            // SAFETY: `last_rows` holds max_seqs ≥ blk.len() i32, `last` as many rows of H,
+            // `logits` as many rows of V/w; every index is a row of `normed` this step wrote.
+            unsafe {
+                ctx.gpu.htod(&idx, b.last_rows.ptr()).map_err(gpu_err)?;
+                ctx.gpu
+                    .gather_rows(
+                        b.last_rows.ptr(),
+                        b.normed.ptr(),
+                        b.last.ptr(),
+                        blk.len(),
+                        hidden,
+                    )
+                    .map_err(gpu_err)?;
+                head.logits(ctx, b.last.ptr(), b.logits.ptr(), blk.len())?;
+                ctx.gpu
+                    .dtoh(
+                        b.logits.ptr(),
+                        &mut out[r0 * width..(r0 + blk.len()) * width],
+                    )
+                    .map_err(gpu_err)?;
+            }
+        }
+        Ok(out)
     }
 
     /// The step's logits of each chunk's last token `[chunks, vocab]` (TP = 1).
