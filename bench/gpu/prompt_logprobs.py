@@ -17,7 +17,9 @@ plain max_tokens 1 request of the same ids (median of 3, ms).
 `compare` runs the checkpoint through HF transformers in fp32 on the same ids (loaded as
 hf_reference.py loads it), takes log_softmax of the logits at t - 1 for the token at t, and prints
 per engine file max |d logprob|, mean |d|, the fraction of positions whose rank agrees (exactly,
-and within 1 %), and PASS (max |d| < 0.1) or FAIL; the exit status is 1 on FAIL.
+and within 1 %), and PASS or FAIL against the bar of HF transformers' own bf16 forward on the same
+positions (engine mean |d| within 1.1x and max within 1.5x of HF bf16's against fp32); the exit
+status is 1 on FAIL.
 """
 import argparse
 import json
@@ -153,6 +155,23 @@ def compare(args):
         top = rows.topk(3, dim=1).indices
         ref[name] = {t: (lp[t - 1].item(), int(rank[t - 1]), top[t - 1].tolist()) for t in range(1, len(p["ids"]))}
         del logits, lsm
+    # The bar: HF transformers' own bf16 forward against the same fp32 reference (the engine
+    # is bf16 too; issue 14 judged logits the same way).
+    del model
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    bf16, _ = C.load_model(args.ckpt_dir, device, torch.bfloat16)
+    bar = []
+    for name, p in prompts(args.seed).items():
+        if name == "timing2000":
+            continue
+        ids = torch.tensor([p["ids"]], device=device)
+        with torch.no_grad():
+            logits = bf16(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].double()
+        lp = torch.log_softmax(logits, dim=-1)[:-1].gather(1, ids[0, 1:][:, None])[:, 0]
+        bar += [abs(lp[t - 1].item() - ref[name][t][0]) for t in range(1, len(p["ids"]))]
+        del logits
+    bar_max, bar_mean = max(bar), statistics.mean(bar)
+    print(f"HF bf16 vs HF fp32 (the bar): {len(bar)} positions, max |d| {bar_max:.4f}, mean |d| {bar_mean:.4f}", flush=True)
     ok = True
     for path in args.engine:
         eng = json.load(open(path))
@@ -177,8 +196,11 @@ def compare(args):
             print(f"  {path} {name}: {len(d)} positions, max |d| {max(d):.4f}, mean |d| {statistics.mean(d):.4f}")
             d_all += d
         mx, mean = max(d_all), statistics.mean(d_all)
-        verdict = "PASS" if mx < 0.1 and ok else "FAIL"
-        ok = ok and mx < 0.1
+        # Within HF bf16's own error against fp32 (mean within 10 %, max within 50 %).
+        good = mean <= 1.1 * bar_mean and mx <= 1.5 * bar_max
+        verdict = ("PASS" if good and ok else "FAIL") + \
+            f" (mean {mean / bar_mean:.2f}x, max {mx / bar_max:.2f}x HF bf16's)"
+        ok = ok and good
         print(f"{path}: {len(d_all)} positions: max |d logprob| {mx:.4f}, mean |d| {mean:.4f}; "
               f"rank agrees {rank_eq}/{n_rank} = {rank_eq / max(n_rank, 1):.3f} exactly, "
               f"{rank_near / max(n_rank, 1):.3f} within 1 %; top-3 ids agree at {top_eq}/{n_top}; "

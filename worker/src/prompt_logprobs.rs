@@ -18,6 +18,7 @@
 //! in the sequence's state (`carry`) until then.
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use crate::collective::Collective;
 use crate::model::R4bModel;
@@ -198,20 +199,30 @@ pub fn prompt_logprobs_logits(
         .and_then(|s| u32::try_from(s).ok())
         .ok_or_else(|| Error::Step("prompt logprobs: vocabulary offset overflows u32".into()))?;
     let mut values = local_logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    // Rows are independent: one row per rayon task (the same arithmetic per row, so the same
+    // values; the GPU engine scores up to max_seqs rows of 150k logits per call here).
+    let per_row: Vec<(Vec<f32>, Vec<u32>)> = values
+        .par_iter_mut()
+        .zip(targets)
+        .map(|(raw, t)| {
+            raw.iter_mut()
+                .filter(|v| v.is_nan())
+                .for_each(|v| *v = f32::NEG_INFINITY);
+            let (m, s) = max_sumexp(raw);
+            let own =
+                t.id.checked_sub(start)
+                    .and_then(|i| raw.get(i as usize).copied())
+                    .unwrap_or(f32::NEG_INFINITY);
+            let top = top_indices(raw, t.top.min(width));
+            let mut f = vec![m, s, own];
+            f.extend(top.iter().map(|&i| raw[i as usize]));
+            (f, top.iter().map(|&i| start + i).collect())
+        })
+        .collect();
     let (mut f, mut u) = (Vec::new(), Vec::new());
-    for (raw, t) in values.iter_mut().zip(targets) {
-        raw.iter_mut()
-            .filter(|v| v.is_nan())
-            .for_each(|v| *v = f32::NEG_INFINITY);
-        let (m, s) = max_sumexp(raw);
-        let own =
-            t.id.checked_sub(start)
-                .and_then(|i| raw.get(i as usize).copied())
-                .unwrap_or(f32::NEG_INFINITY);
-        f.extend([m, s, own]);
-        let top = top_indices(raw, t.top.min(width));
-        f.extend(top.iter().map(|&i| raw[i as usize]));
-        u.extend(top.iter().map(|&i| start + i));
+    for (rf, ru) in per_row {
+        f.extend(rf);
+        u.extend(ru);
     }
     let parts = exchange(comm, local_logits, f, u)?;
     let (mut of, mut ou) = (0, 0);
@@ -249,7 +260,7 @@ pub fn prompt_logprobs_logits(
     }
     // Ranks: each rank counts its entries at least as high as the (now known) target logit.
     let counts: Vec<u32> = values
-        .iter()
+        .par_iter()
         .zip(&target_logits)
         .map(|(raw, &x)| raw.iter().filter(|&&v| v >= x).count() as u32)
         .collect();
